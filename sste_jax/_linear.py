@@ -1,0 +1,154 @@
+"""The sparse linear transform ``x @ W̃`` as one ``jax.custom_vjp`` (SPEC §3).
+
+``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
+the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
+
+>>> import jax, jax.numpy as jnp, sste_jax
+>>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+>>> beta = sste_jax.fit_beta(kernel)
+>>> y = sste_jax.sparse_dense(jnp.ones((5, 8)), kernel, beta)
+>>> y.shape
+(5, 3)
+"""
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from sste_jax import _fp8
+from sste_jax._sparsity import check_groupable, hard_threshold_24, mask_24, mvue_24, soft_threshold_24
+
+__all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
+
+Method = Literal["dense", "ste", "srste", "sste"]
+_METHODS = ("dense", "ste", "srste", "sste")
+_BACKENDS = ("xla", "pallas", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """How a linear layer is made 2:4 sparse.
+
+    Attributes:
+      method: ``"sste"`` (β·soft-threshold forward, identity gradient), ``"ste"`` (hard top-2, straight
+        through), ``"srste"`` (hard top-2 plus ``srste_decay·(1 − mask)⊙W`` on the gradient) or ``"dense"``.
+      mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
+      fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
+      srste_decay: SR-STE's λ.
+      backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` or ``"auto"``.
+    """
+
+    method: Method = "sste"
+    mvue: bool = False
+    fp8: bool = False
+    srste_decay: float = 2e-4
+    backend: Literal["xla", "pallas", "auto"] = "xla"
+
+    def __post_init__(self):
+        if self.method not in _METHODS:
+            raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.srste_decay < 0:
+            raise ValueError(f"srste_decay must be >= 0, got {self.srste_decay}")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the forward weight is 2:4 sparse."""
+        return self.method != "dense"
+
+
+def forward_weight(
+    kernel: Float[Array, "in out"], beta: Float[Array, ""] | float, config: SparsityConfig, axis: int = 0
+) -> Float[Array, "in out"]:
+    """The forward weight ``W̃`` of ``config.method`` (no custom gradient), in the kernel's dtype.
+
+    For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once.
+    """
+    if config.method == "dense":
+        return kernel
+    if config.method in ("ste", "srste"):
+        return hard_threshold_24(kernel, axis)
+    s = soft_threshold_24(kernel, axis)
+    return (jnp.asarray(beta, jnp.float32) * s.astype(jnp.float32)).astype(kernel.dtype)
+
+
+def _product(a, b, contract, fp8_format):
+    """``a·b`` over the given axes, in FP8 when ``fp8_format`` is set (float32 result), else as is."""
+    if fp8_format is not None:
+        return _fp8.fp8_dot(a, b, fp8_format, contract)
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key):
+    w_IxO = forward_weight(kernel_IxO, beta, config)
+    fmt = _fp8.FORWARD if config.fp8 else None
+    return _product(x_TxI, w_IxO, (1, 0), fmt).astype(jnp.result_type(x_TxI, kernel_IxO))
+
+
+def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key):
+    w_IxO = forward_weight(kernel_IxO, beta, config)
+    fmt = _fp8.FORWARD if config.fp8 else None
+    y_TxO = _product(x_TxI, w_IxO, (1, 0), fmt).astype(jnp.result_type(x_TxI, kernel_IxO))
+    return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key)
+
+
+def _sparse_matmul_bwd(config, residuals, g_TxO):
+    x_TxI, kernel_IxO, w_IxO, beta, key = residuals
+    fmt = _fp8.BACKWARD if config.fp8 else None
+    dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
+    g_hat_TxO = mvue_24(key, g_TxO, axis=0) if config.mvue else g_TxO
+    dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
+    if config.method == "srste":
+        decay = jnp.where(mask_24(kernel_IxO), jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
+        dw_IxO = dw_IxO + config.srste_decay * decay
+    return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None
+
+
+_sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
+
+
+def sparse_dense(
+    x: Float[Array, "*batch in"],
+    kernel: Float[Array, "in out"],
+    beta: Float[Array, ""] | float,
+    key: PRNGKeyArray | None = None,
+    config: SparsityConfig = SparsityConfig(),
+) -> Float[Array, "*batch out"]:
+    """``x @ W̃`` with the gradient rule of ``config.method`` (no bias).
+
+    Args:
+      x: inputs ``(..., in)``; leading axes are flattened into the token axis.
+      kernel: the dense weight ``W``, ``(in, out)``; 2:4 groups run along ``in``.
+      beta: the frozen scale (used by ``"sste"`` only).
+      key: PRNG key for MVUE (required when ``config.mvue``); fold in the step and the layer.
+      config: a `SparsityConfig`.
+    """
+    if kernel.ndim != 2:
+        raise ValueError(f"kernel must be 2-D (in, out), got shape {kernel.shape}")
+    if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
+    if config.sparse:
+        check_groupable(kernel, 0)
+    if config.backend != "xla":
+        raise NotImplementedError(f"backend {config.backend!r} is not available yet; use backend='xla'")
+    x_TxI = x.reshape(-1, x.shape[-1])
+    if config.mvue:
+        if key is None:
+            raise ValueError("SparsityConfig(mvue=True) needs a PRNG key: pass key=...")
+        if x_TxI.shape[0] % 4:
+            raise ValueError(
+                f"MVUE groups 4 consecutive tokens: the token count {x_TxI.shape[0]} (x of shape {x.shape}) "
+                "must be divisible by 4"
+            )
+    else:
+        key = None
+    beta = jnp.asarray(beta, jnp.float32)
+    y_TxO = _sparse_matmul(config, x_TxI, kernel, beta, key)
+    return y_TxO.reshape(x.shape[:-1] + (kernel.shape[1],))

@@ -1,0 +1,223 @@
+"""Pure 2:4 functions: pruning, masks, the frozen scale β, MVUE sampling and compression.
+
+Groups are 4 consecutive elements along ``axis`` (default 0, the contraction axis of a Flax
+``(in_features, out_features)`` kernel). Every function is jit- and vmap-able.
+
+>>> import jax.numpy as jnp, sste_jax
+>>> w = jnp.array([[1.0], [-4.0], [3.0], [2.0]])
+>>> sste_jax.soft_threshold_24(w).ravel().tolist()
+[0.0, -2.0, 1.0, 0.0]
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped, UInt8
+
+__all__ = [
+    "soft_threshold_24",
+    "mask_24",
+    "hard_threshold_24",
+    "fit_beta",
+    "mvue_24",
+    "compress_24",
+    "decompress_24",
+    "transposable_mask_24",
+]
+
+_EPS = float(np.finfo(np.float32).eps)
+
+
+def check_groupable(x: jax.Array, axis: int) -> int:
+    """Validates ``x`` for grouping by 4 along ``axis``; returns the axis as a non-negative index."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"2:4 functions need a floating-point array, got dtype {x.dtype} (shape {x.shape})")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of shape {x.shape}")
+    axis %= x.ndim
+    if x.shape[axis] % 4:
+        raise ValueError(
+            f"2:4 groups need the length of axis {axis} to be divisible by 4; got shape {x.shape}"
+        )
+    return axis
+
+
+def _split(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """The 4 members of every group, each of shape ``x.shape`` with ``axis`` divided by 4."""
+    grouped = x.reshape(x.shape[:axis] + (x.shape[axis] // 4, 4) + x.shape[axis + 1 :])
+    return tuple(jnp.take(grouped, k, axis=axis + 1) for k in range(4))
+
+
+def _merge(parts, axis: int) -> jax.Array:
+    """Inverse of `_split`: interleaves per-member arrays back into groups of 4 along ``axis``."""
+    stacked = jnp.stack(parts, axis=axis + 1)
+    shape = stacked.shape[:axis] + (stacked.shape[axis] * len(parts),) + stacked.shape[axis + 2 :]
+    return stacked.reshape(shape)
+
+
+def _threshold(a0, a1, a2, a3):
+    """2nd-smallest of four magnitudes by a min/max network (no sort)."""
+    lo01, hi01 = jnp.minimum(a0, a1), jnp.maximum(a0, a1)
+    lo23, hi23 = jnp.minimum(a2, a3), jnp.maximum(a2, a3)
+    return jnp.minimum(jnp.maximum(lo01, lo23), jnp.minimum(hi01, hi23))
+
+
+def _broadcast_group(t: jax.Array, axis: int, length: int) -> jax.Array:
+    """Repeats a per-group value 4 times along ``axis``."""
+    return jnp.repeat(t, 4, axis=axis, total_repeat_length=length)
+
+
+def soft_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
+    """S-STE's continuous 2:4 pruning: ``sign(a)·max(|a| − t, 0)``, t the 2nd-smallest ``|a|`` per group."""
+    axis = check_groupable(w, axis)
+    t = _threshold(*(jnp.abs(p) for p in _split(w, axis)))
+    t = _broadcast_group(t, axis, w.shape[axis])
+    return w - jnp.clip(w, -t, t)
+
+
+def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """Per member of each group, whether it is among the top-2 magnitudes (ties: higher index wins)."""
+    a = [jnp.abs(p) for p in _split(w, axis)]
+    beaten = [0, 0, 0, 0]
+    for i, j in itertools.combinations(range(4), 2):
+        j_wins = a[j] >= a[i]  # i < j: on a tie the higher index wins
+        beaten[i] = beaten[i] + j_wins.astype(jnp.int8)
+        beaten[j] = beaten[j] + (~j_wins).astype(jnp.int8)
+    return tuple(b < 2 for b in beaten)
+
+
+def mask_24(w: Float[Array, "..."], axis: int = 0) -> Bool[Array, "..."]:
+    """Hard top-2-by-magnitude mask, exactly 2 ``True`` per group; ties go to the higher index."""
+    axis = check_groupable(w, axis)
+    return _merge(_keep_flags(w, axis), axis)
+
+
+def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
+    """``w * mask_24(w)``: the forward weight of hard STE and SR-STE."""
+    return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
+
+
+def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
+    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32 (1.0 if S(W) = 0)."""
+    s = soft_threshold_24(w, axis).astype(jnp.float32)
+    w = w.astype(jnp.float32)
+    ss = jnp.vdot(s, s)
+    return jnp.where(ss > 0, jnp.vdot(w, s) / jnp.where(ss > 0, ss, 1.0), 1.0)
+
+
+def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
+    """Unbiased 2:4 sparsification: two draws without replacement ∝ ``|g| + eps``, Horvitz–Thompson scaled.
+
+    ``E[mvue_24(key, g)] == g`` over keys. The draws use two uniforms per group.
+    """
+    axis = check_groupable(g, axis)
+    x = [p.astype(jnp.float32) for p in _split(g, axis)]
+    a = [jnp.abs(xk) + _EPS for xk in x]
+    total = a[0] + a[1] + a[2] + a[3]
+    u1, u2 = jax.random.uniform(key, (2,) + total.shape, jnp.float32)
+    first = _draw(a, u1 * total)
+    # Second draw among the other three: skip the first index's mass.
+    rest = [jnp.where(first == k, 0.0, a[k]) for k in range(4)]
+    second = _draw(rest, u2 * (total - sum(jnp.where(first == k, a[k], 0.0) for k in range(4))))
+    out = []
+    for k in range(4):
+        others = sum(a[j] / (total - a[j]) for j in range(4) if j != k)
+        p_k = a[k] / total * (1.0 + others)
+        chosen = (first == k) | (second == k)
+        out.append(jnp.where(chosen, x[k] / p_k, 0.0).astype(g.dtype))
+    return _merge(out, axis)
+
+
+def _draw(weights, r):
+    """Index ``i`` with ``sum(weights[:i]) <= r < sum(weights[:i+1])``, skipping zero weights."""
+    index = jnp.zeros(r.shape, jnp.int32)
+    cumulative = jnp.zeros_like(r)
+    last_positive = jnp.full(r.shape, -1, jnp.int32)
+    for k, wk in enumerate(weights):
+        cumulative = cumulative + wk
+        index = index + (r >= cumulative).astype(jnp.int32)
+        last_positive = jnp.where(wk > 0, k, last_positive)
+    # Rounding can push r past the final sum, or onto a zero-weight slot: take the last positive one.
+    valid = jnp.stack([w > 0 for w in weights])
+    picked_valid = jnp.take_along_axis(valid, jnp.minimum(index, 3)[None], axis=0)[0]
+    return jnp.where((index < 4) & picked_valid, index, last_positive)
+
+
+def _kept_indices(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """Per group, the two kept positions ``idx0 < idx1`` of `mask_24` (int32)."""
+    keep = _keep_flags(w, axis)
+    idx0 = jnp.where(keep[0], 0, jnp.where(keep[1], 1, 2))
+    idx1 = jnp.where(keep[3], 3, jnp.where(keep[2], 2, 1))
+    return idx0.astype(jnp.int32), idx1.astype(jnp.int32)
+
+
+def _select(parts, index):
+    out = parts[0]
+    for k in range(1, 4):
+        out = jnp.where(index == k, parts[k], out)
+    return out
+
+
+def compress_24(
+    w: Float[Array, "..."], axis: int = 0
+) -> tuple[Float[Array, "..."], UInt8[Array, "..."]]:
+    """Packs the 2 entries per group kept by `mask_24`.
+
+    Returns ``values`` (half the length along ``axis``, kept entries in index order) and ``meta``
+    (one uint8 per group: ``idx0 | idx1 << 2``).
+    """
+    axis = check_groupable(w, axis)
+    idx0, idx1 = _kept_indices(w, axis)
+    parts = _split(w, axis)
+    values = _merge((_select(parts, idx0), _select(parts, idx1)), axis)
+    meta = (idx0 | (idx1 << 2)).astype(jnp.uint8)
+    return values, meta
+
+
+def decompress_24(
+    values: Shaped[Array, "..."], meta: UInt8[Array, "..."], axis: int = 0
+) -> Shaped[Array, "..."]:
+    """Exact inverse of `compress_24` for 2:4-sparse input."""
+    if meta.dtype != jnp.uint8:
+        raise TypeError(f"meta must be uint8, got {meta.dtype}")
+    axis %= values.ndim
+    expected = values.shape[:axis] + (values.shape[axis] // 2,) + values.shape[axis + 1 :]
+    if values.shape[axis] % 2 or meta.shape != expected:
+        raise ValueError(
+            f"values of shape {values.shape} and meta of shape {meta.shape} do not match along axis "
+            f"{axis}: meta must have shape {expected}"
+        )
+    pairs = values.reshape(values.shape[:axis] + (meta.shape[axis], 2) + values.shape[axis + 1 :])
+    v0, v1 = (jnp.take(pairs, k, axis=axis + 1) for k in range(2))
+    idx0, idx1 = (meta & 3).astype(jnp.int32), (meta >> 2).astype(jnp.int32)
+    zero = jnp.zeros((), values.dtype)
+    parts = [jnp.where(idx0 == k, v0, jnp.where(idx1 == k, v1, zero)) for k in range(4)]
+    return _merge(parts, axis)
+
+
+def _transposable_patterns() -> np.ndarray:
+    """The 90 4×4 0/1 patterns with exactly two ones in every row and every column."""
+    rows = [r for r in itertools.product((0, 1), repeat=4) if sum(r) == 2]
+    patterns = [
+        np.array(p) for p in itertools.product(rows, repeat=4) if all(c == 2 for c in np.sum(p, axis=0))
+    ]
+    return np.stack(patterns).astype(np.float32)
+
+
+_PATTERNS = _transposable_patterns()
+
+
+def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols"]:
+    """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE)."""
+    if w.ndim != 2:
+        raise ValueError(f"transposable_mask_24 needs a 2-D array, got shape {w.shape}")
+    check_groupable(w, 0)
+    check_groupable(w, 1)
+    r, c = w.shape
+    blocks = jnp.abs(w.astype(jnp.float32)).reshape(r // 4, 4, c // 4, 4)
+    patterns = jnp.asarray(_PATTERNS)
+    scores = jnp.einsum("aibj,pij->abp", blocks, patterns, precision=jax.lax.Precision.HIGHEST)
+    best = patterns[jnp.argmax(scores, axis=-1)]  # (r/4, c/4, 4, 4)
+    return best.transpose(0, 2, 1, 3).reshape(r, c) > 0
