@@ -19,5 +19,29 @@ from sste_jax._sparsity import soft_threshold_24 as soft_threshold_24
 from sste_jax._sparsity import transposable_mask_24 as transposable_mask_24
 
 # Re-exports added by the layer, optimizer, metrics and checkpoint modules go below this line.
+from sste_jax._metrics import SparseWeight as SparseWeight
+from sste_jax._metrics import sparse_weights as sparse_weights
+from sste_jax._metrics import FlipState as FlipState
+from sste_jax._metrics import init_flip_state as init_flip_state
+from sste_jax._metrics import flip_rate as flip_rate
+from sste_jax._metrics import sparsity_stats as sparsity_stats
+from sste_jax._metrics import to_host as to_host
+from sste_jax._metrics import check_sharding as check_sharding
+from sste_jax._optim import freeze_beta as freeze_beta
+from sste_jax._optim import is_beta as is_beta
+from sste_jax._optim import add_srste_decay as add_srste_decay
+from sste_jax._optim import add_masked_decay as add_masked_decay
+from sste_jax._optim import MaskedDecayState as MaskedDecayState
+from sste_jax._params import ParamSparsity as ParamSparsity
+from sste_jax._params import sparsity_spec as sparsity_spec
+from sste_jax._params import apply_sparsity as apply_sparsity
+from sste_jax._params import spec_weights as spec_weights
+from sste_jax._params import select_kernels as select_kernels
+from sste_jax._params import select_paths as select_paths
+from sste_jax._params import einsum_axis as einsum_axis
+from sste_jax._step import StepState as StepState
+from sste_jax._step import scale_by_step as scale_by_step
+from sste_jax._step import step_adam as step_adam
+from sste_jax._step import step_switched as step_switched
 
 __version__ = "0.1.0"

@@ -1,0 +1,171 @@
+"""Optax transforms: `freeze_beta` (SPEC §4) and the baselines' extra gradient terms.
+
+* `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
+* `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
+  selected kernels. It is the optimizer-side twin of ``SparsityConfig(method="srste")``, whose
+  backward pass already adds the same term: use one or the other (`sste_jax.nnx.sparse_kernel_mask`
+  refuses ``"srste"`` layers), typically ``method="ste"`` layers plus this transform.
+* `add_masked_decay(mask, decay, refresh_every)`: T-SR-STE's ``α·(1 − M)⊙W`` with ``M`` the
+  `transposable_mask_24` of ``W``, recomputed every ``refresh_every`` steps and kept in the state.
+
+>>> import jax.numpy as jnp, optax, sste_jax
+>>> params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.5)}}
+>>> tx = sste_jax.freeze_beta(optax.adam(0.1))
+>>> updates, _ = tx.update(params, tx.init(params), params)
+>>> float(updates["fc"]["beta"]), round(float(updates["fc"]["kernel"][0, 0]), 4)
+(0.0, -0.1)
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Int
+
+from sste_jax._sparsity import mask_24, transposable_mask_24
+
+__all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "MaskedDecayState"]
+
+Predicate = Callable[[tuple[Any, ...], Any], bool]
+
+
+def _key_name(key) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return str(key)
+
+
+def is_beta(path: tuple[Any, ...], leaf: Any) -> bool:
+    """The default β rule: the last key is ``"beta"`` (NNX `SparseLinear` states) or the first key is
+    ``"sparsity"`` (the Linen collection). ``path`` holds plain names (strings and indices)."""
+    return bool(path) and (path[-1] == "beta" or path[0] == "sparsity")
+
+
+def _is_variable(x) -> bool:
+    return hasattr(type(x), "get_metadata") and hasattr(x, "get_value")  # an nnx.Variable (no Flax import)
+
+
+def _labels(params, is_frozen: Predicate):
+    """``"frozen"`` / ``"train"`` per leaf; at init (typed NNX variables) also checks the rule."""
+    def label(key_path, leaf):
+        path = tuple(_key_name(k) for k in key_path)
+        where = "/".join(map(str, path))
+        frozen = bool(is_frozen(path, leaf))
+        if _is_variable(leaf):
+            beta = getattr(type(leaf), "sste_frozen", False)
+            if beta and not frozen:
+                raise ValueError(f"freeze_beta: the β variable at {where} is not selected by is_frozen")
+            if frozen and not beta and is_frozen is is_beta:
+                raise ValueError(
+                    f"freeze_beta: {where} is a {type(leaf).__name__}, not a SparsityBeta, "
+                    "but is named like one; pass is_frozen= to say which leaves to freeze"
+                )
+        return "frozen" if frozen else "train"
+
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=_is_variable)
+
+
+def freeze_beta(
+    inner: optax.GradientTransformation, is_frozen: Predicate = is_beta
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps ``inner`` so that β leaves get a zero update and no optimizer state (SPEC §4).
+
+    Works for NNX states (``nnx.Optimizer(model, tx, wrt=...)`` with any filter: β leaves are the
+    `SparsityBeta` variables, named ``beta``) and Linen variable dicts (the ``"sparsity"``
+    collection), whatever ``inner`` does (weight decay and its mask included: ``inner`` only sees
+    the other leaves). ``is_frozen(path, leaf)`` replaces the rule `is_beta`; ``path`` is a tuple of
+    names. With typed NNX variables a `SparsityBeta` the rule misses, or a differently typed leaf
+    the default rule would freeze, raises at ``init``.
+    """
+    return optax.multi_transform(
+        {"frozen": optax.set_to_zero(), "train": inner}, lambda params: _labels(params, is_frozen)
+    )
+
+
+def _check_kernel(w: jax.Array) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"the decay applies to 2-D kernels (in, out); got a leaf of shape {w.shape}: fix the mask")
+
+
+def _srste_term(decay: float) -> optax.GradientTransformation:
+    def init_fn(params):
+        del params
+        return optax.EmptyState()  # SR-STE's term depends on the current weights only
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_srste_decay needs params: call update(updates, state, params)")
+
+        def add(g, w):
+            _check_kernel(w)
+            pruned = jnp.where(mask_24(w), jnp.zeros((), w.dtype), w)
+            return (g + decay * pruned).astype(g.dtype)
+
+        return jax.tree.map(add, updates, params), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformationExtraArgs:
+    """Adds SR-STE's ``decay·(1 − mask_24(W))⊙W`` to the gradient of the kernels selected by ``mask``.
+
+    ``mask`` is a boolean pytree like the params, or a callable returning one (as in
+    ``optax.masked``), e.g. ``sste_jax.nnx.sparse_kernel_mask(model)``. Chain it before the
+    optimizer: ``optax.chain(add_srste_decay(mask), optax.adamw(...))``. Do not combine it with
+    ``SparsityConfig(method="srste")`` layers, which add the same term in their backward pass.
+    """
+    if decay < 0:
+        raise ValueError(f"decay must be >= 0, got {decay}")
+    return optax.with_extra_args_support(optax.masked(_srste_term(decay), mask))
+
+
+class MaskedDecayState(NamedTuple):
+    """T-SR-STE: the step count and the current transposable masks of the selected kernels."""
+
+    count: Int[Array, ""]
+    masks: Any  # Bool[Array, "in out"] per selected kernel
+
+
+def _masked_decay_term(decay: float, refresh_every: int) -> optax.GradientTransformation:
+    def init_fn(params):
+        def placeholder(w):
+            _check_kernel(w)
+            return jnp.zeros(w.shape, bool)
+
+        return MaskedDecayState(jnp.zeros((), jnp.int32), jax.tree.map(placeholder, params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("add_masked_decay needs params: call update(updates, state, params)")
+        masks = jax.lax.cond(
+            state.count % refresh_every == 0,
+            lambda: jax.tree.map(transposable_mask_24, params),
+            lambda: state.masks,
+        )
+
+        def add(g, w, m: Bool[Array, "in out"]):
+            return (g + decay * jnp.where(m, jnp.zeros((), w.dtype), w)).astype(g.dtype)
+
+        updates = jax.tree.map(add, updates, params, masks)
+        return updates, MaskedDecayState(optax.safe_increment(state.count), masks)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_masked_decay(
+    mask: Any, decay: float = 6e-5, refresh_every: int = 40
+) -> optax.GradientTransformationExtraArgs:
+    """Adds T-SR-STE's masked decay ``decay·(1 − M)⊙W`` to the gradient of the kernels selected by ``mask``.
+
+    ``M = transposable_mask_24(W)`` (2:4 along both axes), recomputed from the current weights at
+    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `MaskedDecayState` in between.
+    ``mask`` is as in `add_srste_decay`; the selected kernels need both dimensions divisible by 4.
+    """
+    if decay < 0:
+        raise ValueError(f"decay must be >= 0, got {decay}")
+    if not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
+    return optax.with_extra_args_support(optax.masked(_masked_decay_term(decay, refresh_every), mask))

@@ -1,0 +1,158 @@
+"""Flax Linen: `SparseDense`, a 2:4 sparse ``nn.Dense``, and `sparsify_dense` for unmodified models.
+
+Both keep ``nn.Dense``'s parameters (``kernel``, ``bias``) and put the frozen β in the
+``"sparsity"`` collection: it is created (fitted to the kernel) only while that collection is
+mutable, i.e. at ``init`` or by `fit_sparsity` for weights loaded from a dense checkpoint, and is
+read-only in ``apply``. MVUE keys come from the ``"sparsity"`` rng stream
+(``rngs={"sparsity": key}`` in ``apply``; Flax folds in each module's path, so layers differ).
+
+>>> import jax, jax.numpy as jnp
+>>> layer = SparseDense(4)
+>>> variables = layer.init(jax.random.key(0), jnp.ones((2, 8)))
+>>> sorted(variables), sorted(variables["params"]), layer.apply(variables, jnp.ones((2, 8))).shape
+(['params', 'sparsity'], ['bias', 'kernel'], (2, 4))
+"""
+
+import contextlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import linen as nn
+from jaxtyping import Array, Float
+
+from sste_jax._linear import SparsityConfig, sparse_dense
+from sste_jax._sparsity import fit_beta
+
+__all__ = ["SparseDense", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
+
+Where = Callable[[tuple[str, ...], nn.Dense], bool]
+
+
+def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
+    name = "/".join(module.path) or type(module).__name__
+    if config.sparse and in_features % 4:
+        raise ValueError(f"{name}: the contraction length {in_features} is not divisible by 4, cannot be 2:4 sparse")
+    if module.dot_general is not None or module.dot_general_cls is not None:
+        raise ValueError(f"{name}: a custom dot_general cannot be combined with the sparse product")
+    if module.precision is not None:
+        raise ValueError(f"{name}: a per-layer precision is not supported; use jax.default_matmul_precision")
+
+
+def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: SparsityConfig):
+    """``nn.Dense.__call__`` with the product replaced by `sparse_dense`; runs in ``module``'s scope."""
+    _check(module, inputs.shape[-1], config)
+    kernel = module.param("kernel", module.kernel_init, (inputs.shape[-1], module.features), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
+    initial = (lambda: fit_beta(kernel)) if config.method == "sste" else (lambda: jnp.ones((), jnp.float32))
+    beta = module.variable("sparsity", "beta", initial)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    key = module.make_rng("sparsity") if config.mvue else None
+    y = sparse_dense(inputs, kernel, beta.value, key, config)
+    if bias is not None:
+        y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+class SparseDense(nn.Dense):
+    """Drop-in ``nn.Dense`` with a 2:4 sparse forward weight (`sste_jax.sparse_dense`).
+
+    Same fields as ``nn.Dense`` plus ``config``; same ``params``; β in ``"sparsity"/beta`` (1.0 for
+    methods other than ``"sste"``, which ignore it).
+    """
+
+    config: SparsityConfig = SparsityConfig()
+
+    @nn.compact
+    def __call__(self, inputs: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
+        return _sparse_call(self, inputs, self.config)
+
+
+def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
+    """Every ``nn.Dense`` (layers whose contraction length is not divisible by 4 raise when called)."""
+    return True
+
+
+_FFN_CONTAINER = re.compile(r"mlp|ffn|feed_?forward", re.IGNORECASE)
+_FFN_NAME = re.compile(r"(c_)?fc\d*|fc_(in|out)|(up|down|gate)_proj|w[123]|wi(_\d)?|wo", re.IGNORECASE)
+_IN_BLOCK = re.compile(r".*_\d+$|\d+")
+
+
+def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
+    """The feed-forward ``nn.Dense`` layers of transformer blocks (the paper's default).
+
+    Selected when an enclosing module's name contains ``mlp``, ``ffn`` or ``feed_forward``, or when
+    the layer's own name is a usual feed-forward name (``fc1``, ``c_fc``, ``up_proj``, ``wi``...) and
+    an enclosing module is one of a repeated family (``Block_0``, ``layers_3``).
+    """
+    if any(_FFN_CONTAINER.search(p) for p in path[:-1]):
+        return True
+    return bool(path) and bool(_FFN_NAME.fullmatch(path[-1])) and any(_IN_BLOCK.fullmatch(p) for p in path[:-1])
+
+
+@contextlib.contextmanager
+def sparsify_dense(config: SparsityConfig = SparsityConfig(), where: Where = feed_forward) -> Iterator[None]:
+    """Within this context, the ``nn.Dense`` calls selected by ``where(module.path, module)`` are 2:4 sparse.
+
+    An unmodified Linen model gets `SparseDense`'s behaviour and variables (β in ``"sparsity"``):
+    wrap both its ``init`` (or `fit_sparsity`) and every ``apply`` in the context. A selected layer
+    that cannot be sparsified (contraction length not divisible by 4) raises, naming it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = nn.Sequential([nn.Dense(8), nn.Dense(4)])
+    >>> with sparsify_dense(where=all_dense):
+    ...     variables = model.init(jax.random.key(0), jnp.ones((2, 8)))
+    ...     y = model.apply(variables, jnp.ones((2, 8)))
+    >>> sorted(variables["sparsity"])
+    ['layers_0', 'layers_1']
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (
+            context.method_name != "__call__"
+            or type(module) is not nn.Dense
+            or not where(tuple(module.path), module)
+        ):
+            return next_fun(*args, **kwargs)
+        if kwargs or len(args) != 1:
+            raise TypeError(f"{'/'.join(module.path)}: nn.Dense takes one positional input")
+        return _sparse_call(module, args[0], config)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwargs) -> Any:
+    """The ``"sparsity"`` collection (β) fitted to ``params``, e.g. weights loaded from a dense checkpoint.
+
+    Runs ``model.apply({"params": params}, *args, **kwargs)`` once with ``"sparsity"`` mutable; call
+    it inside `sparsify_dense` for an unmodified model. Returns ``{"params": params, "sparsity": β}``.
+    """
+    _, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["sparsity"], **kwargs)
+    return {"params": params, "sparsity": state["sparsity"]}
+
+
+def sparse_kernel_mask(variables: Any) -> Any:
+    """A boolean tree like ``variables["params"]``: True at the kernels of layers with a β in ``"sparsity"``.
+
+    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` on params.
+    """
+    sparse = set()
+
+    def collect(prefix, tree):
+        for name, sub in tree.items():
+            if name == "beta" and not isinstance(sub, Mapping):
+                sparse.add(prefix)
+            elif isinstance(sub, Mapping):
+                collect(prefix + (name,), sub)
+
+    def mark(prefix, tree):
+        return {
+            name: mark(prefix + (name,), sub) if isinstance(sub, Mapping) else (name == "kernel" and prefix in sparse)
+            for name, sub in tree.items()
+        }
+
+    collect((), dict(variables.get("sparsity", {})))
+    return mark((), dict(variables["params"]))

@@ -1,0 +1,251 @@
+"""Flax NNX layers: `SparseLinear`, a 2:4 sparse ``nnx.Linear``, and `sparsify` for existing models.
+
+`sparsify` swaps the chosen ``nnx.Linear`` layers of a model in place for `SparseLinear` layers
+holding the same ``kernel`` and ``bias`` variables, and fits each frozen β from the weights at that
+moment (SPEC §4). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
+``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
+under any other filter).
+
+MVUE (``SparsityConfig(mvue=True)``) draws its key from an ``nnx.Rngs`` stream forked per layer
+(the ``"sparsity"`` stream, else ``"default"``): every call advances the layer's counter, so keys
+differ across layers and steps, are reproducible from the seed, and live in ``nnx.state(model)``
+(checkpointed, carried through ``nnx.jit``).
+
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from sste_jax import nnx as sparse_nnx
+>>> class Block(nnx.Module):
+...     def __init__(self, rngs):
+...         self.mlp = nnx.Sequential(nnx.Linear(8, 32, rngs=rngs), nnx.relu, nnx.Linear(32, 8, rngs=rngs))
+...     def __call__(self, x):
+...         return x + self.mlp(x)
+>>> model = sparse_nnx.sparsify(Block(nnx.Rngs(0)))
+>>> type(model.mlp.layers[0]).__name__, model(jnp.ones((2, 8))).shape
+('SparseLinear', (2, 8))
+"""
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
+from sste_jax._sparsity import fit_beta
+
+__all__ = ["SparsityBeta", "SparseLinear", "sparsify", "all_linear", "feed_forward", "sparse_kernel_mask"]
+
+Path = tuple[Any, ...]
+Where = Callable[[Path, nnx.Linear], bool]
+
+
+class SparsityBeta(nnx.Variable):
+    """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``."""
+
+    sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
+
+
+def _initial_beta(kernel: jax.Array, config: SparsityConfig) -> jax.Array:
+    """`fit_beta` of the kernel for ``"sste"``; 1.0 for the other methods, which ignore β."""
+    if config.method == "sste":
+        return fit_beta(kernel)
+    return jnp.ones((), jnp.float32)
+
+
+def _mvue_stream(rngs: nnx.Rngs | nnx.RngStream | None, config: SparsityConfig):
+    if not config.mvue:
+        return nnx.data(None)
+    if isinstance(rngs, nnx.Rngs):
+        return rngs["sparsity"].fork()
+    if isinstance(rngs, nnx.RngStream):
+        return rngs.fork()
+    raise ValueError("SparsityConfig(mvue=True) needs rngs (an nnx.Rngs or nnx.RngStream) for its keys")
+
+
+class SparseLinear(nnx.Linear):
+    """``nnx.Linear`` whose forward weight is 2:4 sparse (`sste_jax.sparse_dense`).
+
+    Same constructor and parameters (``kernel``, ``bias``) as ``nnx.Linear``, plus ``config``; the
+    frozen scale ``beta`` (`SparsityBeta`) is fitted to the initial kernel (1.0 for methods other than
+    ``"sste"``, which ignore it). With ``config.mvue`` the layer forks an MVUE key stream from
+    ``rngs`` (``"sparsity"``, else ``"default"``). Products use the global
+    ``jax.default_matmul_precision``; a per-layer ``precision``, ``dot_general`` or
+    ``preferred_element_type`` is rejected.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = SparseLinear(8, 4, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((3, 8))).shape, bool((layer.forward_weight() != 0).reshape(2, 4, 4).sum(1).max() <= 2)
+    ((3, 4), True)
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, config: SparsityConfig = SparsityConfig(), **kwargs):
+        if not isinstance(config, SparsityConfig):
+            raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+        super().__init__(in_features, out_features, **kwargs)
+        reason = _unsupported(self, config)
+        if reason:
+            raise ValueError(f"SparseLinear({in_features}, {out_features}): {reason}")
+        self.config = config
+        self.beta = SparsityBeta(_initial_beta(self.kernel[...], config))
+        self.rngs = _mvue_stream(kwargs["rngs"], config)
+
+    def forward_weight(self) -> Float[Array, "in out"]:
+        """The forward weight ``W̃`` (β·S(W) for ``"sste"``), for inspection and export."""
+        return forward_weight(self.kernel[...], self.beta[...], self.config)
+
+    def __call__(self, inputs: Float[Array, "*batch in"], out_sharding=None) -> Float[Array, "*batch out"]:
+        if out_sharding is not None:
+            raise NotImplementedError("SparseLinear does not take out_sharding; constrain the output instead")
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        key = self.rngs() if self.config.mvue else None
+        y = sparse_dense(inputs, kernel, self.beta[...], key, self.config)
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
+    """Why ``layer`` cannot become a `SparseLinear` with ``config``, or None."""
+    if not isinstance(layer, SparseLinear) and type(layer) is not nnx.Linear:
+        return f"{type(layer).__name__} subclasses nnx.Linear; only plain nnx.Linear layers are swapped"
+    if config.sparse and layer.in_features % 4:
+        shape = layer.kernel.shape
+        return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by 4"
+    if layer.dot_general is not jax.lax.dot_general:
+        return f"a custom dot_general ({layer.dot_general!r}) cannot be combined with the sparse product"
+    if layer.preferred_element_type is not None:
+        return "preferred_element_type is not supported (the product accumulates in float32)"
+    if layer.precision is not None:
+        return "a per-layer precision is not supported; use jax.default_matmul_precision"
+    return None
+
+
+def all_linear(path: Path, module: nnx.Linear) -> bool:
+    """Every linear layer whose contraction length (``in_features``) is divisible by 4."""
+    return module.in_features % 4 == 0
+
+
+_FFN_CONTAINER = re.compile(r"mlp|ffn|feed_?forward", re.IGNORECASE)
+_FFN_NAME = re.compile(
+    r"(c_)?fc\d*|fc_(in|out)|(up|down|gate)_proj|w[123]|wi(_\d)?|wo|dense_h_to_4h|dense_4h_to_h", re.IGNORECASE
+)
+
+
+def feed_forward(path: Path, module: nnx.Linear) -> bool:
+    """The feed-forward linears of transformer blocks (the paper's default, SPEC §6).
+
+    A layer is selected when an enclosing attribute's name contains ``mlp``, ``ffn`` or
+    ``feed_forward`` (``blocks/0/mlp/c_proj``), or when its own name is a usual feed-forward name
+    (``fc1``, ``c_fc``, ``up_proj``, ``down_proj``, ``gate_proj``, ``w1``-``w3``, ``wi``, ``wo``...)
+    and it sits in a list of blocks (an integer in its path: ``blocks/0/fc1``, not a top-level ``fc``).
+    """
+    names = [str(p) for p in path]
+    if any(_FFN_CONTAINER.search(n) for n in names[:-1]):
+        return True
+    return bool(names) and bool(_FFN_NAME.fullmatch(names[-1])) and any(isinstance(p, int) for p in path)
+
+
+def _path_str(path: Path) -> str:
+    return "/".join(str(p) for p in path) or "<root>"
+
+
+def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs) -> SparseLinear:
+    """A `SparseLinear` holding ``layer``'s own kernel and bias variables, β fitted to them now."""
+    sparse = SparseLinear(
+        layer.in_features,
+        layer.out_features,
+        use_bias=layer.use_bias,
+        dtype=layer.dtype,
+        param_dtype=layer.param_dtype,
+        kernel_init=lambda *_: layer.kernel[...],
+        bias_init=lambda *_: layer.bias[...],
+        promote_dtype=layer.promote_dtype,
+        config=SparsityConfig(method="dense"),  # no β fit, no key stream: both are set below
+        rngs=nnx.Rngs(0),
+    )
+    sparse.kernel = layer.kernel
+    if layer.use_bias:
+        sparse.bias = layer.bias
+    sparse.config = config
+    sparse.beta = SparsityBeta(_initial_beta(layer.kernel[...], config))
+    sparse.rngs = _mvue_stream(rngs, config)
+    return sparse
+
+
+def _set_child(model: nnx.Module, path: Path, child: nnx.Module) -> None:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = child
+    else:
+        setattr(parent, path[-1], child)
+
+
+def sparsify(
+    model: nnx.Module,
+    config: SparsityConfig = SparsityConfig(),
+    where: Where = feed_forward,
+    *,
+    rngs: nnx.Rngs | nnx.RngStream | None = None,
+) -> nnx.Module:
+    """Swaps, in place, the ``nnx.Linear`` layers selected by ``where`` for `SparseLinear`; returns ``model``.
+
+    Each new layer keeps the old ``kernel``/``bias`` variables (same arrays, names and metadata, so
+    dense checkpoints load by name) and fits β to the current kernel. Layers already sparse are left
+    alone. ``where(path, layer)`` selects layers by their path in the model (a tuple of attribute
+    names and indices) and the layer itself; presets: `feed_forward` (default) and `all_linear`.
+    ``rngs`` seeds the MVUE key streams (required when ``config.mvue``).
+
+    Raises:
+      ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
+        not divisible by 4), before anything is changed; or when ``where`` selects no layer.
+    """
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    linears = [
+        (path, node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Linear) and not isinstance(node, SparseLinear)
+    ]
+    chosen = [(path, layer) for path, layer in linears if where(path, layer)]
+    problems = [f"{_path_str(path)}: {reason}" for path, layer in chosen if (reason := _unsupported(layer, config))]
+    if problems:
+        raise ValueError("cannot sparsify the selected layers:\n  " + "\n  ".join(problems))
+    if not chosen:
+        found = ", ".join(_path_str(path) for path, _ in linears) or "none"
+        raise ValueError(f"`where` selected no nnx.Linear layer (dense linear layers found: {found})")
+    if config.mvue and rngs is None:
+        raise ValueError("SparsityConfig(mvue=True) needs rngs= (an nnx.Rngs) to seed the MVUE key streams")
+    for path, layer in chosen:
+        if not path:
+            raise ValueError("the model itself is an nnx.Linear: build a SparseLinear instead")
+        _set_child(model, path, _to_sparse(layer, config, rngs))
+    return model
+
+
+def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
+    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers.
+
+    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` with
+    ``nnx.Optimizer(model, tx, wrt=wrt)``. Raises for ``method="srste"`` layers, whose backward pass
+    already adds SR-STE's decay (so it cannot be added twice).
+    """
+    sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
+    srste = [_path_str(path) for path, node in sparse.items() if node.config.method == "srste"]
+    if srste:
+        raise ValueError(
+            f"layers {srste} use method='srste', which already adds SR-STE's decay in the backward pass; "
+            "use method='ste' layers with the optax transform, or drop the transform"
+        )
+    sparse_paths = set(sparse)
+    flat = nnx.to_flat_state(nnx.state(model, wrt))
+    return nnx.from_flat_state(
+        [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
+    )

@@ -1,0 +1,163 @@
+"""freeze_beta, add_srste_decay and add_masked_decay on constructed cases."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sste_jax
+from sste_jax import SparsityConfig
+from sste_jax import nnx as sparse_nnx
+
+_INNERS = {
+    "adam": optax.adam(1e-2),
+    "adamw_masked_decay": optax.adamw(1e-2, weight_decay=0.1, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)),
+    "sgd_momentum": optax.sgd(1e-2, momentum=0.9),
+    "clip_adamw": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1)),
+    "lion": optax.lion(1e-3, weight_decay=0.5),
+}
+
+
+def _paths(tree) -> list[str]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path) for path, _ in flat]
+
+
+def _params():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "fc1": {"kernel": jax.random.normal(k1, (8, 4)), "bias": jnp.ones(4), "beta": jnp.float32(1.7)},
+        "fc2": {"kernel": jax.random.normal(k2, (4, 8)), "beta": jnp.float32(0.9)},
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_INNERS))
+def test_freeze_beta_zero_update_and_no_state(name):
+    inner, params = _INNERS[name], _params()
+    tx = sste_jax.freeze_beta(inner)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    grads = jax.tree.map(jnp.ones_like, params)
+    state = tx.init(params)
+    assert not any("beta" in p for p in _paths(state))
+    without_beta = {k: {n: v for n, v in layer.items() if n != "beta"} for k, layer in params.items()}
+    assert len(jax.tree.leaves(state)) == len(jax.tree.leaves(inner.init(without_beta)))
+    for _ in range(3):
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert float(updates["fc1"]["beta"]) == 0.0 and float(updates["fc2"]["beta"]) == 0.0
+        assert float(jnp.abs(updates["fc1"]["kernel"]).min()) > 0
+    assert float(params["fc1"]["beta"]) == np.float32(1.7) and float(params["fc2"]["beta"]) == np.float32(0.9)
+
+
+def test_freeze_beta_linen_collection_and_custom_predicate():
+    variables = {
+        "params": {"Dense_0": {"kernel": jnp.ones((4, 4))}},
+        "sparsity": {"Dense_0": {"beta": jnp.float32(2.0)}},
+    }
+    tx = sste_jax.freeze_beta(optax.adamw(0.1, weight_decay=0.1))
+    updates, state = tx.update(variables, tx.init(variables), variables)
+    assert float(updates["sparsity"]["Dense_0"]["beta"]) == 0.0 and not any("sparsity" in p for p in _paths(state))
+    custom = sste_jax.freeze_beta(optax.sgd(0.1), is_frozen=lambda path, leaf: path[-1] == "scale")
+    params = {"scale": jnp.float32(3.0), "beta": jnp.float32(1.0)}
+    updates, _ = custom.update(params, custom.init(params), params)
+    assert float(updates["scale"]) == 0.0  # the custom rule replaces is_beta:
+    assert float(updates["beta"]) == np.float32(-0.1)
+
+
+class _Net(nnx.Module):
+    def __init__(self, rngs):
+        self.mlp = nnx.List([nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)])
+        self.swish_beta = nnx.Param(jnp.float32(1.0))
+
+    def __call__(self, x):
+        return self.mlp[1](jax.nn.swish(self.mlp[0](x)) * self.swish_beta[...])
+
+
+@pytest.mark.parametrize(
+    "wrt",
+    [nnx.Param, nnx.Variable, nnx.Any(nnx.Param, sparse_nnx.SparsityBeta), sparse_nnx.SparsityBeta],
+    ids=["param", "variable", "param_or_beta", "beta_only"],
+)
+def test_freeze_beta_under_any_nnx_filter(wrt):
+    model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+    betas = [np.asarray(layer.beta[...]).tobytes() for layer in model.mlp]
+    optimizer = nnx.Optimizer(model, sste_jax.freeze_beta(optax.adamw(1e-2, weight_decay=0.1)), wrt=wrt)
+    assert not any("beta" in p and "swish" not in p for p in _paths(nnx.as_pure(nnx.state(optimizer.opt_state))))
+
+    @nnx.jit
+    def step(model, optimizer, x):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, wrt))(model)
+        optimizer.update(model, grads)
+
+    kernel0 = np.asarray(model.mlp[0].kernel[...])
+    for _ in range(2):
+        step(model, optimizer, jnp.ones((4, 8)))
+    assert [np.asarray(layer.beta[...]).tobytes() for layer in model.mlp] == betas
+    assert (wrt is sparse_nnx.SparsityBeta) == np.array_equal(kernel0, model.mlp[0].kernel[...])
+
+
+def test_freeze_beta_refuses_a_param_named_beta_and_a_missed_sparsity_beta():
+    class WithBeta(nnx.Module):
+        def __init__(self):
+            self.beta = nnx.Param(jnp.float32(1.0))
+
+    with pytest.raises(ValueError, match=r"beta is a Param, not a SparsityBeta"):
+        nnx.Optimizer(WithBeta(), sste_jax.freeze_beta(optax.adam(1e-2)), wrt=nnx.Param)
+    model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+    with pytest.raises(ValueError, match=r"mlp/0/beta is not selected"):
+        nnx.Optimizer(model, sste_jax.freeze_beta(optax.adam(1e-2), lambda path, leaf: False), wrt=nnx.Variable)
+
+
+def test_srste_decay_adds_the_pruned_weights_to_selected_kernels_only():
+    w = jnp.array([[4.0, -1.0], [-3.0, 2.0], [0.5, -5.0], [2.0, 0.25]])  # groups of 4 along axis 0
+    params = {"sparse": w, "dense": w, "bias": jnp.ones(2)}
+    mask = {"sparse": True, "dense": False, "bias": False}
+    tx = sste_jax.add_srste_decay(mask, decay=0.5)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    pruned = jnp.array([[0.0, -1.0], [0.0, 0.0], [0.5, 0.0], [2.0, 0.25]])  # the two smallest |w| per column
+    np.testing.assert_array_equal(updates["sparse"], 0.5 * pruned)
+    np.testing.assert_array_equal(updates["dense"], 0.0)
+    np.testing.assert_array_equal(updates["bias"], 0.0)
+    with pytest.raises(ValueError, match=r"2-D kernels.*shape \(2,\)"):
+        bad = sste_jax.add_srste_decay({"sparse": True, "dense": False, "bias": True})
+        bad.update(grads, bad.init(params), params)
+
+
+def test_ste_layers_with_srste_transform_equal_srste_layers():
+    x_BxI = jax.random.normal(jax.random.key(1), (6, 8))
+
+    def grad_and_mask(method):
+        model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), SparsityConfig(method=method), where=sparse_nnx.all_linear)
+        grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x_BxI) ** 2)))(model)
+        return model, nnx.as_pure(grads)
+
+    srste_model, srste_grads = grad_and_mask("srste")
+    ste_model, ste_grads = grad_and_mask("ste")
+    tx = sste_jax.add_srste_decay(sparse_nnx.sparse_kernel_mask(ste_model))
+    params = nnx.as_pure(nnx.state(ste_model, nnx.Param))
+    updates, _ = tx.update(ste_grads, tx.init(params), params)
+    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(srste_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+
+
+def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
+    tx = sste_jax.add_masked_decay({"w": True, "b": False}, decay=0.25)
+    keys = jax.random.split(jax.random.key(3), 81)
+    weights = [jax.random.normal(k, (8, 4)) for k in keys]
+    state = tx.init({"w": weights[0], "b": jnp.ones(3)})
+    update = jax.jit(tx.update)
+    for step, w in enumerate(weights):
+        params = {"w": w, "b": jnp.ones(3)}
+        updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
+        source = weights[step - step % 40]  # the weights at the last refresh: steps 0, 40, 80
+        m = np.asarray(sste_jax.transposable_mask_24(source))
+        np.testing.assert_array_equal(state.inner_state.masks["w"], m)
+        np.testing.assert_array_equal(updates["w"], 0.25 * np.where(m, 0.0, np.asarray(w)))
+        np.testing.assert_array_equal(updates["b"], 0.0)
+        if step % 40:  # between refreshes the kept mask is not the current weights' mask
+            assert not np.array_equal(m, sste_jax.transposable_mask_24(w))
+    assert int(state.inner_state.count) == 81
+    with pytest.raises(ValueError, match="refresh_every"):
+        sste_jax.add_masked_decay({"w": True}, refresh_every=0)
