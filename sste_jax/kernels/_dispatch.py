@@ -1,0 +1,51 @@
+"""The kernel-backed pieces of `sste_jax.sparse_dense`: Pallas pruning/MVUE and cuSPARSELt products.
+
+Each function computes exactly what its pure-JAX counterpart in the core computes: the Pallas ones
+bit for bit, the cuSPARSELt ones up to the bf16/fp8 rounding of a different GEMM kernel.
+
+>>> import jax, jax.numpy as jnp, sste_jax
+>>> from sste_jax.kernels._dispatch import pallas_forward_weight
+>>> w = jax.random.normal(jax.random.key(0), (8, 4))
+>>> cfg = sste_jax.SparsityConfig()
+>>> bool((pallas_forward_weight(w, 1.5, "sste") == sste_jax.forward_weight(w, 1.5, cfg)).all())
+True
+"""
+
+import jax.numpy as jnp
+
+from sste_jax import _fp8
+from sste_jax._sparsity import decompress_24
+from sste_jax.kernels import _cusparselt as cusparselt
+from sste_jax.kernels._mvue import mvue_compress_24
+from sste_jax.kernels._prune import prune_compress_24
+
+__all__ = ["pallas_forward_weight", "pallas_mvue", "cusparselt_forward", "cusparselt_weight_grad"]
+
+
+def pallas_forward_weight(kernel_IxO, beta, method):
+    """``forward_weight`` for ``ste``/``srste``/``sste`` through the fused Pallas prune kernel."""
+    pruned = prune_compress_24(kernel_IxO, beta, method)
+    return decompress_24(pruned.values, pruned.meta)
+
+
+def pallas_mvue(key, g_TxO):
+    """``mvue_24(key, g, axis=0)`` through the fused Pallas MVUE kernel (bit-identical)."""
+    return decompress_24(*mvue_compress_24(key, g_TxO))
+
+
+def cusparselt_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
+    """``x @ W̃`` as ``(W̃ᵀ xᵀ)ᵀ`` on sparse tensor cores (bf16, or e4m3 with per-tensor scales)."""
+    w_OxI = w_IxO.T
+    if fp8:
+        qx, sx = _fp8.quantize(x_TxI, _fp8.FORWARD)
+        qw, sw = _fp8.quantize(w_OxI, _fp8.FORWARD)
+        y = cusparselt.matmul(cusparselt.compress(qw), qx, w_OxI.shape[0], jnp.float32)
+        return (y / (sx * sw)).astype(out_dtype)
+    return cusparselt.sparse_linear(x_TxI.astype(jnp.bfloat16), w_OxI.astype(jnp.bfloat16)).astype(out_dtype)
+
+
+def cusparselt_weight_grad(x_TxI, g_hat_TxO, out_dtype):
+    """``xᵀ ĝ`` with ``ĝ`` 2:4 along tokens: ``(ĝᵀ x)ᵀ``, i.e. A = ``ĝᵀ`` with K = tokens (bf16)."""
+    x_IxT = x_TxI.T.astype(jnp.bfloat16)
+    g_OxT = g_hat_TxO.T.astype(jnp.bfloat16)
+    return cusparselt.sparse_linear(x_IxT, g_OxT).astype(out_dtype)
