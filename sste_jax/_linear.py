@@ -86,8 +86,8 @@ def forward_weight(
         return _dispatch.pallas_forward_weight(kernel, beta, config.method)
     if config.method in ("ste", "srste"):
         return hard_threshold_24(kernel, axis)
-    s = soft_threshold_24(kernel, axis)
-    return (jnp.asarray(beta, jnp.float32) * s.astype(jnp.float32)).astype(kernel.dtype)
+    s = soft_threshold_24(kernel.astype(jnp.float32), axis)  # one rounding, eager and jitted alike
+    return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
 
 
 def _product(a, b, contract, fp8_format):
