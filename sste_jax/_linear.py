@@ -90,6 +90,11 @@ def forward_weight(
     return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
 
 
+def srste_term(kernel: jax.Array, decay: float, axis: int = 0) -> jax.Array:
+    """SR-STE's gradient term ``decay·(1 − mask_24(W))⊙W``: decays the pruned weights."""
+    return decay * jnp.where(mask_24(kernel, axis), jnp.zeros((), kernel.dtype), kernel)
+
+
 def _product(a, b, contract, fp8_format):
     """``a·b`` over the given axes, in FP8 when ``fp8_format`` is set (float32 result), else as is."""
     if fp8_format is not None:
@@ -144,8 +149,7 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     else:
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
-        decay = jnp.where(mask_24(kernel_IxO), jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
-        dw_IxO = dw_IxO + config.srste_decay * decay
+        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay)
     return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None
 
 

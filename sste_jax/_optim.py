@@ -31,7 +31,8 @@ __all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "Mas
 Predicate = Callable[[tuple[Any, ...], Any], bool]
 
 
-def _key_name(key) -> Any:
+def key_name(key) -> Any:
+    """The plain name (dict key, attribute name or index) of one key-path entry."""
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return getattr(key, attr)
@@ -51,7 +52,7 @@ def _is_variable(x) -> bool:
 def _labels(params, is_frozen: Predicate):
     """``"frozen"`` / ``"train"`` per leaf; at init (typed NNX variables) also checks the rule."""
     def label(key_path, leaf):
-        path = tuple(_key_name(k) for k in key_path)
+        path = tuple(key_name(k) for k in key_path)
         where = "/".join(map(str, path))
         frozen = bool(is_frozen(path, leaf))
         if _is_variable(leaf):

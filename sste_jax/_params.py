@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, forward_weight
+from sste_jax._linear import SparsityConfig, forward_weight, srste_term
+from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
-from sste_jax._sparsity import fit_beta, mask_24
+from sste_jax._sparsity import fit_beta
 
 __all__ = [
     "ParamSparsity",
@@ -60,7 +61,7 @@ class ParamSparsity:
 
 def _names(key_path) -> Path:
     """Plain names (strings, indices) of a key path, as `sste_jax.is_beta` sees them."""
-    return tuple(next((getattr(k, a) for a in ("key", "name", "idx") if hasattr(k, a)), str(k)) for k in key_path)
+    return tuple(key_name(k) for k in key_path)
 
 
 def _path_str(path: Path) -> str:
@@ -139,7 +140,7 @@ def _sparsify_fwd(config, axis, kernel, beta):
 def _sparsify_bwd(config, axis, residuals, g):
     kernel, beta = residuals
     if config.method == "srste":
-        g = g + config.srste_decay * jnp.where(mask_24(kernel, axis), jnp.zeros((), kernel.dtype), kernel)
+        g = g + srste_term(kernel, config.srste_decay, axis)
     return g, jnp.zeros_like(beta)
 
 

@@ -33,6 +33,7 @@ from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
+from sste_jax._optim import key_name
 from sste_jax._sparsity import compress_24, decompress_24
 
 __all__ = [
@@ -53,16 +54,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target."""
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def _path_name(path: tuple) -> str:
     """``"a/0/b"`` for a key path; an NNX Variable's own ``.value`` step is left out."""
-    return "/".join(_key_name(k) for k in path if k != jax.tree_util.GetAttrKey("value"))
+    return "/".join(str(key_name(k)) for k in path if k != jax.tree_util.GetAttrKey("value"))
 
 
 def _is_prng_key(leaf) -> bool:
