@@ -2,7 +2,9 @@
 
     python -m experiments.train_lm --config small --method sste --steps 600 --workdir runs/sste
 
-Methods: ``dense``, ``ste``, ``srste``, ``sste``, ``sste_mvue``, ``sste_mvue_fp8``. The feed-forward
+Methods: the recipes of `experiments.methods` (``dense``, ``ste``, ``srste``, ``tsrste``,
+``tsrste_df``, ``step``, ``sste``, ``sste_mvue``, ``sste_fp8``, ``sste_mvue_fp8`` and the β ablations;
+``--recipe KEY=VALUE`` changes a field, e.g. ``refit_beta_every=20``). The feed-forward
 linears are 2:4 sparse (``--sparsify all``: every linear but the tied LM head); ``dense`` runs keep
 them as ``method="dense"`` layers so that their top-2 flip rate is logged as the reference (SPEC §8).
 ``--ffn-lr-scale beta`` multiplies the sparse layers' learning rate by the mean β S-STE would fit at
@@ -30,20 +32,12 @@ from flax import nnx
 from tqdm import tqdm
 
 import sste_jax
-from experiments import data
-from experiments.configs import Config, get_config
+from experiments import data, methods
+from experiments.configs import Config, get_config, parse_overrides
 from experiments.model import GPT
 from sste_jax import checkpoint
 from sste_jax import nnx as sparse_nnx
 
-METHODS = {
-    "dense": sste_jax.SparsityConfig(method="dense"),
-    "ste": sste_jax.SparsityConfig(method="ste"),
-    "srste": sste_jax.SparsityConfig(method="srste"),
-    "sste": sste_jax.SparsityConfig(method="sste"),
-    "sste_mvue": sste_jax.SparsityConfig(method="sste", mvue=True),
-    "sste_mvue_fp8": sste_jax.SparsityConfig(method="sste", mvue=True, fp8=True),
-}
 WHERE = {"ffn": sparse_nnx.feed_forward, "all": sparse_nnx.all_linear}
 
 
@@ -55,14 +49,17 @@ class Run:
     seed: int = 0
     sparsify: str = "ffn"
     ffn_lr_scale: float | str = 1.0  # a factor, or "beta": the mean β fitted at initialisation
+    recipe_changes: tuple[tuple[str, Any], ...] = ()  # fields of the method's `methods.Recipe`
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}: use one of {sorted(METHODS)}")
+        self.recipe()  # validates the method and the changes
         if self.sparsify not in WHERE:
             raise ValueError(f"unknown --sparsify {self.sparsify!r}: use one of {sorted(WHERE)}")
         if self.ffn_lr_scale != "beta" and not float(self.ffn_lr_scale) > 0:
             raise ValueError(f"ffn_lr_scale must be 'beta' or a positive number, got {self.ffn_lr_scale!r}")
+
+    def recipe(self) -> methods.Recipe:
+        return methods.get_recipe(self.method, **dict(self.recipe_changes))
 
 
 def build_model(cfg: Config, vocab_size: int, run: Run, weights=None) -> nnx.Module:
@@ -72,7 +69,7 @@ def build_model(cfg: Config, vocab_size: int, run: Run, weights=None) -> nnx.Mod
     model = GPT(vocab, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.seq_len, rngs=nnx.Rngs(params=run.seed))
     if weights is not None:
         nnx.update(model, weights)
-    return sparse_nnx.sparsify(model, METHODS[run.method], WHERE[run.sparsify], rngs=nnx.Rngs(sparsity=run.seed))
+    return methods.sparsify(model, run.recipe(), WHERE[run.sparsify], seed=run.seed)
 
 
 def lr_scale(run: Run, model: nnx.Module) -> float:
@@ -83,104 +80,46 @@ def lr_scale(run: Run, model: nnx.Module) -> float:
     return float(np.mean([sste_jax.fit_beta(w.kernel) for w in weights.values()]))
 
 
-def make_optimizer(cfg: Config, model: nnx.Module, scale: float) -> optax.GradientTransformation:
-    """AdamW (SPEC §7: decay on >=2-D params only), warmup + cosine, clip, in `freeze_beta`."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), end_value=cfg.min_lr
-    )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    parts = [
-        optax.clip_by_global_norm(cfg.clip),
-        optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask),
-    ]
-    if scale != 1.0:
-        parts.append(optax.masked(optax.scale(scale), sparse_nnx.sparse_kernel_mask(model)))
-    return sste_jax.freeze_beta(optax.chain(*parts))
-
-
-def _loss(graphdef, params, rest, x_BxT, y_BxT):
-    rest = jax.tree.map(lambda v: v, rest)  # fresh variables in this trace: MVUE advances its key counters
-    model = nnx.merge(graphdef, params, rest)
+def lm_loss(model: nnx.Module, x_BxT, y_BxT) -> jax.Array:
+    """Mean next-token cross entropy (float32 logits)."""
     logits_BTxV = model(x_BxT).astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BTxV, y_BxT.reshape(-1)).mean()
-    return loss, nnx.split(model, nnx.Param, ...)[2]
-
-
-def make_train_step(graphdef, tx):
-    """One optimizer step over ``(accum, B, T)`` micro-batches; returns the new state and metrics."""
-
-    @jax.jit
-    def train_step(state, x_AxBxT, y_AxBxT):
-        grad_fn = jax.value_and_grad(lambda p, r, x, y: _loss(graphdef, p, r, x, y), has_aux=True)
-
-        def micro(carry, xy):
-            rest, grads, loss_sum = carry
-            (loss, rest), g = grad_fn(state["params"], rest, *xy)
-            return (rest, jax.tree.map(jnp.add, grads, g), loss_sum + loss), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
-        carry = (state["rest"], zeros, jnp.zeros((), jnp.float32))
-        (rest, grads, loss_sum), _ = jax.lax.scan(micro, carry, (x_AxBxT, y_AxBxT))
-        n = x_AxBxT.shape[0]
-        grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        weights = sste_jax.sparse_weights(nnx.merge(graphdef, params, rest))
-        rates, flip = sste_jax.flip_rate(state["flip"], weights)
-        metrics = {"train_loss": loss_sum / n, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(grads)}
-        return {"params": params, "rest": rest, "opt": opt, "flip": flip, "step": state["step"] + 1}, metrics
-
-    return train_step
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BTxV, y_BxT.reshape(-1)).mean()
 
 
 def make_eval(graphdef):
     @jax.jit
     def eval_loss(params, rest, x_BxT, y_BxT):
-        return _loss(graphdef, params, rest, x_BxT, y_BxT)[0]
+        return lm_loss(nnx.merge(graphdef, params, rest), x_BxT, y_BxT)
 
     return eval_loss
 
 
-def dense_w_graphdef(model: nnx.Module):
-    """The graph of ``model`` with every sparse layer evaluating its dense ``W`` (same state)."""
-    clone = nnx.clone(model)
-    for _, layer in sste_jax._metrics.sparse_modules(clone):
-        layer.config = sste_jax.SparsityConfig(method="dense")
-    return nnx.split(clone, nnx.Param, ...)[0]
-
-
 class Programs(NamedTuple):
-    """The optimizer and jitted functions of a (config, method) pair, shared by runs in one process."""
+    """The optimizer and jitted functions of a (config, run) pair, shared by runs in one process."""
 
-    graphdef: Any
+    phases: methods.Phases
     tx: optax.GradientTransformation
     train_step: Any
-    eval_fn: Any
+    eval_fns: tuple[Any, ...]  # per phase
     eval_dense_fn: Any  # the dense-W evaluation of S-STE runs, else None
 
 
 @functools.lru_cache(maxsize=8)
-def programs(cfg: Config, vocab_size: int, method: str, sparsify: str, scale: float) -> Programs:
-    model = nnx.eval_shape(lambda: build_model(cfg, vocab_size, Run(method=method, sparsify=sparsify)))
-    graphdef = nnx.split(model, nnx.Param, ...)[0]
-    tx = make_optimizer(cfg, model, scale)
-    dense_eval = make_eval(dense_w_graphdef(model)) if METHODS[method].method == "sste" else None
-    return Programs(graphdef, tx, make_train_step(graphdef, tx), make_eval(graphdef), dense_eval)
+def programs(cfg: Config, vocab_size: int, run: Run, scale: float) -> Programs:
+    model = nnx.eval_shape(lambda: build_model(cfg, vocab_size, run))
+    recipe = run.recipe()
+    phases = methods.phases(model, recipe, cfg.steps)
+    tx = methods.make_optimizer(cfg, model, recipe, scale)
+    dense_eval = make_eval(methods.dense_w_graphdef(model)) if recipe.config.method == "sste" else None
+    return Programs(phases, tx, methods.make_train_step(lm_loss, phases, tx, recipe, cfg.steps),
+                    tuple(map(make_eval, phases.graphdefs)), dense_eval)
 
 
 def initial_state(cfg: Config, vocab_size: int, run: Run, weights=None):
     """``(programs, state, model)`` at step 0."""
     model = build_model(cfg, vocab_size, run, weights)
-    prog = programs(cfg, vocab_size, run.method, run.sparsify, lr_scale(run, model))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    state = {
-        "params": params,
-        "rest": rest,
-        "opt": prog.tx.init(params),
-        "flip": sste_jax.init_flip_state(sste_jax.sparse_weights(model)),
-        "step": jnp.zeros((), jnp.int32),
-    }
-    return prog, state, model
+    prog = programs(cfg, vocab_size, dataclasses.replace(run, seed=0), lr_scale(run, model))
+    return prog, methods.initial_state(model, prog.tx), model
 
 
 def _dense_weights(init_from: pathlib.Path, cfg: Config, vocab_size: int, sparsify: str):
@@ -193,7 +132,8 @@ def _dense_weights(init_from: pathlib.Path, cfg: Config, vocab_size: int, sparsi
     return checkpoint.restore_checkpoint(init_from / "ckpt", target)["params"]
 
 
-def _append(path: pathlib.Path, record: dict) -> None:
+def append_record(path: pathlib.Path, record: dict) -> None:
+    """Appends ``record`` to a JSON-lines file."""
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -211,14 +151,19 @@ def _batch(tokens, step: int, cfg: Config, seed: int):
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def evaluate(prog: Programs, state, val, cfg: Config) -> dict:
-    """Validation loss with the 2:4 forward weights (and, for S-STE, with the dense ``W``)."""
+def evaluate(prog: Programs, run: Run, state, val, cfg: Config) -> dict:
+    """Validation loss with the forward weights of the current phase (2:4 for sparse methods), for
+    S-STE also with the dense ``W``, and the layers' `sste_jax.sparsity_stats`."""
     batches = list(data.eval_batches(val, cfg.batch_size, cfg.seq_len, cfg.eval_batches))
-    out = {"val_loss": jnp.mean(jnp.stack([prog.eval_fn(state["params"], state["rest"], x, y) for x, y in batches]))}
+    phase = methods.current_phase(run.recipe(), cfg.steps, state)
+    eval_fn = prog.eval_fns[phase]
+    out = {"val_loss": jnp.mean(jnp.stack([eval_fn(state["params"], state["rest"], x, y) for x, y in batches]))}
     if prog.eval_dense_fn is not None:
         out["val_loss_dense_w"] = jnp.mean(
             jnp.stack([prog.eval_dense_fn(state["params"], state["rest"], x, y) for x, y in batches])
         )
+    model = nnx.merge(prog.phases.graphdefs[phase], state["params"], state["rest"])
+    out.update(sste_jax.sparsity_stats(sste_jax.sparse_weights(model)))
     return out
 
 
@@ -267,14 +212,13 @@ def train(
                 now = time.perf_counter()
                 record = {"step": step, **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]},
                           "tokens_per_s": len(logged) * tokens_per_step / (now - tick - paused)}
-                _append(metrics_path, record)
+                append_record(metrics_path, record)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 pending = []
                 if step % cfg.eval_every == 0 or step == stop:
-                    stats = sste_jax.sparsity_stats(sste_jax.sparse_weights(nnx.merge(prog.graphdef, state["params"], state["rest"])))
-                    evals = sste_jax.to_host({**evaluate(prog, state, val_tokens, cfg), **stats})
+                    evals = sste_jax.to_host(evaluate(prog, run, state, val_tokens, cfg))
                     betas = [v for k, v in evals.items() if k.startswith("beta/")]
-                    _append(metrics_path, {"step": step, **evals, "beta_mean": float(np.mean(betas))})
+                    append_record(metrics_path, {"step": step, **evals, "beta_mean": float(np.mean(betas))})
                 tick, paused = time.perf_counter(), 0.0
             if step % cfg.ckpt_every == 0 or step == stop:
                 began = time.perf_counter()
@@ -294,7 +238,9 @@ def train(
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="small")
-    p.add_argument("--method", default="sste", choices=sorted(METHODS))
+    p.add_argument("--method", default="sste", choices=sorted(methods.METHODS))
+    p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="method recipe changes, e.g. refit_beta_every=20 (see experiments.methods.Recipe)")
     p.add_argument("--steps", type=int, help="training steps (overrides the config)")
     p.add_argument("--workdir", required=True)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. lr=3e-3")
@@ -321,7 +267,8 @@ def main(argv=None) -> None:
             overrides.append(f"{key}={value}")
     cfg = get_config(args.config, overrides)
     scale = args.ffn_lr_scale if args.ffn_lr_scale == "beta" else float(args.ffn_lr_scale)
-    run = Run(method=args.method, seed=args.seed, sparsify=args.sparsify, ffn_lr_scale=scale)
+    changes = tuple(parse_overrides(methods.Recipe, args.recipe).items())
+    run = Run(method=args.method, seed=args.seed, sparsify=args.sparsify, ffn_lr_scale=scale, recipe_changes=changes)
     cache = args.cache_dir or data.cache_dir_default()
     try:
         train(cfg, run, args.workdir, resume=args.resume, init_from=args.init_from, until=args.until,

@@ -2,6 +2,8 @@
 
 ``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
+``"tsrste"`` (the T-SR-STE baseline) takes its forward mask as an argument: a `transposable_mask_24`
+that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`).
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
@@ -17,15 +19,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
 from sste_jax._sparsity import check_groupable, hard_threshold_24, mask_24, mvue_24, soft_threshold_24
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 
-Method = Literal["dense", "ste", "srste", "sste"]
-_METHODS = ("dense", "ste", "srste", "sste")
+Method = Literal["dense", "ste", "srste", "tsrste", "sste"]
+_METHODS = ("dense", "ste", "srste", "tsrste", "sste")
 _BACKENDS = ("xla", "pallas", "auto")
 _MATMULS = ("xla", "cusparselt")
 
@@ -36,10 +38,13 @@ class SparsityConfig:
 
     Attributes:
       method: ``"sste"`` (β·soft-threshold forward, identity gradient), ``"ste"`` (hard top-2, straight
-        through), ``"srste"`` (hard top-2 plus ``srste_decay·(1 − mask)⊙W`` on the gradient) or ``"dense"``.
+        through), ``"srste"`` (hard top-2 plus ``srste_decay·(1 − mask)⊙W`` on the gradient),
+        ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, plus ``masked_decay·(1 − M)⊙W`` on
+        the gradient) or ``"dense"``.
       mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
       fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
       srste_decay: SR-STE's λ.
+      masked_decay: T-SR-STE's α.
       backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
       matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
@@ -50,6 +55,7 @@ class SparsityConfig:
     mvue: bool = False
     fp8: bool = False
     srste_decay: float = 2e-4
+    masked_decay: float = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
     matmul: Literal["xla", "cusparselt"] = "xla"
 
@@ -62,8 +68,9 @@ class SparsityConfig:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
         if self.matmul == "cusparselt" and self.method == "dense":
             raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
-        if self.srste_decay < 0:
-            raise ValueError(f"srste_decay must be >= 0, got {self.srste_decay}")
+        for name in ("srste_decay", "masked_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def sparse(self) -> bool:
@@ -72,14 +79,22 @@ class SparsityConfig:
 
 
 def forward_weight(
-    kernel: Float[Array, "in out"], beta: Float[Array, ""] | float, config: SparsityConfig, axis: int = 0
+    kernel: Float[Array, "in out"],
+    beta: Float[Array, ""] | float,
+    config: SparsityConfig,
+    axis: int = 0,
+    mask: Bool[Array, "in out"] | None = None,
 ) -> Float[Array, "in out"]:
     """The forward weight ``W̃`` of ``config.method`` (no custom gradient), in the kernel's dtype.
 
-    For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once.
+    For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once;
+    for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
     """
+    check_mask(kernel, config, mask)
     if config.method == "dense":
         return kernel
+    if config.method == "tsrste":
+        return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
     if _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
         from sste_jax.kernels import _dispatch
 
@@ -88,6 +103,18 @@ def forward_weight(
         return hard_threshold_24(kernel, axis)
     s = soft_threshold_24(kernel.astype(jnp.float32), axis)  # one rounding, eager and jitted alike
     return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
+
+
+def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None) -> None:
+    """Raises unless ``mask`` is given exactly for ``"tsrste"``, boolean and shaped like ``kernel``."""
+    if config.method != "tsrste":
+        if mask is not None:
+            raise ValueError(f"a mask is only used by method='tsrste', got one for method={config.method!r}")
+        return
+    if mask is None:
+        raise ValueError("method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose")
+    if mask.shape != kernel.shape or mask.dtype != jnp.bool_:
+        raise ValueError(f"mask must be bool of the kernel's shape {kernel.shape}, got {mask.dtype} {mask.shape}")
 
 
 def srste_term(kernel: jax.Array, decay: float, axis: int = 0) -> jax.Array:
@@ -121,19 +148,19 @@ def _forward(config, x_TxI, w_IxO, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key):
-    w_IxO = forward_weight(kernel_IxO, beta, config)
+def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key, mask):
+    w_IxO = forward_weight(kernel_IxO, beta, config, mask=mask)
     return _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
 
 
-def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key):
-    w_IxO = forward_weight(kernel_IxO, beta, config)
+def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask):
+    w_IxO = forward_weight(kernel_IxO, beta, config, mask=mask)
     y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
-    return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key)
+    return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key, mask)
 
 
 def _sparse_matmul_bwd(config, residuals, g_TxO):
-    x_TxI, kernel_IxO, w_IxO, beta, key = residuals
+    x_TxI, kernel_IxO, w_IxO, beta, key, mask = residuals
     fmt = _fp8.BACKWARD if config.fp8 else None
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
     if config.mvue and _resolve_backend(config) == "pallas":
@@ -150,7 +177,9 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
         dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay)
-    return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None
+    if config.method == "tsrste":
+        dw_IxO = dw_IxO + config.masked_decay * jnp.where(mask, jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
+    return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None
 
 
 _sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
@@ -162,6 +191,7 @@ def sparse_dense(
     beta: Float[Array, ""] | float,
     key: PRNGKeyArray | None = None,
     config: SparsityConfig = SparsityConfig(),
+    mask: Bool[Array, "in out"] | None = None,
 ) -> Float[Array, "*batch out"]:
     """``x @ W̃`` with the gradient rule of ``config.method`` (no bias).
 
@@ -171,6 +201,7 @@ def sparse_dense(
       beta: the frozen scale (used by ``"sste"`` only).
       key: PRNG key for MVUE (required when ``config.mvue``); fold in the step and the layer.
       config: a `SparsityConfig`.
+      mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
     """
     if kernel.ndim != 2:
         raise ValueError(f"kernel must be 2-D (in, out), got shape {kernel.shape}")
@@ -178,6 +209,7 @@ def sparse_dense(
         raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
     if config.sparse:
         check_groupable(kernel, 0)
+    check_mask(kernel, config, mask)
     x_TxI = x.reshape(-1, x.shape[-1])
     if config.mvue:
         if key is None:
@@ -190,5 +222,5 @@ def sparse_dense(
     else:
         key = None
     beta = jnp.asarray(beta, jnp.float32)
-    y_TxO = _sparse_matmul(config, x_TxI, kernel, beta, key)
+    y_TxO = _sparse_matmul(config, x_TxI, kernel, beta, key, mask)
     return y_TxO.reshape(x.shape[:-1] + (kernel.shape[1],))

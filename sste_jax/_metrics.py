@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, UInt8
+from jaxtyping import Array, Bool, Float, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight
 from sste_jax._sparsity import mask_24
@@ -41,20 +41,22 @@ __all__ = [
 
 
 @functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["kernel", "beta"], meta_fields=["config", "axis"]
+    jax.tree_util.register_dataclass, data_fields=["kernel", "beta", "mask"], meta_fields=["config", "axis"]
 )
 @dataclasses.dataclass(frozen=True)
 class SparseWeight:
-    """One sparse weight: the dense ``kernel``, its frozen ``beta``, the config and the grouped axis."""
+    """One sparse weight: the dense ``kernel``, its frozen ``beta``, the config, the grouped axis and
+    (``"tsrste"`` only) the forward ``mask``."""
 
     kernel: Float[Array, "..."]
     beta: Float[Array, ""] | float = 1.0
     config: SparsityConfig = SparsityConfig()
     axis: int = 0
+    mask: Bool[Array, "..."] | None = None
 
     def forward(self) -> Float[Array, "..."]:
         """The forward weight ``W̃`` (`forward_weight`)."""
-        return forward_weight(self.kernel, self.beta, self.config, self.axis)
+        return forward_weight(self.kernel, self.beta, self.config, self.axis, self.mask)
 
 
 def sparse_modules(model: "nnx.Module") -> list[tuple[tuple, "nnx.Module"]]:
@@ -71,6 +73,10 @@ def sparse_modules(model: "nnx.Module") -> list[tuple[tuple, "nnx.Module"]]:
     ]
 
 
+def _mask(layer):
+    return layer.mask[...] if layer.config.method == "tsrste" else None
+
+
 def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
     """``{path: SparseWeight}`` for every sparse layer of an NNX model (see `sparse_modules`).
 
@@ -78,7 +84,9 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
     ``method="dense"`` are included: their top-2 flip rate is the reference of SPEC §8.
     """
     return {
-        "/".join(str(p) for p in path): SparseWeight(layer.kernel[...], layer.beta[...], layer.config)
+        "/".join(str(p) for p in path): SparseWeight(
+            layer.kernel[...], layer.beta[...], layer.config, mask=_mask(layer)
+        )
         for path, layer in sparse_modules(model)
     }
 

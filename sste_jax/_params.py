@@ -74,6 +74,11 @@ def _check_config(config: SparsityConfig) -> None:
     layer_only = [f for f, on in (("mvue=True", config.mvue), ("fp8=True", config.fp8)) if on]
     if config.matmul != "xla":
         layer_only.append(f"matmul={config.matmul!r}")
+    if config.method == "tsrste":
+        raise ValueError(
+            "method='tsrste' needs a mask refreshed between steps: use sste_jax.nnx.SparseLinear layers, or "
+            "method='ste' with sste_jax.add_masked_decay on the parameter path"
+        )
     if layer_only:
         raise ValueError(
             f"{', '.join(layer_only)} act on the product x @ W̃, which a parameter transform does not see; "

@@ -32,6 +32,8 @@ Where = Callable[[tuple[str, ...], nn.Dense], bool]
 
 def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
     name = "/".join(module.path) or type(module).__name__
+    if config.method == "tsrste":
+        raise ValueError(f"{name}: method='tsrste' keeps a refreshed mask; use sste_jax.nnx.SparseLinear for it")
     if config.sparse and in_features % 4:
         raise ValueError(f"{name}: the contraction length {in_features} is not divisible by 4, cannot be 2:4 sparse")
     if module.dot_general is not None or module.dot_general_cls is not None:

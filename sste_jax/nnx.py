@@ -34,9 +34,19 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
-from sste_jax._sparsity import fit_beta
+from sste_jax._sparsity import fit_beta, transposable_mask_24
 
-__all__ = ["SparsityBeta", "SparseLinear", "sparsify", "all_linear", "feed_forward", "sparse_kernel_mask"]
+__all__ = [
+    "SparsityBeta",
+    "SparsityMask",
+    "SparseLinear",
+    "sparsify",
+    "all_linear",
+    "feed_forward",
+    "sparse_kernel_mask",
+    "refresh_masks",
+    "refit_beta",
+]
 
 Path = tuple[Any, ...]
 Where = Callable[[Path, nnx.Linear], bool]
@@ -46,6 +56,17 @@ class SparsityBeta(nnx.Variable):
     """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``."""
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
+
+
+class SparsityMask(nnx.Variable):
+    """The forward mask of a ``"tsrste"`` `SparseLinear` (bool, the kernel's shape); not an ``nnx.Param``.
+
+    Set to `transposable_mask_24` of the kernel when the layer is built and by `refresh_masks`.
+    """
+
+
+def _initial_mask(kernel: jax.Array, config: SparsityConfig):
+    return SparsityMask(transposable_mask_24(kernel)) if config.method == "tsrste" else nnx.data(None)
 
 
 def _initial_beta(kernel: jax.Array, config: SparsityConfig) -> jax.Array:
@@ -91,11 +112,16 @@ class SparseLinear(nnx.Linear):
             raise ValueError(f"SparseLinear({in_features}, {out_features}): {reason}")
         self.config = config
         self.beta = SparsityBeta(_initial_beta(self.kernel[...], config))
+        self.mask = _initial_mask(self.kernel[...], config)
         self.rngs = _mvue_stream(kwargs["rngs"], config)
 
     def forward_weight(self) -> Float[Array, "in out"]:
         """The forward weight ``W̃`` (β·S(W) for ``"sste"``), for inspection and export."""
-        return forward_weight(self.kernel[...], self.beta[...], self.config)
+        return forward_weight(self.kernel[...], self.beta[...], self.config, mask=self._mask())
+
+    def _mask(self):
+        """The mask for the product: only ``"tsrste"`` uses it (a layer switched to another method keeps it)."""
+        return self.mask[...] if self.config.method == "tsrste" else None
 
     def __call__(self, inputs: Float[Array, "*batch in"], out_sharding=None) -> Float[Array, "*batch out"]:
         if out_sharding is not None:
@@ -104,7 +130,7 @@ class SparseLinear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         key = self.rngs() if self.config.mvue else None
-        y = sparse_dense(inputs, kernel, self.beta[...], key, self.config)
+        y = sparse_dense(inputs, kernel, self.beta[...], key, self.config, self._mask())
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -117,6 +143,9 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
     if config.sparse and layer.in_features % 4:
         shape = layer.kernel.shape
         return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by 4"
+    if config.method == "tsrste" and layer.out_features % 4:
+        shape = layer.kernel.shape
+        return f"a transposable mask needs out_features={layer.out_features} (kernel {shape}) divisible by 4 too"
     if layer.dot_general is not jax.lax.dot_general:
         return f"a custom dot_general ({layer.dot_general!r}) cannot be combined with the sparse product"
     if layer.preferred_element_type is not None:
@@ -174,6 +203,7 @@ def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs) -> SparseLinear:
         sparse.bias = layer.bias
     sparse.config = config
     sparse.beta = SparsityBeta(_initial_beta(layer.kernel[...], config))
+    sparse.mask = _initial_mask(layer.kernel[...], config)
     sparse.rngs = _mvue_stream(rngs, config)
     return sparse
 
@@ -238,14 +268,42 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
     already adds SR-STE's decay (so it cannot be added twice).
     """
     sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
-    srste = [_path_str(path) for path, node in sparse.items() if node.config.method == "srste"]
-    if srste:
+    decaying = [_path_str(path) for path, node in sparse.items() if node.config.method in ("srste", "tsrste")]
+    if decaying:
         raise ValueError(
-            f"layers {srste} use method='srste', which already adds SR-STE's decay in the backward pass; "
-            "use method='ste' layers with the optax transform, or drop the transform"
+            f"layers {decaying} use method='srste' or 'tsrste', which already add their decay in the backward "
+            "pass; use method='ste' layers with the optax transform, or drop the transform"
         )
     sparse_paths = set(sparse)
     flat = nnx.to_flat_state(nnx.state(model, wrt))
     return nnx.from_flat_state(
         [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
     )
+
+
+def _layers(model: nnx.Module, method: str) -> list[SparseLinear]:
+    return [node for _, node in nnx.iter_graph(model) if isinstance(node, SparseLinear) and node.config.method == method]
+
+
+def refresh_masks(model: nnx.Module) -> int:
+    """Sets the mask of every ``"tsrste"`` layer to `transposable_mask_24` of its current kernel.
+
+    T-SR-STE refreshes every 40 steps (SPEC §7); call it inside the jitted step under a
+    ``jax.lax.cond`` on the step, or between steps. Returns the number of layers refreshed.
+    """
+    layers = _layers(model, "tsrste")
+    for layer in layers:
+        layer.mask[...] = transposable_mask_24(layer.kernel[...])
+    return len(layers)
+
+
+def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_beta) -> int:
+    """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta`); returns the count.
+
+    β is fitted once, by `sparsify` (SPEC §4). This is for ablations: another rule at
+    initialisation, or recomputing β during training (the documented failure mode).
+    """
+    layers = _layers(model, "sste")
+    for layer in layers:
+        layer.beta[...] = jnp.asarray(rule(layer.kernel[...]), jnp.float32)
+    return len(layers)

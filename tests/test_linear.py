@@ -341,3 +341,40 @@ def test_kernel_in_features_not_divisible_by_4():
 def test_integer_kernel_raises_type_error():
     with pytest.raises(TypeError, match="int32"):
         sste_jax.sparse_dense(jnp.ones((4, 8)), jnp.ones((8, 4), jnp.int32), 1.0)
+
+
+# ---------------------------------------------------------------- T-SR-STE: a given transposable mask
+
+
+def test_tsrste_forward_is_masked_kernel_and_gradient_adds_masked_decay():
+    x, w, g = _data(seed=7)
+    w = w[:, :8]  # 8 x 8: a transposable mask needs both dimensions divisible by 4
+    g = g[:, :8]
+    mask = np.asarray(sste_jax.transposable_mask_24(jnp.asarray(w)))
+    cfg = SparsityConfig(method="tsrste", masked_decay=0.25)  # large α: the term is far above tolerance
+    y, pullback = jax.vjp(lambda x, w: sste_jax.sparse_dense(x, w, 1.0, config=cfg, mask=jnp.asarray(mask)), x, w)
+    dx, dw = pullback(jnp.asarray(g))
+    wt, x64, g64 = np.where(mask, w, 0.0).astype(np.float64), x.astype(np.float64), g.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(y), x64 @ wt, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), g64 @ wt.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), x64.T @ g64 + 0.25 * np.where(mask, 0.0, w), rtol=1e-5, atol=1e-6)
+    # the mask used is the one given, not recomputed from the kernel: a stale mask stays in force
+    stale = np.roll(mask, 1, axis=1)
+    y_stale = sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, config=cfg, mask=jnp.asarray(stale))
+    np.testing.assert_allclose(np.asarray(y_stale), x64 @ np.where(stale, w, 0.0), rtol=1e-5, atol=1e-5)
+    assert SparsityConfig().masked_decay == 6e-5  # SPEC §7's α
+
+
+def test_tsrste_mask_errors():
+    x, w, _ = _data(seed=8)
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    with pytest.raises(ValueError, match="needs its mask"):
+        sste_jax.sparse_dense(x, w, 1.0, config=SparsityConfig(method="tsrste"))
+    with pytest.raises(ValueError, match=r"bool of the kernel's shape \(8, 12\), got float32 \(8, 12\)"):
+        sste_jax.sparse_dense(x, w, 1.0, config=SparsityConfig(method="tsrste"), mask=jnp.ones_like(w))
+    with pytest.raises(ValueError, match=r"got bool \(4, 12\)"):
+        sste_jax.sparse_dense(x, w, 1.0, config=SparsityConfig(method="tsrste"), mask=jnp.ones((4, 12), bool))
+    with pytest.raises(ValueError, match="only used by method='tsrste'.*'ste'"):
+        sste_jax.sparse_dense(x, w, 1.0, config=SparsityConfig(method="ste"), mask=jnp.ones(w.shape, bool))
+    with pytest.raises(ValueError, match="masked_decay must be >= 0"):
+        SparsityConfig(method="tsrste", masked_decay=-1.0)

@@ -227,3 +227,45 @@ def test_sparse_kernel_mask_selects_sparse_kernels_and_refuses_srste_layers():
     srste = sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig(method="srste"))
     with pytest.raises(ValueError, match=r"blocks/0/mlp/fc.*srste"):
         sparse_nnx.sparse_kernel_mask(srste)
+
+
+def test_tsrste_layers_hold_a_transposable_mask_refreshed_on_request():
+    model = sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig(method="tsrste"))
+    layers = _sparse_layers(model)
+    assert sorted(layers) == ["blocks/0/mlp/fc", "blocks/0/mlp/proj", "blocks/1/mlp/fc", "blocks/1/mlp/proj"]
+    for layer in layers.values():
+        assert isinstance(layer.mask, sparse_nnx.SparsityMask) and not isinstance(layer.mask, nnx.Param)
+        np.testing.assert_array_equal(layer.mask[...], sste_jax.transposable_mask_24(layer.kernel[...]))
+        assert _is_24(layer.forward_weight()) and _is_24(layer.forward_weight().T)
+    fc = layers["blocks/0/mlp/fc"]
+    old = np.asarray(fc.mask[...])
+    fc.kernel[...] = jax.random.normal(jax.random.key(5), fc.kernel.shape)
+    np.testing.assert_array_equal(fc.mask[...], old)  # stale until refreshed
+    assert sparse_nnx.refresh_masks(model) == 4
+    new = np.asarray(sste_jax.transposable_mask_24(fc.kernel[...]))
+    assert (new != old).any()
+    np.testing.assert_array_equal(fc.mask[...], new)
+    # the mask is not trained and its layers cannot take the optimizer-side decay twice
+    assert not any("mask" in "/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    with pytest.raises(ValueError, match="'tsrste'"):
+        sparse_nnx.sparse_kernel_mask(model)
+
+
+def test_tsrste_needs_out_features_divisible_by_4():
+    with pytest.raises(ValueError, match=r"out_features=6 \(kernel \(8, 6\)\) divisible by 4"):
+        sparse_nnx.SparseLinear(8, 6, config=SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0))
+
+
+def test_refit_beta_sets_sste_betas_only():
+    model = sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig())
+    layers = _sparse_layers(model)
+    for layer in layers.values():
+        layer.kernel[...] = 3.0 * layer.kernel[...]
+    assert sparse_nnx.refit_beta(model) == 4
+    for layer in layers.values():
+        assert float(layer.beta[...]) == pytest.approx(float(sste_jax.fit_beta(layer.kernel[...])))
+    assert sparse_nnx.refit_beta(model, lambda w: jnp.float32(2.0)) == 4
+    assert all(float(layer.beta[...]) == 2.0 for layer in layers.values())
+    ste = sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig(method="ste"))
+    assert sparse_nnx.refit_beta(ste) == 0
+    assert all(float(layer.beta[...]) == 1.0 for layer in _sparse_layers(ste).values())

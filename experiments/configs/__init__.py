@@ -92,16 +92,20 @@ def _parse(kind: type, key: str, text: str):
     return kind(text)
 
 
-def get_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The config ``name`` with ``key=value`` overrides (e.g. ``["lr=3e-3", "steps=100"]``)."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown config {name!r}: use one of {sorted(CONFIGS)}")
-    cfg = CONFIGS[name]
-    fields = {f.name: f for f in dataclasses.fields(Config)}
+def parse_overrides(cls: type, overrides: list[str] | tuple[str, ...]) -> dict:
+    """``{field: value}`` of ``key=value`` strings for the int/float/str fields of dataclass ``cls``."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.type in (int, float, str)}
     changes = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ValueError(f"bad override {item!r}: expected key=value with key in {sorted(fields)}")
         changes[key] = _parse(fields[key].type, key, value)
-    return dataclasses.replace(cfg, **changes)
+    return changes
+
+
+def get_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The config ``name`` with ``key=value`` overrides (e.g. ``["lr=3e-3", "steps=100"]``)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}: use one of {sorted(CONFIGS)}")
+    return dataclasses.replace(CONFIGS[name], **parse_overrides(Config, overrides))

@@ -1,0 +1,153 @@
+"""experiments.methods: recipes, STEP's switch, T-SR-STE's mask refresh and dense finish, β rules and refit,
+run through the shared train step on a tiny GPT."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import sste_jax
+from experiments import methods
+from experiments.configs import get_config
+from experiments.model import GPT
+from experiments.train_lm import lm_loss
+from sste_jax import nnx as sparse_nnx
+
+CFG = get_config("tiny", ["steps=10"])
+
+
+def _setup(name, **changes):
+    recipe = methods.get_recipe(name, **changes)
+    model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
+                             recipe, seed=0)
+    phases = methods.phases(model, recipe, CFG.steps)
+    tx = methods.make_optimizer(CFG, model, recipe)
+    step = methods.make_train_step(lm_loss, phases, tx, recipe, CFG.steps)
+    return recipe, phases, step, methods.initial_state(model, tx)
+
+
+def _batch(i):
+    rng = np.random.default_rng(i)
+    x = rng.integers(0, 64, (1, CFG.batch_size, CFG.seq_len), dtype=np.int32)
+    return x, np.roll(x, -1, axis=-1)
+
+
+def _layers(phases, state, phase=0):
+    model = nnx.merge(phases.graphdefs[phase], state["params"], state["rest"])
+    return {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, sparse_nnx.SparseLinear)}
+
+
+def test_step_switches_to_hard_24_the_step_after_max_steps():
+    # threshold 0: only the max_steps fallback switches, at step round(0.3 * 10) = 3
+    recipe, phases, train_step, state = _setup("step", switch_threshold=0.0, switch_max=0.3, switch_min=0.1)
+    assert phases.names == ("dense", "ste")
+    logged = []
+    for i in range(6):
+        state, metrics = train_step(state, *_batch(i))
+        logged.append(metrics)
+    assert [float(m["phase"]) for m in logged] == [0, 0, 0, 1, 1, 1]  # steps 1-3 dense, then hard 2:4
+    assert int(sste_jax.step_switched(state["opt"])) and methods.current_phase(recipe, CFG.steps, state) == 1
+    for layer in _layers(phases, state, 1).values():
+        assert layer.config.method == "ste"
+        np.testing.assert_array_equal(layer.forward_weight(), sste_jax.hard_threshold_24(layer.kernel[...]))
+    assert np.isfinite(float(logged[-1]["step_v_change"]))  # window round(0.05 * 10) = 1 is full
+
+
+def test_step_gradient_in_the_second_phase_is_the_ste_one():
+    # After the switch the loss is computed with hard 2:4 weights: a different loss than dense on the same batch.
+    _, phases, train_step, state = _setup("step", switch_threshold=0.0, switch_max=0.1)
+    state, first = train_step(state, *_batch(0))
+    dense_loss = lm_loss(nnx.merge(phases.graphdefs[0], state["params"], state["rest"]), *(b[0] for b in _batch(1)))
+    ste_loss = lm_loss(nnx.merge(phases.graphdefs[1], state["params"], state["rest"]), *(b[0] for b in _batch(1)))
+    _, second = train_step(state, *_batch(1))
+    assert float(first["phase"]) == 0 and float(second["phase"]) == 1
+    assert float(second["train_loss"]) == pytest.approx(float(ste_loss), rel=1e-6)
+    assert abs(float(ste_loss) - float(dense_loss)) > 1e-4
+
+
+def test_tsrste_mask_refreshes_every_k_steps_from_the_updated_kernel():
+    _, phases, train_step, state = _setup("tsrste", mask_refresh=3)
+    name = "blocks/0/mlp/c_fc"
+    masks, kernels = [np.asarray(_layers(phases, state)[name].mask[...])], []
+    for i in range(6):
+        state, _ = train_step(state, *_batch(i))
+        layer = _layers(phases, state)[name]
+        masks.append(np.asarray(layer.mask[...]))
+        kernels.append(layer.kernel[...])
+    for step in (1, 2):
+        np.testing.assert_array_equal(masks[step], masks[0])
+    np.testing.assert_array_equal(masks[3], sste_jax.transposable_mask_24(kernels[2]))  # refreshed after step 3
+    np.testing.assert_array_equal(masks[4], masks[3])
+    np.testing.assert_array_equal(masks[6], sste_jax.transposable_mask_24(kernels[5]))
+    assert (masks[6] != masks[0]).any()  # lr 3e-3 moves the kernel enough to change some 4x4 choices
+
+
+def test_tsrste_dense_finish_switches_the_last_tenth_to_dense():
+    recipe, phases, train_step, state = _setup("tsrste_df")
+    assert phases.names == ("tsrste", "dense") and methods.dense_finish_step(recipe, CFG.steps) == 10
+    phases_seen = []
+    for i in range(CFG.steps):
+        state, metrics = train_step(state, *_batch(i))
+        phases_seen.append(int(metrics["phase"]))
+    assert phases_seen == [0] * 9 + [1]
+    assert methods.current_phase(recipe, CFG.steps, state) == 1
+
+
+@pytest.mark.parametrize("rule", ["none", "l1", "mse"])
+def test_beta_rules_at_sparsification(rule):
+    _, phases, _, state = _setup({"none": "sste_beta_none", "l1": "sste_beta_l1", "mse": "sste"}[rule])
+    for layer in _layers(phases, state).values():
+        w = np.asarray(layer.kernel[...], np.float64)
+        s = np.asarray(sste_jax.soft_threshold_24(layer.kernel[...]), np.float64)
+        expected = {"none": 1.0, "l1": np.abs(w).sum() / np.abs(s).sum(), "mse": (w * s).sum() / (s * s).sum()}[rule]
+        assert float(layer.beta[...]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_beta_refit_every_k_steps_and_frozen_otherwise():
+    _, phases, train_step, state = _setup("sste_beta_refit", refit_beta_every=4)
+    _, frozen_phases, frozen_step, frozen = _setup("sste")
+    name = "blocks/1/mlp/c_proj"
+    initial = float(_layers(phases, state)[name].beta[...])
+    betas = []
+    for i in range(8):
+        state, _ = train_step(state, *_batch(i))
+        frozen, _ = frozen_step(frozen, *_batch(i))
+        layer = _layers(phases, state)[name]
+        betas.append(float(layer.beta[...]))
+        if (i + 1) % 4 == 0:
+            assert betas[-1] == pytest.approx(float(sste_jax.fit_beta(layer.kernel[...])), rel=1e-6)
+    assert betas[:3] == [initial] * 3 and betas[3] != initial and betas[4:7] == [betas[3]] * 3
+    assert float(_layers(frozen_phases, frozen)[name].beta[...]) == initial  # the method: β never changes
+
+
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="needs `then`"):
+        methods.Recipe(methods.DENSE, optimizer="step")
+    with pytest.raises(ValueError, match="dense_finish must be in"):
+        methods.get_recipe("tsrste", dense_finish=1.0)
+    with pytest.raises(ValueError, match="beta_rule must be one of"):
+        methods.get_recipe("sste", beta_rule="l2")
+    with pytest.raises(ValueError, match="unknown method 'sr-ste'"):
+        methods.get_recipe("sr-ste")
+    assert dataclasses.replace(methods.METHODS["tsrste"]).mask_refresh == 40  # SPEC §7
+
+
+def test_step_optimizer_equals_adamw_before_the_switch():
+    # STEP's first phase is AdamW itself (same moments, bias correction, decay and schedule).
+    _, _, step_a, state_a = _setup("step", switch_threshold=0.0, switch_max=0.9)
+    recipe = methods.get_recipe("dense")
+    model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
+                             recipe, seed=0)
+    tx = methods.make_optimizer(CFG, model, recipe)
+    step_b = methods.make_train_step(lm_loss, methods.phases(model, recipe, CFG.steps), tx, recipe, CFG.steps)
+    state_b = methods.initial_state(model, tx)
+    for i in range(3):
+        state_a, _ = step_a(state_a, *_batch(i))
+        state_b, _ = step_b(state_b, *_batch(i))
+    for a, b in zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    assert optax.tree.norm(state_a["params"]) > 0
