@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import optax
 
 import sste_jax
-from sste_jax import _fp8
 from sste_jax.kernels import cusparselt
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])

@@ -9,7 +9,6 @@ runs under ``runs/lm_<config>/`` are reused and interrupted ones resumed. Writes
 """
 
 import argparse
-import json
 import os
 import pathlib
 import shutil
@@ -20,6 +19,7 @@ import time
 import numpy as np
 
 from experiments.configs import get_config
+from experiments.report import format_spread, late_mean, plot_curves, read_records
 from experiments.methods import METHODS
 
 # name -> train_lm arguments: every method, and "dense_beta": dense with the sparse layers' LR x mean β (SPEC §8)
@@ -28,13 +28,9 @@ MAIN = ["dense", "dense_beta", "ste", "srste", "sste", "sste_mvue", "sste_mvue_f
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _finished(workdir: pathlib.Path, steps: int) -> bool:
     path = workdir / "metrics.jsonl"
-    return path.exists() and any(r["step"] == steps and "val_loss" in r for r in read_metrics(path))
+    return path.exists() and any(r["step"] == steps and "val_loss" in r for r in read_records(path))
 
 
 def run_all(config: str, names: list[str], seeds: list[int], steps: int, runs_dir: pathlib.Path,
@@ -82,7 +78,7 @@ def summarize(runs: dict[str, dict[int, list[dict]]], steps: int) -> dict[str, d
         return [r for r in records if "val_loss" in r][-1]["val_loss"]
 
     def late_flips(records):
-        return float(np.mean([r["flip_rate"] for r in records if "flip_rate" in r and r["step"] > 0.75 * steps]))
+        return late_mean(records, "flip_rate", steps)
 
     def speed(records):
         rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first includes compilation
@@ -101,11 +97,6 @@ def summarize(runs: dict[str, dict[int, list[dict]]], steps: int) -> dict[str, d
     return out
 
 
-def _fmt(values: list[float], digits: int, signed: bool = False) -> str:
-    mean, spread = float(np.mean(values)), (max(values) - min(values)) / 2
-    return f"{mean:+.{digits}f} ± {spread:.{digits}f}" if signed else f"{mean:.{digits}f} ± {spread:.{digits}f}"
-
-
 def write_table(summary: dict, path: pathlib.Path, title: str) -> str:
     lines = [
         f"### {title}", "",
@@ -114,11 +105,11 @@ def write_table(summary: dict, path: pathlib.Path, title: str) -> str:
     ]
     for name, row in summary.items():
         cells = [
-            _fmt(row["val_loss"], 4),
-            _fmt(row["gap_dense"], 4, True) if "gap_dense" in row else "",
-            _fmt(row["gap_dense_beta"], 4, True) if "gap_dense_beta" in row else "",
-            _fmt(row["flip_ratio"], 3) if "flip_ratio" in row else "",
-            _fmt(row["tokens_per_s"], 0),
+            format_spread(row["val_loss"], 4),
+            format_spread(row["gap_dense"], 4, True) if "gap_dense" in row else "",
+            format_spread(row["gap_dense_beta"], 4, True) if "gap_dense_beta" in row else "",
+            format_spread(row["flip_ratio"], 3) if "flip_ratio" in row else "",
+            format_spread(row["tokens_per_s"], 0),
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Mean ± half the range over seeds; gaps and ratios are paired by seed (same data order)."]
@@ -129,35 +120,12 @@ def write_table(summary: dict, path: pathlib.Path, title: str) -> str:
 
 
 def write_plots(runs: dict[str, dict[int, list[dict]]], folder: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def curve(by_seed, key):
-        per_seed = [{r["step"]: r[key] for r in recs if key in r} for recs in by_seed.values()]
-        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-        return steps, [float(np.mean([c[s] for c in per_seed])) for s in steps]
-
-    for key, filename, ylabel, log in (("val_loss", "val_loss.png", "validation loss (2:4 weights)", False),
-                                       ("flip_rate", "flip_rate.png", "mask flip rate per step", True)):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, by_seed in runs.items():
-            style = {"color": "black", "linestyle": "--"} if name == "dense" else {}
-            ax.plot(*curve(by_seed, key), label=name, **style)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / filename, dpi=90)
-        plt.close(fig)
+    plot_curves(runs, "val_loss", folder / "val_loss.png", "validation loss (2:4 weights)")
+    plot_curves(runs, "flip_rate", folder / "flip_rate.png", "mask flip rate per step", log=True)
 
 
 def load_runs(runs_dir: pathlib.Path, names: list[str], seeds: list[int]) -> dict[str, dict[int, list[dict]]]:
-    return {n: {s: read_metrics(runs_dir / f"{n}_s{s}" / "metrics.jsonl") for s in seeds} for n in names}
+    return {n: {s: read_records(runs_dir / f"{n}_s{s}" / "metrics.jsonl") for s in seeds} for n in names}
 
 
 def main(argv=None) -> None:

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -66,6 +67,42 @@ class Tokenizer(Protocol):
 
 def cache_dir_default() -> Path:
     return Path(os.environ.get("SSTE_CACHE", Path.home() / ".cache" / "sste_jax"))
+
+
+def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise RuntimeError(f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}")
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
+                           f"{result.stderr.strip()[-500:]}\nFix: {fix}")
+
+
+def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str) -> Path:
+    """``<target>/<inner>`` of Debian ``package``, unpacked once into ``target`` with ``apt-get download``
+    and ``dpkg-deb -x`` (no root needed). Errors name the failing command, the fix, and ``instead``."""
+    folder = target / inner
+    if folder.is_dir():
+        return folder
+    fix = (f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
+           f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`; or {instead}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {package} (Debian) into {target}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        _run(["apt-get", "download", package], Path(tmp), what, fix)
+        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, expected 1")
+        _run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "root")], Path(tmp), what,
+             f"install dpkg (it provides dpkg-deb); or {instead}")
+        try:
+            os.replace(Path(tmp) / "root", target)
+        except OSError:  # another process unpacked it first
+            if not folder.is_dir():
+                raise
+    if not folder.is_dir():
+        raise RuntimeError(f"{package} has no {inner} folder; delete {target} and retry")
+    return folder
 
 
 def _split_by_work(name: str, works: dict[str, str]) -> Corpus:

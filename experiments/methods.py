@@ -286,3 +286,15 @@ def fit(train_step, state, batch_at: Callable[[int], tuple], steps: int, log_eve
             on_log(step, state, {k: float(np.mean([m[k] for m in logged])) for k in logged[0]})
             pending = []
     return state
+
+
+def current_model(phases_: Phases, recipe: Recipe, steps: int, state) -> nnx.Module:
+    """The model of ``state`` with the graph of its current phase (see `current_phase`)."""
+    return nnx.merge(phases_.graphdefs[current_phase(recipe, steps, state)], state["params"], state["rest"])
+
+
+def layer_means(model: nnx.Module) -> dict[str, float]:
+    """The sparse layers' mean β and mean fraction of exact zeros in the forward weights, on the host."""
+    stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.sparse_weights(model)))
+    return {name: float(np.mean([v for k, v in stats.items() if k.startswith(prefix)]))
+            for name, prefix in (("beta_mean", "beta/"), ("zero_fraction", "zero_fraction/"))}

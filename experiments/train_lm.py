@@ -35,6 +35,7 @@ import sste_jax
 from experiments import data, methods
 from experiments.configs import Config, get_config, parse_overrides
 from experiments.model import GPT
+from experiments.report import append_record
 from sste_jax import checkpoint
 from sste_jax import nnx as sparse_nnx
 
@@ -130,12 +131,6 @@ def _dense_weights(init_from: pathlib.Path, cfg: Config, vocab_size: int, sparsi
     dense = Run(method="dense", sparsify=info.get("sparsify", sparsify), ffn_lr_scale=info.get("ffn_lr_scale", 1.0))
     _, target, _ = initial_state(cfg, vocab_size, dense)
     return checkpoint.restore_checkpoint(init_from / "ckpt", target)["params"]
-
-
-def append_record(path: pathlib.Path, record: dict) -> None:
-    """Appends ``record`` to a JSON-lines file."""
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _keep_until(path: pathlib.Path, step: int) -> None:

@@ -1,22 +1,29 @@
 """Vision (the paper's Table 5, scaled down): a small ViT on digits or Fashion-MNIST, 2:4 sparse MLPs.
 
-    python -m experiments.vision --methods dense,srste,sste --steps 600
-    python -m experiments.vision --dataset fashion --data-dir DIR --methods dense,srste,sste --steps 1000
+    python -m experiments.vision --methods dense,srste,sste --steps 600 --seeds 0,1,2
+    python -m experiments.vision --dataset fashion --methods dense,srste,sste --steps 1000 --seeds 0,1
 
 Each method trains the same ViT (2×2 patches on digits, 4×4 on Fashion-MNIST, a class token,
 pre-LN blocks) with its feed-forward linears as `sste_jax.nnx.SparseLinear` layers (``dense`` keeps
-them dense, for the flip-rate reference). The optimizer and the train step are `experiments.train_lm`'s (AdamW, warmup + cosine,
-clipping, `freeze_beta`; flip rate logged). Data: ``sklearn.datasets.load_digits()`` (no download),
-a fixed 80/20 split; or Fashion-MNIST's own 60k/10k split from the idx files of the Debian package
-``dataset-fashion-mnist`` (``apt-get download dataset-fashion-mnist && dpkg-deb -x *.deb d``, then
-``--data-dir d/usr/share/datasets/fashion-mnist``). Batches are a pure function of (seed, step).
+them dense, for the flip-rate reference). Methods, optimizer and train step are `experiments.methods`'
+(AdamW or STEP, warmup + cosine, clipping, `freeze_beta`; flip rate logged), as for the LM.
+
+Data: ``sklearn.datasets.load_digits()`` (no download), a fixed 80/20 split; or Fashion-MNIST's own
+60k/10k split from the idx files of the Debian package ``dataset-fashion-mnist``, which `fetch_fashion`
+unpacks into the cache (``$SSTE_CACHE`` or ``~/.cache/sste_jax``) with ``apt-get download`` +
+``dpkg-deb -x`` (no root) unless ``--data-dir`` names the idx folder. Batches are a pure function of
+(seed, step).
+
 Writes ``results/vision_<dataset>_<config>/metrics.jsonl`` (one record per log step and one
-``"final"`` record per run) and ``table.md`` (top-1 test accuracy with the 2:4 forward weights).
+``"final"`` record per run), ``table.md`` (top-1 test accuracy with the 2:4 forward weights, train
+loss, late flip rate over dense's), ``top1.png`` and ``flip_rate.png`` (mean over seeds).
 """
 
 import argparse
 import dataclasses
 import gzip
+import json
+import math
 import pathlib
 import sys
 import time
@@ -24,13 +31,14 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float
 
-import sste_jax
+from experiments import methods
 from experiments.configs import Config
-from experiments.train_lm import METHODS, _append, make_optimizer, make_train_step
-from sste_jax import nnx as sparse_nnx
+from experiments.data import cache_dir_default, fetch_debian
+from experiments.report import append_record, format_spread, group_runs, late_mean, plot_curves
 
 CONFIGS = {  # seq_len is set from the dataset (patches + the class token)
     # CI: seconds per method.
@@ -38,7 +46,7 @@ CONFIGS = {  # seq_len is set from the dataset (patches + the class token)
                    lr=3e-3, min_lr=3e-4, warmup=2, weight_decay=0.05, log_every=3, eval_every=6),
     # The README table: ~20 s per method on digits, ~2.5 min on Fashion-MNIST (2 CPU cores).
     "small": Config(n_layer=2, n_head=4, d_model=64, seq_len=17, corpus="digits", steps=600, batch_size=64,
-                    lr=2e-3, min_lr=1e-4, warmup=50, weight_decay=0.05, log_every=50, eval_every=200),
+                    lr=2e-3, min_lr=1e-4, warmup=50, weight_decay=0.05, log_every=50, eval_every=100),
 }
 
 
@@ -71,13 +79,33 @@ def _idx(path: pathlib.Path) -> np.ndarray:
 def load_fashion_split(data_dir: str | pathlib.Path):
     """Fashion-MNIST's train/test split: images ``(N, 28, 28)`` standardised by train statistics."""
     d = pathlib.Path(data_dir)
-    missing = [f for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz") if not (d / f).exists()]
+    missing = [f for f in FASHION_FILES if not (d / f).exists()]
     if missing:
         raise FileNotFoundError(f"{d} lacks {missing}: see `python -m experiments.vision --help` for the data")
     x_train, x_test = (_idx(d / f"{s}-images-idx3-ubyte.gz").astype(np.float32) for s in ("train", "t10k"))
     y_train, y_test = (_idx(d / f"{s}-labels-idx1-ubyte.gz").astype(np.int32) for s in ("train", "t10k"))
     mean, std = x_train.mean(), x_train.std()
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+FASHION_PACKAGE = "dataset-fashion-mnist"  # Debian; its idx files are in usr/share/datasets/fashion-mnist
+FASHION_FILES = tuple(f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+
+
+def fetch_fashion(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Fashion-MNIST's idx folder, from the Debian package unpacked once into ``<cache>/dataset-fashion-mnist``."""
+    target = pathlib.Path(cache_dir or cache_dir_default()) / FASHION_PACKAGE
+    return fetch_debian(FASHION_PACKAGE, target, "usr/share/datasets/fashion-mnist", "Fashion-MNIST",
+                        "pass --data-dir with the idx files, or use --dataset digits")
+
+
+def load_data(dataset: str, data_dir: str | pathlib.Path | None = None, cache_dir: str | pathlib.Path | None = None):
+    """``(x_train, y_train, x_test, y_test)`` of ``"digits"`` or ``"fashion"`` (from ``data_dir``, else fetched)."""
+    if dataset == "digits":
+        return load_digits_split()
+    if dataset == "fashion":
+        return load_fashion_split(data_dir or fetch_fashion(cache_dir))
+    raise ValueError(f"unknown dataset {dataset!r}: use one of {sorted(DATASETS)}")
 
 
 DATASETS = {"digits": (8, 2), "fashion": (28, 4)}  # image size, patch size
@@ -155,11 +183,14 @@ def dataset_config(cfg: Config, dataset: str) -> Config:
     return dataclasses.replace(cfg, seq_len=(size // patch) ** 2 + 1, corpus=dataset)
 
 
-def build_model(cfg: Config, method: str, seed: int) -> ViT:
-    """The ViT of ``cfg`` for ``cfg.corpus`` (see `dataset_config`), its MLPs ``method`` layers."""
+def build_model(cfg: Config, recipe: methods.Recipe, seed: int) -> ViT:
+    """The ViT of ``cfg`` for ``cfg.corpus`` (see `dataset_config`), its MLPs ``recipe``'s layers."""
     size, patch = DATASETS[cfg.corpus]
-    model = ViT(cfg, size, patch, 10, rngs=nnx.Rngs(params=seed))
-    return sparse_nnx.sparsify(model, METHODS[method], sparse_nnx.feed_forward)
+    return methods.sparsify(ViT(cfg, size, patch, 10, rngs=nnx.Rngs(params=seed)), recipe, seed=seed)
+
+
+def classification_loss(model: ViT, x_BxSxS, y_B) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(model(x_BxSxS).astype(jnp.float32), y_B).mean()
 
 
 def _batch(x, y, step: int, batch_size: int, seed: int):
@@ -168,87 +199,128 @@ def _batch(x, y, step: int, batch_size: int, seed: int):
     return x[idx][None], y[idx][None]
 
 
-def _accuracy(graphdef, state, x, y, chunk: int = 1000) -> float:
-    predict = jax.jit(lambda p, r, x: jnp.argmax(nnx.merge(graphdef, p, r)(x), -1))
-    preds = [predict(state["params"], state["rest"], jnp.asarray(x[i: i + chunk])) for i in range(0, len(y), chunk)]
-    return float(np.mean(np.concatenate(jax.device_get(preds)) == y))
+@nnx.jit
+def _predict(model: ViT, x_BxSxS):
+    return jnp.argmax(model(x_BxSxS), -1)
 
 
-def train(cfg: Config, method: str, seed: int, data, metrics_path: pathlib.Path) -> dict:
-    """Trains one run, appends its records to ``metrics_path``; returns the final record."""
-    if METHODS[method].mvue:
-        raise ValueError(f"method {method!r}: MVUE key streams are not supported by the vision experiment")
+def _accuracy(model: ViT, x, y, chunk: int = 1000) -> float:
+    """Top-1 accuracy in chunks of ``chunk`` images, the last one zero-padded (one compilation)."""
+    x = np.concatenate([x, np.zeros((-len(y) % chunk, *x.shape[1:]), x.dtype)])
+    preds = [_predict(model, x[i: i + chunk]) for i in range(0, len(x), chunk)]
+    return float(np.mean(np.concatenate(jax.device_get(preds))[: len(y)] == y))
+
+
+def train(cfg: Config, method: str, seed: int, data, metrics_path: pathlib.Path, **recipe_changes) -> dict:
+    """Trains one run, appends its records to ``metrics_path``; returns the final record.
+
+    Every log step records the means of the train-step metrics (loss, flip rate, ...) since the last
+    one, and the layers' mean β and zero fraction; every eval step also the test top-1.
+    ``recipe_changes`` change fields of the method's `methods.Recipe` (e.g. ``refit_beta_every=23``).
+    """
     x_train, y_train, x_test, y_test = data
-    model = build_model(cfg, method, seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg, model, 1.0)
-    train_step = make_train_step(graphdef, tx)
-    state = {"params": params, "rest": rest, "opt": tx.init(params),
-             "flip": sste_jax.init_flip_state(sste_jax.sparse_weights(model)), "step": jnp.zeros((), jnp.int32)}
-    pending, began = [], time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        state, metrics = train_step(state, *_batch(x_train, y_train, step - 1, cfg.batch_size, seed))
-        pending.append(metrics)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            logged = jax.device_get(pending)
-            record = {"method": method, "seed": seed, "step": step,
-                      **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]}}
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                record["test_top1"] = _accuracy(graphdef, state, x_test, y_test)
-            _append(metrics_path, record)
-            pending = []
-    final = {"method": method, "seed": seed, "final": True, "steps": cfg.steps, "train_loss": record["train_loss"],
-             "train_top1": _accuracy(graphdef, state, x_train, y_train), "test_top1": record["test_top1"],
-             "seconds": time.perf_counter() - began}
-    _append(metrics_path, final)
+    recipe = methods.get_recipe(method, **recipe_changes)
+    model = build_model(cfg, recipe, seed)
+    phases = methods.phases(model, recipe, cfg.steps)
+    tx = methods.make_optimizer(cfg, model, recipe)
+    train_step = methods.make_train_step(classification_loss, phases, tx, recipe, cfg.steps)
+
+    began, last = time.perf_counter(), {}
+
+    def on_log(step, state, means):
+        model = methods.current_model(phases, recipe, cfg.steps, state)
+        record = {"method": method, "seed": seed, "step": step, **means, **methods.layer_means(model)}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            record["test_top1"] = _accuracy(model, x_test, y_test)
+        append_record(metrics_path, record)
+        last.update(record)
+
+    state = methods.fit(train_step, methods.initial_state(model, tx),
+                        lambda i: _batch(x_train, y_train, i, cfg.batch_size, seed), cfg.steps, cfg.log_every, on_log)
+    model = methods.current_model(phases, recipe, cfg.steps, state)
+    final = {"method": method, "seed": seed, "final": True, "steps": cfg.steps, "train_loss": last["train_loss"],
+             "train_top1": _accuracy(model, x_train, y_train), "test_top1": last["test_top1"],
+             "seconds": time.perf_counter() - began, **recipe_changes}
+    append_record(metrics_path, final)
     return final
 
 
-def table(finals: list[dict]) -> str:
-    """The Markdown table: per method, test top-1 (mean over seeds, and each seed) and train loss."""
-    lines = ["| method | test top-1 (%) | per seed | final train loss |", "|---|---|---|---|"]
-    for method in dict.fromkeys(f["method"] for f in finals):
-        runs = [f for f in finals if f["method"] == method]
-        accs = [100 * f["test_top1"] for f in runs]
-        seeds = ", ".join(f"{a:.1f}" for a in accs)
-        loss = np.mean([f["train_loss"] for f in runs])
-        lines.append(f"| {method} | {np.mean(accs):.1f} | {seeds} | {loss:.3f} |")
-    return "\n".join(lines) + "\n"
+def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, list[float]]]:
+    """Per method, one value per seed: final test top-1 (%) and train loss and, when ``runs`` has
+    ``"dense"``, the mean flip rate over the last quarter of training over dense's (paired by seed)."""
+    def final(records):
+        return next(r for r in records if r.get("final"))
+
+    def late_flips(records):
+        return late_mean(records, "flip_rate", final(records)["steps"])
+
+    out = {}
+    for name, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        row = {"test_top1": [100 * final(by_seed[s])["test_top1"] for s in seeds],
+               "train_loss": [final(by_seed[s])["train_loss"] for s in seeds]}
+        if "dense" in runs:
+            row["flip_ratio"] = [late_flips(by_seed[s]) / late_flips(runs["dense"][s]) for s in seeds]
+        out[name] = row
+    return out
+
+
+def table(summary: dict[str, dict[str, list[float]]]) -> str:
+    """The Markdown table of a `summarize` result, one row per key (method name or label)."""
+    lines = ["| method | test top-1 (%) | per seed | final train loss | flip rate, last ¼ (× dense) |",
+             "|---|---|---|---|---|"]
+    for name, row in summary.items():
+        seeds = ", ".join(f"{a:.1f}" for a in row["test_top1"])
+        flips = format_spread(row["flip_ratio"], 3) if "flip_ratio" in row else ""
+        lines.append(f"| {name} | {format_spread(row['test_top1'], 1)} | {seeds} | {format_spread(row['train_loss'], 4)} | {flips} |")
+    return "\n".join(lines) + "\n\nMean ± half the range over seeds; flip-rate ratios are paired by seed (same batches).\n"
+
+
+def epoch_steps(n_train: int, batch_size: int) -> int:
+    """Steps per pass over ``n_train`` examples: the period of the β-recomputation ablation."""
+    return math.ceil(n_train / batch_size)
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="small", choices=sorted(CONFIGS))
     p.add_argument("--dataset", default="digits", choices=sorted(DATASETS))
-    p.add_argument("--data-dir", help="Fashion-MNIST's idx files (usr/share/datasets/fashion-mnist of the .deb)")
-    p.add_argument("--methods", default="dense,srste,sste", help="comma-separated, from " + ",".join(METHODS))
+    p.add_argument("--data-dir", help="Fashion-MNIST's idx files (default: fetched into the cache)")
+    p.add_argument("--cache-dir", help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
+    p.add_argument("--methods", default="dense,srste,sste", help="comma-separated, from " + ",".join(methods.METHODS))
     p.add_argument("--steps", type=int, help="training steps (overrides the config)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
-    p.add_argument("--out", help="output directory (default results/vision_<config>)")
+    p.add_argument("--out", help="output directory (default results/vision_<dataset>_<config>)")
     args = p.parse_args(argv)
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    names = args.methods.split(",")
+    unknown = [m for m in names if m not in methods.METHODS]
     if unknown:
-        p.error(f"unknown methods {unknown}: use some of {list(METHODS)}")
+        p.error(f"unknown methods {unknown}: use some of {list(methods.METHODS)}")
+    if args.data_dir and args.dataset != "fashion":
+        p.error("--data-dir is for --dataset fashion")
     cfg = dataset_config(CONFIGS[args.config], args.dataset)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
-    if args.dataset == "fashion" and not args.data_dir:
-        p.error("--dataset fashion needs --data-dir")
-    data = load_fashion_split(args.data_dir) if args.dataset == "fashion" else load_digits_split()
+    data = load_data(args.dataset, args.data_dir, args.cache_dir)
     out = pathlib.Path(args.out or f"results/vision_{args.dataset}_{args.config}")
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     finals = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for method in methods:
+        for method in names:
             finals.append(train(cfg, method, seed, data, metrics_path))
-            print(f"{method} seed {seed}: test top-1 {100 * finals[-1]['test_top1']:.1f}%", flush=True)
+            print(f"{method} seed {seed}: test top-1 {100 * finals[-1]['test_top1']:.1f}% "
+                  f"in {finals[-1]['seconds']:.0f} s", flush=True)
+    runs = group_runs([json.loads(line) for line in metrics_path.read_text().splitlines()])
     command = "python -m experiments.vision " + " ".join(argv if argv is not None else sys.argv[1:])
     title = f"ViT on {args.dataset}, config `{args.config}`, {cfg.steps} steps. Command: `{command}`\n\n"
-    (out / "table.md").write_text(title + table(finals))
-    print(table(finals))
+    text = table(summarize(runs))
+    (out / "table.md").write_text(title + text)
+    caption = f"ViT on {args.dataset}, mean over seeds {args.seeds}"
+    plot_curves(runs, "test_top1", out / "top1.png", "test top-1 accuracy (2:4 weights)", title=caption)
+    plot_curves(runs, "flip_rate", out / "flip_rate.png", "mask flip rate per step", log=True, title=caption)
+    print(text)
     return finals
 
 

@@ -4,7 +4,6 @@ run through the shared train step on a tiny GPT."""
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -151,3 +150,9 @@ def test_step_optimizer_equals_adamw_before_the_switch():
     for a, b in zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
     assert optax.tree.norm(state_a["params"]) > 0
+
+
+def test_module_doctests():
+    import doctest
+
+    assert doctest.testmod(methods).failed == 0
