@@ -46,6 +46,27 @@ def late_mean(records: list[dict], key: str, steps: int) -> float:
     return float(np.mean([r[key] for r in records if key in r and r["step"] > 0.75 * steps]))
 
 
+def final_record(records: list[dict]) -> dict:
+    """The record a run writes when it ends (``"final": True``)."""
+    return next(r for r in records if r.get("final"))
+
+
+def summarize_finals(runs: Runs, keys: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+    """Per name, one value per seed of each of ``keys`` its final records have and, when ``runs`` has
+    ``"dense"``, ``flip_ratio``: the mean flip rate over the last quarter over dense's (paired by seed)."""
+    def late_flips(records):
+        return late_mean(records, "flip_rate", final_record(records)["steps"])
+
+    out = {}
+    for name, by_seed in runs.items():
+        finals = [final_record(by_seed[s]) for s in sorted(by_seed)]
+        row = {key: [f[key] for f in finals] for key in keys if key in finals[0]}
+        if "dense" in runs:
+            row["flip_ratio"] = [late_flips(by_seed[s]) / late_flips(runs["dense"][s]) for s in sorted(by_seed)]
+        out[name] = row
+    return out
+
+
 def seed_mean_curve(by_seed: dict[int, list[dict]], key: str) -> tuple[list[int], list[float]]:
     """``(steps, means)``: ``key`` averaged over seeds at the steps every seed logged it."""
     per_seed = [{r["step"]: r[key] for r in records if key in r and "step" in r} for records in by_seed.values()]

@@ -66,7 +66,8 @@ import sste_jax
 from experiments import bible, methods, seq2seq
 from experiments.configs import Config, parse_overrides
 from experiments.data import cache_dir_default
-from experiments.report import Runs, append_record, format_spread, group_runs, late_mean, plot_curves, read_records
+from experiments.report import (Runs, append_record, format_spread, group_runs, plot_curves, read_records,
+                                summarize_finals)
 
 STEP_RECIPE = {"switch_threshold": 2.1e-10, "switch_min": 0.2}  # from the pilot in the module docstring
 
@@ -280,24 +281,9 @@ def train(tcfg: TranslationConfig, method: str, seed: int, data: Data, metrics_p
 
 
 def summarize(runs: Runs) -> dict[str, dict[str, list[float]]]:
-    """Per method, one value per seed: the final record's numbers and, when ``runs`` has ``"dense"``,
-    the mean flip rate over the last quarter of training over dense's (paired by seed)."""
-    def final(records):
-        return next(r for r in records if r.get("final"))
-
-    def late_flips(records):
-        return late_mean(records, "flip_rate", final(records)["steps"])
-
-    out = {}
-    for name, by_seed in runs.items():
-        seeds = sorted(by_seed)
-        keys = [k for k in ("train_loss", "val_loss", "test_bleu", "val_bleu", "seconds")
-                if k in final(by_seed[seeds[0]])]
-        row = {key: [final(by_seed[s])[key] for s in seeds] for key in keys}
-        if "dense" in runs:
-            row["flip_ratio"] = [late_flips(by_seed[s]) / late_flips(runs["dense"][s]) for s in seeds]
-        out[name] = row
-    return out
+    """Per method, one value per seed: the final records' losses, BLEU and seconds, and the late flip
+    rate over dense's (`experiments.report.summarize_finals`)."""
+    return summarize_finals(runs, ("train_loss", "val_loss", "test_bleu", "val_bleu", "seconds"))
 
 
 def table(summary: dict[str, dict[str, list[float]]]) -> str:

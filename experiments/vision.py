@@ -22,7 +22,6 @@ loss, late flip rate over dense's), ``top1.png`` and ``flip_rate.png`` (mean ove
 import argparse
 import dataclasses
 import gzip
-import json
 import math
 import pathlib
 import sys
@@ -38,7 +37,7 @@ from jaxtyping import Array, Float
 from experiments import methods
 from experiments.configs import Config
 from experiments.data import cache_dir_default, fetch_debian
-from experiments.report import append_record, format_spread, group_runs, late_mean, plot_curves
+from experiments.report import append_record, format_spread, group_runs, plot_curves, read_records, summarize_finals
 
 CONFIGS = {  # seq_len is set from the dataset (patches + the class token)
     # CI: seconds per method.
@@ -246,22 +245,11 @@ def train(cfg: Config, method: str, seed: int, data, metrics_path: pathlib.Path,
 
 
 def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, list[float]]]:
-    """Per method, one value per seed: final test top-1 (%) and train loss and, when ``runs`` has
-    ``"dense"``, the mean flip rate over the last quarter of training over dense's (paired by seed)."""
-    def final(records):
-        return next(r for r in records if r.get("final"))
-
-    def late_flips(records):
-        return late_mean(records, "flip_rate", final(records)["steps"])
-
-    out = {}
-    for name, by_seed in runs.items():
-        seeds = sorted(by_seed)
-        row = {"test_top1": [100 * final(by_seed[s])["test_top1"] for s in seeds],
-               "train_loss": [final(by_seed[s])["train_loss"] for s in seeds]}
-        if "dense" in runs:
-            row["flip_ratio"] = [late_flips(by_seed[s]) / late_flips(runs["dense"][s]) for s in seeds]
-        out[name] = row
+    """Per method, one value per seed: final test top-1 (%), train loss and the late flip rate over
+    dense's (`experiments.report.summarize_finals`)."""
+    out = summarize_finals(runs, ("test_top1", "train_loss"))
+    for row in out.values():
+        row["test_top1"] = [100 * a for a in row["test_top1"]]
     return out
 
 
@@ -312,7 +300,7 @@ def main(argv=None) -> list[dict]:
             finals.append(train(cfg, method, seed, data, metrics_path))
             print(f"{method} seed {seed}: test top-1 {100 * finals[-1]['test_top1']:.1f}% "
                   f"in {finals[-1]['seconds']:.0f} s", flush=True)
-    runs = group_runs([json.loads(line) for line in metrics_path.read_text().splitlines()])
+    runs = group_runs(read_records(metrics_path))
     command = "python -m experiments.vision " + " ".join(argv if argv is not None else sys.argv[1:])
     title = f"ViT on {args.dataset}, config `{args.config}`, {cfg.steps} steps. Command: `{command}`\n\n"
     text = table(summarize(runs))
