@@ -9,7 +9,7 @@ the ablations' β rules and β recomputation. `METHODS` names the recipes the ex
 >>> from flax import nnx
 >>> cfg = get_config("tiny")
 >>> model = sparsify(GPT(256, 2, 2, 32, 16, rngs=nnx.Rngs(0)), METHODS["tsrste"], seed=0)
->>> phases(model, METHODS["tsrste_df"], cfg.steps).names
+>>> phases(model, METHODS["tsrste_df"]).names
 ('tsrste', 'dense')
 """
 
@@ -118,7 +118,7 @@ def get_recipe(name: str, **changes) -> Recipe:
 def sparsify(model: nnx.Module, recipe: Recipe, where=sparse_nnx.feed_forward, *, seed: int) -> nnx.Module:
     """``model`` with the layers ``where`` selects as ``recipe.config`` layers, β by ``recipe.beta_rule``."""
     sparse_nnx.sparsify(model, recipe.config, where, rngs=nnx.Rngs(sparsity=seed))
-    if recipe.config.method == "sste" and recipe.beta_rule != "mse":
+    if recipe.beta_rule != "mse":  # refit_beta sets the β of "sste" layers only
         sparse_nnx.refit_beta(model, BETA_RULES[recipe.beta_rule])
     return model
 
@@ -132,12 +132,13 @@ class Phases(NamedTuple):
 
 def _with_layers(model: nnx.Module, config: sste_jax.SparsityConfig):
     clone = nnx.clone(model)
-    for _, layer in sste_jax._metrics.sparse_modules(clone):
-        layer.config = config
+    for _, layer in nnx.iter_graph(clone):
+        if isinstance(layer, sparse_nnx.SparseLinear):
+            layer.config = config
     return nnx.split(clone, nnx.Param, ...)[0]
 
 
-def phases(model: nnx.Module, recipe: Recipe, steps: int) -> Phases:
+def phases(model: nnx.Module, recipe: Recipe) -> Phases:
     """The first-phase graph of ``model`` and, for STEP or a dense finish, the second one."""
     first = nnx.split(model, nnx.Param, ...)[0]
     if recipe.then is not None:
@@ -286,6 +287,16 @@ def fit(train_step, state, batch_at: Callable[[int], tuple], steps: int, log_eve
             on_log(step, state, {k: float(np.mean([m[k] for m in logged])) for k in logged[0]})
             pending = []
     return state
+
+
+def second_phase_from(recipe: Recipe, steps: int, state) -> int | None:
+    """The first step trained with the second graph (STEP's switch, a dense finish), or None if the
+    run has none or has not reached it (waits on the device)."""
+    if recipe.then is not None:
+        switch = sste_jax.step_state(state["opt"])
+        return int(switch.switch_step) + 1 if bool(switch.switched) else None
+    start = dense_finish_step(recipe, steps)
+    return start if recipe.dense_finish and int(state["step"]) >= start else None
 
 
 def current_model(phases_: Phases, recipe: Recipe, steps: int, state) -> nnx.Module:

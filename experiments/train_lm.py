@@ -109,7 +109,7 @@ class Programs(NamedTuple):
 def programs(cfg: Config, vocab_size: int, run: Run, scale: float) -> Programs:
     model = nnx.eval_shape(lambda: build_model(cfg, vocab_size, run))
     recipe = run.recipe()
-    phases = methods.phases(model, recipe, cfg.steps)
+    phases = methods.phases(model, recipe)
     tx = methods.make_optimizer(cfg, model, recipe, scale)
     dense_eval = make_eval(methods.dense_w_graphdef(model)) if recipe.config.method == "sste" else None
     return Programs(phases, tx, methods.make_train_step(lm_loss, phases, tx, recipe, cfg.steps),

@@ -234,7 +234,7 @@ def train(tcfg: TranslationConfig, method: str, seed: int, data: Data, metrics_p
     model_cfg = seq2seq.Seq2SeqConfig(data.tokenizer.vocab_size, cfg.d_model, cfg.n_head, cfg.n_layer, cfg.n_layer,
                                       max_len=data.max_len)
     model = methods.sparsify(seq2seq.Transformer(model_cfg, rngs=nnx.Rngs(params=seed)), recipe, seed=seed)
-    phases = methods.phases(model, recipe, cfg.steps)
+    phases = methods.phases(model, recipe)
     tx = methods.make_optimizer(cfg, model, recipe)
     train_step = methods.make_train_step(translation_loss, phases, tx, recipe, cfg.steps)
     evals = [make_eval(g) for g in phases.graphdefs]
@@ -244,15 +244,10 @@ def train(tcfg: TranslationConfig, method: str, seed: int, data: Data, metrics_p
 
     def on_log(step, state, means):
         phase = methods.current_phase(recipe, cfg.steps, state)
-        weights = sste_jax.sparse_weights(nnx.merge(phases.graphdefs[phase], state["params"], state["rest"]))
-        stats = sste_jax.to_host(sste_jax.sparsity_stats(weights))
-        record = {"method": method, "seed": seed, "step": step, **means,
-                  "beta_mean": float(np.mean([v for k, v in stats.items() if k.startswith("beta/")])),
-                  "zero_fraction": float(np.mean([v for k, v in stats.items() if k.startswith("zero_fraction/")]))}
+        model = nnx.merge(phases.graphdefs[phase], state["params"], state["rest"])
+        record = {"method": method, "seed": seed, "step": step, **means, **methods.layer_means(model)}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["val_loss"] = validation_loss(evals[phase], state, val_batches)
-        if means["phase"] > 0 and "second_phase_from" not in last:  # mean phase = fraction of steps in phase 1
-            last["second_phase_from"] = step - round(means["phase"] * (step - last.get("step", 0))) + 1
         append_record(metrics_path, record)
         last.update(record)
 
@@ -266,7 +261,7 @@ def train(tcfg: TranslationConfig, method: str, seed: int, data: Data, metrics_p
     test_idx = first_per_book(test, test_per_book)
     hypotheses = translate_split(final_model, data, test, test_idx, beam, tcfg.eval_batch_size)
     final = {"method": method, "seed": seed, "final": True, "steps": cfg.steps, "phase": phase,
-             "second_phase_from": last.get("second_phase_from"),
+             "second_phase_from": methods.second_phase_from(recipe, cfg.steps, state),
              "train_loss": last["train_loss"], "val_loss": last["val_loss"],
              "test_bleu": seq2seq.bleu(hypotheses, [test.pairs[i].target for i in test_idx]),
              "n_test": len(test_idx), "examples": hypotheses[:n_examples],

@@ -220,7 +220,7 @@ def train(cfg: Config, method: str, seed: int, data, metrics_path: pathlib.Path,
     x_train, y_train, x_test, y_test = data
     recipe = methods.get_recipe(method, **recipe_changes)
     model = build_model(cfg, recipe, seed)
-    phases = methods.phases(model, recipe, cfg.steps)
+    phases = methods.phases(model, recipe)
     tx = methods.make_optimizer(cfg, model, recipe)
     train_step = methods.make_train_step(classification_loss, phases, tx, recipe, cfg.steps)
 

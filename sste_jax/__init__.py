@@ -42,6 +42,7 @@ from sste_jax._params import einsum_axis as einsum_axis
 from sste_jax._step import StepState as StepState
 from sste_jax._step import scale_by_step as scale_by_step
 from sste_jax._step import step_adam as step_adam
+from sste_jax._step import step_state as step_state
 from sste_jax._step import step_switched as step_switched
 from sste_jax._step import step_v_change as step_v_change
 

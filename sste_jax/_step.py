@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["StepState", "scale_by_step", "step_adam", "step_switched", "step_v_change"]
+__all__ = ["StepState", "scale_by_step", "step_adam", "step_state", "step_switched", "step_v_change"]
 
 
 class StepState(NamedTuple):
@@ -107,7 +107,8 @@ def step_adam(
     return optax.chain(scale_by_step(b1, b2, eps, **switch), optax.scale_by_learning_rate(learning_rate))
 
 
-def _find(opt_state: Any) -> StepState:
+def step_state(opt_state: Any) -> StepState:
+    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze)."""
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, StepState))
              if isinstance(s, StepState)]
     if len(found) != 1:
@@ -117,10 +118,10 @@ def _find(opt_state: Any) -> StepState:
 
 def step_switched(opt_state: Any) -> Bool[Array, ""]:
     """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance."""
-    return _find(opt_state).switched
+    return step_state(opt_state).switched
 
 
 def step_v_change(opt_state: Any) -> Float[Array, ""]:
     """The statistic the switch compares with ``threshold``: the mean of the last ``window`` records
     of ``mean|v_t − v_{t−1}|`` (``inf`` until ``window`` steps have run). Log it to choose a threshold."""
-    return jnp.mean(_find(opt_state).diffs)
+    return jnp.mean(step_state(opt_state).diffs)

@@ -23,7 +23,7 @@ def _setup(name, **changes):
     recipe = methods.get_recipe(name, **changes)
     model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
                              recipe, seed=0)
-    phases = methods.phases(model, recipe, CFG.steps)
+    phases = methods.phases(model, recipe)
     tx = methods.make_optimizer(CFG, model, recipe)
     step = methods.make_train_step(lm_loss, phases, tx, recipe, CFG.steps)
     return recipe, phases, step, methods.initial_state(model, tx)
@@ -50,6 +50,8 @@ def test_step_switches_to_hard_24_the_step_after_max_steps():
         logged.append(metrics)
     assert [float(m["phase"]) for m in logged] == [0, 0, 0, 1, 1, 1]  # steps 1-3 dense, then hard 2:4
     assert int(sste_jax.step_switched(state["opt"])) and methods.current_phase(recipe, CFG.steps, state) == 1
+    assert int(sste_jax.step_state(state["opt"]).switch_step) == 3
+    assert methods.second_phase_from(recipe, CFG.steps, state) == 4
     for layer in _layers(phases, state, 1).values():
         assert layer.config.method == "ste"
         np.testing.assert_array_equal(layer.forward_weight(), sste_jax.hard_threshold_24(layer.kernel[...]))
@@ -94,6 +96,7 @@ def test_tsrste_dense_finish_switches_the_last_tenth_to_dense():
         phases_seen.append(int(metrics["phase"]))
     assert phases_seen == [0] * 9 + [1]
     assert methods.current_phase(recipe, CFG.steps, state) == 1
+    assert methods.second_phase_from(recipe, CFG.steps, state) == 10
 
 
 @pytest.mark.parametrize("rule", ["none", "l1", "mse"])
@@ -142,7 +145,7 @@ def test_step_optimizer_equals_adamw_before_the_switch():
     model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
                              recipe, seed=0)
     tx = methods.make_optimizer(CFG, model, recipe)
-    step_b = methods.make_train_step(lm_loss, methods.phases(model, recipe, CFG.steps), tx, recipe, CFG.steps)
+    step_b = methods.make_train_step(lm_loss, methods.phases(model, recipe), tx, recipe, CFG.steps)
     state_b = methods.initial_state(model, tx)
     for i in range(3):
         state_a, _ = step_a(state_a, *_batch(i))
