@@ -1,1 +1,2 @@
-"""The language-model experiments: data, model, training and the method comparison."""
+"""Reproductions on real data, one package per task (`lm`, `translation`, `vision`) on the shared
+training loop, recipes, runner and reports of `experiments.common`."""

@@ -1,0 +1,341 @@
+"""The one training loop of every experiment: jitted train step, checkpoints, resume, metrics,
+evaluation, progress, and the guards that keep a run's good state.
+
+A task gives the loop a `Task` (its loss, its batches as a pure function of the step, its
+evaluation); the run's identity is a `Run`. `fit` then:
+
+- writes ``run.json`` (the identity and its hash) and refuses a work directory that holds a
+  different run, naming the differing fields; refuses to start over a run unless ``resume``; refuses
+  to resume when metrics exist without a checkpoint (restarting would discard them);
+- trains with the recipe's `Schedule` (STEP's switch, dense finish, mask refresh, β refit), logs the
+  means of the step metrics every ``log_every`` steps (the host waits on the device only there),
+  evaluates every ``eval_every`` steps and at the end, checkpoints every ``ckpt_every`` steps;
+- stops with `NonFiniteError` on a non-finite loss or gradient norm, before any checkpoint of that
+  state is written, so the rotation never replaces finite checkpoints with diverged ones;
+- on Ctrl-C or SIGTERM writes the pending metrics, saves a checkpoint and re-raises
+  `KeyboardInterrupt` (a second signal while saving only prints a note);
+- resumes bit-identically: batches are a function of the step, and the checkpoint holds the
+  parameters, the layers' state (β, masks, MVUE key counters), the optimizer and the flip masks.
+
+Records: see `experiments.common.records`.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+import sste_jax
+from experiments.common.config import Config, differing_fields, identity_hash
+from experiments.common.records import append_record, keep_until, read_records
+from experiments.common.recipes import Recipe, get_recipe, make_optimizer
+from experiments.common.schedule import Schedule
+from sste_jax import checkpoint
+
+LossFn = Callable[..., jax.Array]  # (model, *micro_batch arrays) -> scalar loss
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient norm; nothing of that state was saved."""
+
+
+class RunMismatchError(ValueError):
+    """A work directory holds a run with other settings than the one asked for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """Everything that determines one training run besides the code: its identity.
+
+    ``options`` are the task's own settings (e.g. which layers are sparse); ``sparse_lr_scale``
+    multiplies the sparse kernels' learning rate (the β-matched dense control).
+    """
+
+    task: str
+    method: str
+    seed: int
+    config: Config
+    recipe_changes: tuple[tuple[str, Any], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+    sparse_lr_scale: float = 1.0
+
+    def __post_init__(self):
+        self.recipe()  # validates the method and the changes
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r}: must be an integer >= 0")
+        if not (math.isfinite(self.sparse_lr_scale) and self.sparse_lr_scale > 0):
+            raise ValueError(f"sparse_lr_scale={self.sparse_lr_scale!r}: must be a finite number > 0")
+
+    def recipe(self) -> Recipe:
+        return get_recipe(self.method, **dict(self.recipe_changes))
+
+    def identity(self) -> dict:
+        """The run's settings as plain JSON values, with the library version."""
+        ident = {"task": self.task, "method": self.method, "seed": self.seed, "config": self.config.to_dict(),
+                 "recipe": dict(self.recipe_changes), "options": dict(self.options),
+                 "sparse_lr_scale": self.sparse_lr_scale, "version": sste_jax.__version__}
+        return json.loads(json.dumps(ident, default=str))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a task gives the loop.
+
+    Attributes:
+      loss_fn: ``(model, *micro_batch) -> scalar``.
+      batch_at: ``i -> micro-batches`` of step ``i + 1``, each array with a leading axis of ``grad_accum``.
+      evaluate: ``model -> {name: float}``, the model in its current phase (2:4 forward weights).
+      finish: ``model -> dict`` of extra fields for the final record (e.g. BLEU).
+      eval_dense_w: S-STE runs also evaluate their dense ``W`` (keys suffixed ``_dense_w``).
+    """
+
+    loss_fn: LossFn
+    batch_at: Callable[[int], tuple]
+    evaluate: Callable[[nnx.Module], dict]
+    finish: Callable[[nnx.Module], dict] = lambda model: {}
+    eval_dense_w: bool = False
+
+
+def _loss(loss_fn: LossFn, graphdef, params, rest, batch):
+    rest = jax.tree.map(lambda v: v, rest)  # fresh variables in this trace: MVUE advances its key counters
+    model = nnx.merge(graphdef, params, rest)
+    return loss_fn(model, *batch), nnx.split(model, nnx.Param, ...)[2]
+
+
+def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTransformation):
+    """``train_step(state, *batch_A)`` → ``(state, metrics)``: one optimizer step averaged over the
+    ``A`` micro-batches of the leading axis, with the schedule's graph switch and between-step updates."""
+    graphdefs = schedule.graphdefs
+
+    @jax.jit
+    def train_step(state, *batch_A):
+        def grads(graphdef):
+            grad_fn = jax.value_and_grad(lambda p, r, b: _loss(loss_fn, graphdef, p, r, b), has_aux=True)
+
+            def micro(carry, batch):
+                rest, total, loss_sum = carry
+                (loss, rest), g = grad_fn(state["params"], rest, batch)
+                return (rest, jax.tree.map(jnp.add, total, g), loss_sum + loss), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            return jax.lax.scan(micro, (state["rest"], zeros, jnp.zeros((), jnp.float32)), batch_A)[0]
+
+        phase = schedule.phase(state["step"], state["opt"])
+        if len(graphdefs) == 1:
+            rest, total, loss_sum = grads(graphdefs[0])
+        else:
+            rest, total, loss_sum = jax.lax.switch(phase, [lambda g=g: grads(g) for g in graphdefs])
+        n = batch_A[0].shape[0]
+        total = jax.tree.map(lambda g: g / n, total)
+        updates, opt = tx.update(total, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        step = state["step"] + 1
+        rest = schedule.after_update(params, rest, step)
+        weights = sste_jax.sparse_weights(nnx.merge(graphdefs[0], params, rest))
+        rates, flip = sste_jax.flip_rate(state["flip"], weights)
+        metrics = {"train_loss": loss_sum / n, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
+                   "phase": phase.astype(jnp.float32)}
+        if schedule.recipe.optimizer == "step":
+            metrics["step_v_change"] = sste_jax.step_v_change(opt)
+        return {"params": params, "rest": rest, "opt": opt, "flip": flip, "step": step}, metrics
+
+    return train_step
+
+
+def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> dict:
+    """The training state of ``model`` at step 0: params, the other variables, optimizer, flip masks."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"params": params, "rest": rest, "opt": tx.init(params),
+            "flip": sste_jax.init_flip_state(sste_jax.sparse_weights(model)), "step": jnp.zeros((), jnp.int32)}
+
+
+def layer_stats(model: nnx.Module) -> dict[str, float]:
+    """Per sparse layer: β, zero fraction and relative error of the forward weights; their means."""
+    stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.sparse_weights(model)))
+    for name in ("beta", "zero_fraction"):
+        values = [v for k, v in stats.items() if k.startswith(name + "/")]
+        stats[f"{name}_mean"] = float(np.mean(values)) if values else float("nan")
+    return stats
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=pathlib.Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _check_workdir(workdir: pathlib.Path, run: Run, resume: bool) -> None:
+    info_path, metrics_path = workdir / "run.json", workdir / "metrics.jsonl"
+    if info_path.exists():
+        stored = json.loads(info_path.read_text())["identity"]
+        diff = differing_fields(stored, run.identity())
+        if diff:
+            raise RunMismatchError(f"{workdir} holds a run with other settings (stored != asked): " + "; ".join(diff)
+                                   + ". Choose another --workdir, or delete that one.")
+    holds_run = info_path.exists() or metrics_path.exists() or bool(checkpoint.checkpoint_steps(workdir / "ckpt"))
+    if holds_run and not resume:
+        raise FileExistsError(f"{workdir} already holds a run: pass --resume, or choose another --workdir")
+    if resume and metrics_path.exists() and read_records(metrics_path) and not checkpoint.checkpoint_steps(workdir / "ckpt"):
+        raise RuntimeError(f"{workdir} has metrics but no checkpoint: resuming would restart at step 0 and discard "
+                           f"them. Delete {workdir} to start over, or point --workdir elsewhere.")
+
+
+def finished(workdir: str | pathlib.Path, run: Run) -> bool:
+    """Whether ``workdir`` holds ``run`` (same identity) completed; a different run there raises."""
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "run.json").exists():
+        return False
+    _check_workdir(workdir, run, resume=True)
+    path = workdir / "metrics.jsonl"
+    return path.exists() and any(r.get("kind") == "final" for r in read_records(path))
+
+
+@contextlib.contextmanager
+def _signals(handler):
+    """SIGINT and SIGTERM call ``handler`` inside the block (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _wait_note(signum, frame):
+    print(f"\n{signal.Signals(signum).name} while saving: finishing the checkpoint first", file=sys.stderr)
+
+
+def _finite(record: dict) -> bool:
+    return all(math.isfinite(record[k]) for k in ("train_loss", "grad_norm") if k in record)
+
+
+def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *, resume: bool = False,
+        until: int | None = None, progress: bool = True) -> dict:
+    """Trains ``model`` (built and sparsified for ``run``) for ``run.config.optim.steps`` steps, or up
+    to ``until``, in ``workdir``; returns the final training state. See the module docstring."""
+    cfg, loop = run.config, run.config.loop
+    steps = cfg.optim.steps
+    if until is not None and not 1 <= until:
+        raise ValueError(f"until={until}: must be >= 1")
+    workdir = pathlib.Path(workdir)
+    ckpt_dir, metrics_path = workdir / "ckpt", workdir / "metrics.jsonl"
+    _check_workdir(workdir, run, resume)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / "run.json").exists():
+        info = {"identity": run.identity(), "hash": identity_hash(run.identity()), "git_commit": _git_commit()}
+        tmp = workdir / "run.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1) + "\n")
+        os.replace(tmp, workdir / "run.json")
+
+    recipe = run.recipe()
+    schedule = Schedule(model, recipe, steps)
+    tx = make_optimizer(cfg.optim, model, recipe, run.sparse_lr_scale)
+    train_step = make_train_step(task.loss_fn, schedule, tx)
+    state = initial_state(model, tx)
+    if resume and checkpoint.checkpoint_steps(ckpt_dir):
+        state = checkpoint.restore_checkpoint(ckpt_dir, state)
+    start = int(state["step"])
+    if start >= steps and metrics_path.exists() and any(r.get("kind") == "final" for r in read_records(metrics_path)):
+        return state
+    keep_until(metrics_path, start)
+    tag = {"method": run.method, "seed": run.seed}
+    stop = steps if until is None else min(steps, until)
+
+    def save(step):
+        checkpoint.save_checkpoint(ckpt_dir, step, state, max_to_keep=loop.keep_checkpoints)
+
+    def flush(step):
+        """Writes the train record of the pending steps; raises NonFiniteError if it is not finite."""
+        logged = jax.device_get(pending)
+        now = time.perf_counter()
+        record = {**tag, "step": step, "kind": "train", **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]},
+                  "steps_per_s": len(logged) / max(now - clock["tick"] - clock["paused"], 1e-9)}
+        append_record(metrics_path, record)
+        pending.clear()
+        clock.update(tick=now, paused=0.0, last_train=record)
+        if not _finite(record):
+            kept = checkpoint.checkpoint_steps(ckpt_dir)
+            raise NonFiniteError(
+                f"{workdir}: step {step}: train_loss={record['train_loss']}, grad_norm={record['grad_norm']}. "
+                f"Stopped without saving; the newest checkpoint ({kept[-1] if kept else 'none'}) holds the last "
+                f"finite state. Lower the learning rate or check the data, then --resume.")
+        return record
+
+    def evaluate(step):
+        began = time.perf_counter()
+        current = schedule.model(state)
+        record = {**tag, "step": step, "kind": "eval", **task.evaluate(current), **layer_stats(current)}
+        if task.eval_dense_w and recipe.config.method == "sste":
+            record.update({f"{k}_dense_w": v for k, v in task.evaluate(schedule.model(state, dense_w=True)).items()})
+        append_record(metrics_path, record)
+        clock["paused"] += time.perf_counter() - began
+        return record
+
+    pending: list = []
+    clock = {"tick": time.perf_counter(), "paused": 0.0, "last_train": {}}
+    began, last_eval, last_saved = time.perf_counter(), {}, start
+    bar = tqdm(total=stop, initial=start, disable=not progress, desc=f"{run.method} s{run.seed}", dynamic_ncols=True)
+    try:
+        with _signals(_interrupt):
+            for step in range(start + 1, stop + 1):
+                state, metrics = train_step(state, *task.batch_at(step - 1))
+                pending.append(metrics)
+                bar.update()
+                is_ckpt = step % loop.ckpt_every == 0 or step == stop
+                if step % loop.log_every == 0 or is_ckpt or step == stop:
+                    record = flush(step)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                if step % loop.eval_every == 0 or step == steps:
+                    last_eval = evaluate(step)
+                if is_ckpt:
+                    paused = time.perf_counter()
+                    save(step)
+                    last_saved = step
+                    clock["paused"] += time.perf_counter() - paused
+    except KeyboardInterrupt as e:
+        bar.close()
+        with _signals(_wait_note):
+            done = int(state["step"])
+            if pending:
+                flush(done)  # raises NonFiniteError (nothing saved) if the pending steps diverged
+            if done > last_saved:
+                save(done)
+        print(f"\ninterrupted ({e or 'SIGINT'}): saved step {done} in {ckpt_dir}; continue with --resume",
+              file=sys.stderr)
+        raise
+    bar.close()
+    if stop == steps:
+        final_model = schedule.model(state)
+        append_record(metrics_path, {
+            **tag, "step": steps, "kind": "final", "steps": steps,
+            "train_loss": clock["last_train"].get("train_loss", float("nan")),
+            **{k: v for k, v in last_eval.items() if k not in ("method", "seed", "step", "kind")},
+            "second_phase_from": schedule.second_phase_from(state), "seconds": time.perf_counter() - began,
+            **task.finish(final_model)})
+    return state
