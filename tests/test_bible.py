@@ -6,7 +6,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from experiments import bible
+from experiments.translation import bible
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 needs_tokenizers = pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs PyPI tokenizers (experiments extra)")

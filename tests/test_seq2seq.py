@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from experiments import seq2seq
-from experiments.seq2seq import PAD, Seq2SeqConfig, Transformer
+from experiments.translation import seq2seq
+from experiments.translation.seq2seq import PAD, Seq2SeqConfig, Transformer
 from sste_jax import nnx as sparse_nnx
 
 BOS, EOS = 1, 2

@@ -6,7 +6,7 @@ ablations' β rules and β recomputation (`experiments.common.schedule.Schedule`
 `METHODS` names the recipes every experiment accepts; `make_optimizer` is the one optimizer.
 
 >>> sorted(METHODS)[:4]
-['dense', 'sste', 'sste_beta_l1', 'sste_beta_none']
+['dense', 'srste', 'sste', 'sste_beta_l1']
 >>> get_recipe("tsrste_df", dense_finish=0.2).dense_finish
 0.2
 """

@@ -1,5 +1,5 @@
-"""experiments.methods: recipes, STEP's switch, T-SR-STE's mask refresh and dense finish, β rules and refit,
-run through the shared train step on a tiny GPT."""
+"""experiments.common.{recipes,schedule,loop}: recipes, STEP's switch, T-SR-STE's mask refresh and dense
+finish, β rules and refit, run through the shared train step on a tiny GPT."""
 
 import dataclasses
 
@@ -10,28 +10,34 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from experiments import methods
-from experiments.configs import get_config
-from experiments.model import GPT
-from experiments.train_lm import lm_loss
+from experiments.common import loop, recipes, schedule
+from experiments.common import recipes as methods
+from experiments.common.schedule import Schedule
+from experiments.lm.configs import get_config
+from experiments.lm.model import GPT
+from experiments.lm.train import lm_loss
 from sste_jax import nnx as sparse_nnx
 
-CFG = get_config("tiny", ["steps=10"])
+FULL = get_config("tiny", ["steps=10"])
+CFG, M = FULL.optim, FULL.model
+
+
+def _gpt():
+    return GPT(64, M.n_layer, M.n_head, M.d_model, M.seq_len, rngs=nnx.Rngs(0))
 
 
 def _setup(name, **changes):
     recipe = methods.get_recipe(name, **changes)
-    model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
-                             recipe, seed=0)
-    phases = methods.phases(model, recipe)
+    model = methods.sparsify(_gpt(), recipe, seed=0)
+    phases = Schedule(model, recipe, CFG.steps)
     tx = methods.make_optimizer(CFG, model, recipe)
-    step = methods.make_train_step(lm_loss, phases, tx, recipe, CFG.steps)
-    return recipe, phases, step, methods.initial_state(model, tx)
+    step = loop.make_train_step(lm_loss, phases, tx)
+    return recipe, phases, step, loop.initial_state(model, tx)
 
 
 def _batch(i):
     rng = np.random.default_rng(i)
-    x = rng.integers(0, 64, (1, CFG.batch_size, CFG.seq_len), dtype=np.int32)
+    x = rng.integers(0, 64, (1, CFG.batch_size, M.seq_len), dtype=np.int32)
     return x, np.roll(x, -1, axis=-1)
 
 
@@ -49,9 +55,9 @@ def test_step_switches_to_hard_24_the_step_after_max_steps():
         state, metrics = train_step(state, *_batch(i))
         logged.append(metrics)
     assert [float(m["phase"]) for m in logged] == [0, 0, 0, 1, 1, 1]  # steps 1-3 dense, then hard 2:4
-    assert int(sste_jax.step_switched(state["opt"])) and methods.current_phase(recipe, CFG.steps, state) == 1
+    assert int(sste_jax.step_switched(state["opt"])) and phases.current_phase(state) == 1
     assert int(sste_jax.step_state(state["opt"]).switch_step) == 3
-    assert methods.second_phase_from(recipe, CFG.steps, state) == 4
+    assert phases.second_phase_from(state) == 4
     for layer in _layers(phases, state, 1).values():
         assert layer.config.method == "ste"
         np.testing.assert_array_equal(layer.forward_weight(), sste_jax.hard_threshold_24(layer.kernel[...]))
@@ -89,14 +95,14 @@ def test_tsrste_mask_refreshes_every_k_steps_from_the_updated_kernel():
 
 def test_tsrste_dense_finish_switches_the_last_tenth_to_dense():
     recipe, phases, train_step, state = _setup("tsrste_df")
-    assert phases.names == ("tsrste", "dense") and methods.dense_finish_step(recipe, CFG.steps) == 10
+    assert phases.names == ("tsrste", "dense") and phases.dense_finish_from == 10
     phases_seen = []
     for i in range(CFG.steps):
         state, metrics = train_step(state, *_batch(i))
         phases_seen.append(int(metrics["phase"]))
     assert phases_seen == [0] * 9 + [1]
-    assert methods.current_phase(recipe, CFG.steps, state) == 1
-    assert methods.second_phase_from(recipe, CFG.steps, state) == 10
+    assert phases.current_phase(state) == 1
+    assert phases.second_phase_from(state) == 10
 
 
 @pytest.mark.parametrize("rule", ["none", "l1", "mse"])
@@ -135,18 +141,17 @@ def test_recipe_validation():
         methods.get_recipe("sste", beta_rule="l2")
     with pytest.raises(ValueError, match="unknown method 'sr-ste'"):
         methods.get_recipe("sr-ste")
-    assert dataclasses.replace(methods.METHODS["tsrste"]).mask_refresh == 40  # SPEC §7
+    assert dataclasses.replace(methods.METHODS["tsrste"]).mask_refresh == 40  # as T-SR-STE's authors
 
 
 def test_step_optimizer_equals_adamw_before_the_switch():
     # STEP's first phase is AdamW itself (same moments, bias correction, decay and schedule).
     _, _, step_a, state_a = _setup("step", switch_threshold=0.0, switch_max=0.9)
     recipe = methods.get_recipe("dense")
-    model = methods.sparsify(GPT(64, CFG.n_layer, CFG.n_head, CFG.d_model, CFG.seq_len, rngs=nnx.Rngs(0)),
-                             recipe, seed=0)
+    model = methods.sparsify(_gpt(), recipe, seed=0)
     tx = methods.make_optimizer(CFG, model, recipe)
-    step_b = methods.make_train_step(lm_loss, methods.phases(model, recipe), tx, recipe, CFG.steps)
-    state_b = methods.initial_state(model, tx)
+    step_b = loop.make_train_step(lm_loss, Schedule(model, recipe, CFG.steps), tx)
+    state_b = loop.initial_state(model, tx)
     for i in range(3):
         state_a, _ = step_a(state_a, *_batch(i))
         state_b, _ = step_b(state_b, *_batch(i))
@@ -155,7 +160,8 @@ def test_step_optimizer_equals_adamw_before_the_switch():
     assert optax.tree.norm(state_a["params"]) > 0
 
 
-def test_module_doctests():
+@pytest.mark.parametrize("module", [recipes, schedule])
+def test_module_doctests(module):
     import doctest
 
-    assert doctest.testmod(methods).failed == 0
+    assert doctest.testmod(module).failed == 0

@@ -1,0 +1,214 @@
+"""experiments.lm: the GPT task on the shared loop, run identity, the β-matched control, and the
+comparison's table and verdict."""
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sste_jax
+from experiments.common import loop, recipes, report
+from experiments.lm import compare, data
+from experiments.lm import train as lm_train
+from experiments.lm.configs import get_config
+from sste_jax import checkpoint
+
+TINY = get_config("tiny")
+
+
+def _records(workdir, kind):
+    lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _assert_trees_equal(a, b):
+    leaves_a, tree_a = jax.tree.flatten(a)
+    leaves_b, tree_b = jax.tree.flatten(b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        assert x.dtype == y.dtype and bool(jnp.all(x == y))
+
+
+@pytest.mark.parametrize("method", sorted(recipes.METHODS))
+def test_tiny_trains_each_method(tmp_path, method):
+    state = lm_train.train(lm_train.make_run(TINY, method), tmp_path, progress=False)
+    assert int(state["step"]) == TINY.optim.steps
+    losses = [r["train_loss"] for r in _records(tmp_path, "train")]
+    assert losses[-1] < losses[0]  # 8 steps at lr 3e-3 learn the synthetic corpus's letter statistics
+    final, = _records(tmp_path, "final")
+    assert math.isfinite(final["val_loss"]) and final["step"] == TINY.optim.steps
+    zeros = [v for k, v in final.items() if k.startswith("zero_fraction/")]
+    assert len(zeros) == 2 * TINY.model.n_layer  # c_fc and c_proj of each block
+    dense_at_end = method in ("dense", "tsrste_df")  # tsrste_df: its last tenth trains dense
+    assert all(z == (0.0 if dense_at_end else 0.5) for z in zeros)
+    assert ("val_loss_dense_w" in final) == method.startswith("sste")
+    assert checkpoint.checkpoint_steps(tmp_path / "ckpt") == [4, 8]
+    assert all({"method", "seed", "step", "kind"} <= set(r) for r in _records(tmp_path, "eval"))
+
+
+def test_interrupt_and_resume_are_bit_identical(tmp_path, monkeypatch):
+    run = lm_train.make_run(TINY, "sste_mvue")  # MVUE: the key counters must be restored too
+    straight = lm_train.train(run, tmp_path / "straight", progress=False)
+
+    half = lm_train.train(run, tmp_path / "split", until=3, progress=False)
+    assert int(half["step"]) == 3 and checkpoint.checkpoint_steps(tmp_path / "split" / "ckpt") == [3]
+    batch, calls = data.batch_at, []
+
+    def interrupting(tokens, step, batch_size, seq_len, seed):  # Ctrl-C while the host prepares step 6
+        calls.append(step)
+        if step == 5:
+            raise KeyboardInterrupt
+        return batch(tokens, step, batch_size, seq_len, seed)
+
+    monkeypatch.setattr(data, "batch_at", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        lm_train.train(run, tmp_path / "split", resume=True, progress=False)
+    assert calls[0] == 3 and checkpoint.checkpoint_steps(tmp_path / "split" / "ckpt") == [3, 4, 5]
+    assert 5 in [r["step"] for r in _records(tmp_path / "split", "train")]  # pending metrics written first
+    monkeypatch.setattr(data, "batch_at", batch)
+    resumed = lm_train.train(run, tmp_path / "split", resume=True, progress=False)
+
+    for part in ("params", "opt", "rest"):
+        _assert_trees_equal(straight[part], resumed[part])
+    split_val = {r["step"]: r["val_loss"] for r in _records(tmp_path / "split", "eval")}
+    assert sorted(split_val) == [4, 8]
+    assert all(split_val[r["step"]] == r["val_loss"] for r in _records(tmp_path / "straight", "eval"))
+    assert len(_records(tmp_path / "split", "final")) == 1
+
+
+def test_workdir_guards(tmp_path):
+    run = lm_train.make_run(TINY, "ste")
+    lm_train.train(run, tmp_path, until=2, progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        lm_train.train(run, tmp_path, progress=False)
+    other = lm_train.make_run(get_config("tiny", ["lr=1e-3", "min_lr=1e-4"]), "dense", seed=3)
+    with pytest.raises(loop.RunMismatchError, match=r"config.optim.lr: 0.003 != 0.001.*method: 'ste' != 'dense'"):
+        lm_train.train(other, tmp_path, resume=True, progress=False)
+    stored = json.loads((tmp_path / "run.json").read_text())
+    assert stored["identity"]["method"] == "ste"  # not overwritten by the refused run
+
+
+def test_resume_with_metrics_but_no_checkpoint_is_refused(tmp_path):
+    run = lm_train.make_run(TINY, "sste")
+    lm_train.train(run, tmp_path, until=2, progress=False)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    checkpoint_dir = tmp_path / "ckpt"
+    import shutil
+
+    shutil.rmtree(checkpoint_dir)
+    with pytest.raises(RuntimeError, match="metrics but no checkpoint"):
+        lm_train.train(run, tmp_path, resume=True, progress=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+
+
+def test_corrupt_checkpoint_fails_clearly_and_touches_nothing(tmp_path):
+    run = lm_train.make_run(TINY, "sste")
+    lm_train.train(run, tmp_path, until=2, progress=False)
+    files = sorted(p for p in (tmp_path / "ckpt" / "2").rglob("*") if p.is_file())
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(checkpoint.CheckpointError, match="truncated or corrupt|incomplete"):
+        lm_train.train(run, tmp_path, resume=True, progress=False)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_init_from_dense_fits_beta_to_the_dense_weights(tmp_path):
+    dense = lm_train.train(lm_train.make_run(TINY, "dense"), tmp_path / "dense", until=4, progress=False)
+    sparse = lm_train.make_run(TINY, "sste", seed=1, init_from=str(tmp_path / "dense"))
+    start = lm_train.train(sparse, tmp_path / "sste", until=1, progress=False)
+    kernel = start["params"]["blocks"][0]["mlp"]["c_fc"]["kernel"][...]
+    beta = start["rest"]["blocks"][0]["mlp"]["c_fc"]["beta"][...]
+    first = lm_train._dense_weights(tmp_path / "dense", sparse, 256)
+    _assert_trees_equal(dense["params"], first)
+    assert beta == sste_jax.fit_beta(first["blocks"][0]["mlp"]["c_fc"]["kernel"][...])
+    with pytest.raises(ValueError, match="not 'dense'"):
+        lm_train.train(lm_train.make_run(TINY, "sste", init_from=str(tmp_path / "sste")), tmp_path / "again",
+                       progress=False)
+
+
+def test_beta_matched_control_scales_only_the_sparse_kernels():
+    cfg = get_config("tiny", ["warmup=0"])  # a nonzero learning rate at step 0
+    scale = lm_train.beta_lr_scale(cfg, 0, 256)
+    assert 1.3 < scale < 1.7  # fit_beta of Gaussian weights is about 1.48
+    model = lm_train.build_model(lm_train.make_run(cfg, "dense"), 256)
+    recipe = recipes.get_recipe("dense")
+    tx, plain_tx = (recipes.make_optimizer(cfg.optim, model, recipe, s) for s in (scale, 1.0))
+    params = nnx.state(model, nnx.Param)
+    grads = jax.tree.map(jnp.ones_like, params)
+    scaled, _ = tx.update(grads, tx.init(params), params)
+    plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
+    flat_scaled, flat_plain = nnx.to_flat_state(scaled), nnx.to_flat_state(plain)
+    ratios = {"/".join(map(str, k)): float(np.max(np.abs(a[...])) / np.max(np.abs(b[...])))
+              for (k, a), (_, b) in zip(flat_scaled, flat_plain)}
+    assert len(ratios) == len(flat_plain) and any("/mlp/" in name for name in ratios)
+    for name, ratio in ratios.items():
+        expected = scale if "/mlp/" in name and name.endswith("kernel") else 1.0
+        assert ratio == pytest.approx(expected, rel=1e-5), name
+
+
+def test_cli_takes_repeated_flags_and_refuses_bad_values(tmp_path, capsys):
+    args = lm_train.parse_args(["--workdir", "w", "--set", "lr=1e-3", "--set", "steps=5", "--recipe", "mask_refresh=3",
+                                "--recipe", "dense_finish=0.2"])
+    assert args.set == ["lr=1e-3", "steps=5"] and args.recipe == ["mask_refresh=3", "dense_finish=0.2"]
+    for bad, message in ((["--set", "lr=-1"], "lr=-1"), (["--set", "lr=nan"], "lr=nan"), (["--set", "clip=-1"], "clip"),
+                         (["--set", "b2=1.5"], "b2"), (["--set", "min_lr=1"], "min_lr"),
+                         (["--set", "warmup=-1"], "warmup"), (["--set", "weight_decay=-0.1"], "weight_decay"),
+                         (["--set", "lr=abc"], "lr must be a float"), (["--set", "n_layer=0"], "n_layer"),
+                         (["--set", "eval_batches=0"], "eval_batches"), (["--set", "seq_len=10000000"], "seq_len"),
+                         (["--set", "lr=1e-3", "--set", "lr=2e-3"], "set twice"), (["--until", "-1"], "until"),
+                         (["--recipe", "mask_refresh=2", "--recipe", "mask_refresh=3"], "set twice"),
+                         (["--sparse-lr-scale", "x"], "sparse-lr-scale")):
+        with pytest.raises(SystemExit, match=message):
+            lm_train.main(["--config", "tiny", "--workdir", str(tmp_path / "w"), *bad])
+    assert not (tmp_path / "w").exists()
+
+
+def _fake_run(folder, method, seed, final_loss, flip, steps=8):
+    folder.mkdir(parents=True)
+    records = []
+    for step in range(2, steps + 1, 2):
+        records.append({"method": method, "seed": seed, "step": step, "kind": "train", "train_loss": 5.0,
+                        "flip_rate": flip * (1 + seed), "steps_per_s": step / 2})
+        records.append({"method": method, "seed": seed, "step": step, "kind": "eval",
+                        "val_loss": final_loss + seed * 0.1 + (steps - step)})
+    records.append({"method": method, "seed": seed, "step": steps, "kind": "final", "steps": steps,
+                    "val_loss": final_loss + seed * 0.1})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_compare_table_verdict_and_plots_from_fake_metrics(tmp_path):
+    losses = {"dense": (2.0, 0.01), "srste": (2.06, 0.015), "sste": (2.03, 0.02)}
+    for name, (loss, flip) in losses.items():
+        for seed in (0, 1, 2):
+            _fake_run(tmp_path / "runs" / f"{name}_s{seed}", name, seed, loss + 0.001 * seed * (name == "sste"), flip)
+    runs = report.load_runs({n: {s: tmp_path / "runs" / f"{n}_s{s}" for s in (0, 1, 2)} for n in losses})
+    summary = compare.summarize(runs, tokens_per_step=100)
+    assert summary["sste"]["gap_dense"] == pytest.approx([0.03, 0.031, 0.032])
+    assert summary["sste"]["flip_ratio"] == pytest.approx([2.0, 2.0, 2.0])  # paired by seed
+    assert summary["sste"]["tokens_per_s"] == [300.0] * 3  # median of 2, 3, 4 steps/s: the first interval left out
+    text = compare.table(summary, {n: 3e-3 for n in losses}, [0, 1, 2])
+    assert "| sste − srste | -0.0290 [-0.0315, -0.0265]* |" in text
+    assert compare.verdict(summary) == ("S-STE is worse than dense by 0.0310 nats (95% CI 0.0285 to 0.0335): resolved; "
+                                        "S-STE beats srste by 0.0290 nats (95% CI 0.0265 to 0.0315): resolved.")
+    compare.write_plots(runs, tmp_path / "out", "fake")
+    for png in ("val_loss.png", "flip_rate.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_reuses_finished_runs_and_refuses_other_settings(tmp_path):
+    planned = compare.plan("tiny", ["dense"], [0], [], tmp_path)
+    (p,) = planned
+    assert p.workdir == tmp_path / "dense_lr0.003_s0" and p.args == ("--config", "tiny", "--set", "lr=0.003",
+                                                                     "min_lr=0.0003")
+    lm_train.main([*p.args, "--method", "dense", "--seed", "0", "--workdir", str(p.workdir), "--quiet"])
+    assert loop.finished(p.workdir, p.run)
+    (other,) = compare.plan("tiny", ["dense"], [0], ["n_layer=1"], tmp_path)
+    with pytest.raises(loop.RunMismatchError, match="config.model.n_layer: 2 != 1"):
+        loop.finished(other.workdir, other.run)
