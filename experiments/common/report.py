@@ -124,6 +124,21 @@ def seed_mean_curve(by_seed: dict[int, list[dict]], key: str) -> tuple[list[int]
     return steps, [float(v) for v in values.mean(0)]
 
 
+def machine() -> str:
+    """The CPU model, usable cores, XLA flags and jax version: the line every results table states."""
+    import os
+    import platform
+
+    import jax
+
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or platform.machine()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores, jax {jax.__version__}, runs single-threaded, one per core"
+
+
 def color(name: str) -> str:
     """The method's fixed colour (a name's method is its part before any ``@``)."""
     return COLORS.get(name.split("@")[0], "tab:gray")
@@ -144,7 +159,8 @@ def plot_curves(runs: Runs, key: str, path: pathlib.Path, ylabel: str, log: bool
         if skip_first:
             steps, values = steps[1:], values[:, 1:]
         style = {"linestyle": "--"} if name.startswith("dense") else {}
-        ax.plot(steps, values.mean(0), label=name, color=color(name), lw=1.4, **style)
+        marker = {"marker": "o", "markersize": 3} if len(steps) < 12 else {}
+        ax.plot(steps, values.mean(0), label=name, color=color(name), lw=1.4, **style, **marker)
         if len(values) > 1:
             ax.fill_between(steps, values.min(0), values.max(0), color=color(name), alpha=0.15, lw=0)
     ax.set_xlabel("step")

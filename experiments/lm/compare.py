@@ -16,7 +16,6 @@ fixes one for all. Writes ``table.md``, ``val_loss.png`` and ``flip_rate.png`` t
 
 import argparse
 import pathlib
-import platform
 import sys
 import time
 
@@ -117,12 +116,6 @@ def verdict(summary) -> str:
     return "; ".join(words) + "."
 
 
-def machine() -> str:
-    import jax
-
-    return f"{platform.processor() or platform.machine()}, {runner.default_jobs()} cores, jax {jax.__version__}"
-
-
 def write_plots(runs: report.Runs, out: pathlib.Path, caption: str) -> None:
     report.plot_curves(runs, "val_loss", out / "val_loss.png", "validation loss (2:4 weights)", title=caption,
                        skip_first=True)
@@ -157,7 +150,7 @@ def main(argv=None) -> str:
     m = cfg.model
     command = "python -m experiments.lm.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     title = (f"### `{args.config}`: {m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps, seeds "
-             f"{args.seeds}\n\nCommand: `{command.strip()}`. Machine: {machine()}.\n\n")
+             f"{args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine()}.\n\n")
     text = title + table(summary, lrs, args.seeds) + "\n" + verdict(summary) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)

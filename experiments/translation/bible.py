@@ -35,7 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Int
 
-from experiments.data import cache_dir_default, fetch_debian
+from experiments.lm.data import cache_dir_default, fetch_debian
 
 # Debian package -> SWORD module. Spanish is the source, English the target.
 SOURCE_PACKAGE, SOURCE_MODULE = "sword-text-sparv", "spaRV1909eb"

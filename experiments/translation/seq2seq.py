@@ -8,9 +8,9 @@ tuning a learning-rate warmup. No dropout. Token id ``PAD = 0`` is padding: the 
 self-attention and the decoder's cross-attention ignore padded source positions; the decoder's
 self-attention is causal (target padding sits after the real tokens, so causality covers it).
 
-Activations stay ``(B*T, d)`` outside attention (XLA:CPU differentiates 2-D products much faster,
-SPEC §8). The feed-forward linears are plain ``nnx.Linear`` layers at ``encoder/<i>/mlp/fc1|fc2``
-and ``decoder/<i>/mlp/fc1|fc2``, the layers `sste_jax.nnx.feed_forward` selects.
+Activations stay ``(B*T, d)`` outside attention (XLA:CPU differentiates 2-D products much faster).
+The feed-forward linears are plain ``nnx.Linear`` layers at ``encoder/<i>/mlp/fc1|fc2`` and
+``decoder/<i>/mlp/fc1|fc2``, the layers `sste_jax.nnx.feed_forward` selects.
 
 Decoding (`greedy_decode`, `beam_decode`) is jitted with a fixed length and reuses the encoder output
 and a key/value cache; `bleu` scores detokenised strings with sacrebleu (13a tokenisation).
