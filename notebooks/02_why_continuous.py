@@ -55,9 +55,9 @@ if SCALE not in ("toy", "full"):
     raise ValueError(f"NOTEBOOK_SCALE must be 'toy' or 'full', got {SCALE!r}")
 ROOT = pathlib.Path.cwd().parent if pathlib.Path.cwd().name == "notebooks" else pathlib.Path.cwd()
 OUT = pathlib.Path(os.environ.get("NOTEBOOK_OUT", ROOT / "docs" / "figures"))
-sys.path.insert(0, str(ROOT))  # experiments/ is a folder of the repository, not an installed package
-from experiments import data as lm_data  # noqa: E402
-from experiments import model as lm_model  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the repository's experiments/ package, also when run from a clone without installing
+from experiments.lm import data as lm_data  # noqa: E402
+from experiments.lm import model as lm_model  # noqa: E402
 
 OUT.mkdir(parents=True, exist_ok=True)
 TOY = SCALE == "toy"
@@ -99,8 +99,8 @@ plt.show()
 # %% [markdown]
 # ## The model, the data and the training step
 #
-# A GPT from `experiments.model` at a tiny size, trained on Shakespeare (the synthetic corpus at toy
-# size) with byte-level tokens from `experiments.data`. The two feed-forward linears of each block
+# A GPT from `experiments.lm.model` at a tiny size, trained on Shakespeare (the synthetic corpus at toy
+# size) with byte-level tokens from `experiments.lm.data`. The two feed-forward linears of each block
 # are sparsified (the paper's default); AdamW as in the paper (b2 0.95, weight decay 0.1, clip 1.0)
 # with warmup and cosine decay. Every run sees the same batches and the same initial weights.
 #
@@ -343,4 +343,4 @@ for name in results:
 #   step size (SPEC §8). S-STE fits β once and freezes it, which makes this scale explicit and stable.
 #
 # Small models, short runs: read these as measurements of the mechanisms, and use
-# `experiments.compare_lm` (and a GPU-sized model) for claims about final quality.
+# `experiments.lm.compare` (and a GPU-sized model) for claims about final quality.

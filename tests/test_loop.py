@@ -1,6 +1,5 @@
 """experiments.common.loop and records: the guards that keep a run's good state (non-finite stop,
 SIGTERM save, torn metrics), config validation and overrides."""
-import json
 import os
 import signal
 

@@ -2,7 +2,8 @@ import doctest
 
 import pytest
 
-from experiments import report
+from experiments.common import records as records_io
+from experiments.common import report
 
 
 def test_module_doctests():
@@ -11,11 +12,11 @@ def test_module_doctests():
 
 def test_records_round_trip_and_group(tmp_path):
     path = tmp_path / "m.jsonl"
-    records = [{"method": m, "seed": s, "step": t, "flip_rate": 0.1 * t} for m in ("a", "b") for s in (0, 1)
-               for t in (1, 2, 3, 4)]
+    records = [{"method": m, "seed": s, "step": t, "kind": "train", "flip_rate": 0.1 * t} for m in ("a", "b")
+               for s in (0, 1) for t in (1, 2, 3, 4)]
     for r in records:
-        report.append_record(path, r)
-    assert report.read_records(path) == records
+        records_io.append_record(path, r)
+    assert records_io.read_records(path) == records
     runs = report.group_runs(records)
     assert sorted(runs) == ["a", "b"] and sorted(runs["a"]) == [0, 1] and len(runs["a"][1]) == 4
     assert report.late_mean(runs["a"][0], "flip_rate", steps=4) == pytest.approx(0.4)  # step 4 > 0.75 * 4 only

@@ -11,7 +11,9 @@
 
 import argparse
 import math
+import sys
 
+from experiments.common import loop
 from experiments.common.config import parse_fields
 from experiments.common.recipes import METHODS, Recipe
 
@@ -22,6 +24,36 @@ def add_config_args(p: argparse.ArgumentParser, configs: dict, default: str) -> 
                    help="config overrides, e.g. lr=3e-3 steps=100 (or optim.lr=3e-3); repeatable")
     p.add_argument("--recipe", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="method recipe changes, e.g. refit_beta_every=20 (experiments.common.recipes.Recipe)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_run_args(p: argparse.ArgumentParser, configs: dict, default: str) -> None:
+    """The flags of a task's one-run command (``python -m experiments.<task>.train``)."""
+    add_config_args(p, configs, default)
+    p.add_argument("--method", default="sste", choices=sorted(METHODS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir (same settings only)")
+    p.add_argument("--until", type=_positive_int, help="stop (with a checkpoint) after this step")
+    p.add_argument("--cache-dir", default=None, help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def train_or_exit(train):
+    """``train()``; Ctrl-C or SIGTERM exits with 130 (a checkpoint was saved), the loop's refusals with
+    their message."""
+    try:
+        return train()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
 
 
 def add_methods_args(p: argparse.ArgumentParser, default_methods, default_seeds) -> None:

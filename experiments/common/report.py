@@ -79,7 +79,9 @@ def resolved(differences) -> bool:
 
 
 def format_interval(differences, digits: int = 4) -> str:
-    """``+mean [low, high]`` of `paired_interval`, with ``*`` when resolved."""
+    """``+mean [low, high]`` of `paired_interval`, with ``*`` when resolved (one value: itself, no interval)."""
+    if len(differences) < 2:
+        return f"{differences[0]:+.{digits}f} (1 seed)"
     mean, lo, hi = paired_interval(differences)
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else "")
 
@@ -124,8 +126,8 @@ def seed_mean_curve(by_seed: dict[int, list[dict]], key: str) -> tuple[list[int]
     return steps, [float(v) for v in values.mean(0)]
 
 
-def machine() -> str:
-    """The CPU model, usable cores, XLA flags and jax version: the line every results table states."""
+def machine(single_thread: bool = True) -> str:
+    """The CPU model, usable cores, threading and jax version: the line every results table states."""
     import os
     import platform
 
@@ -136,7 +138,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         cpu = platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores, jax {jax.__version__}, runs single-threaded, one per core"
+    threads = "single-threaded runs, one per core" if single_thread else "XLA's default threading"
+    return f"{cpu}, {cores} cores, jax {jax.__version__}, {threads}"
 
 
 def color(name: str) -> str:

@@ -54,14 +54,15 @@ class Planned:
     args: tuple[str, ...]
 
 
-def execute(module: str, planned: list[Planned], parallel: int | None = None, progress: bool = True) -> None:
+def execute(module: str, planned: list[Planned], parallel: int | None = None, progress: bool = True,
+            single_thread: bool = True) -> None:
     """Trains the planned runs that have not finished with ``python -m module`` (a work directory
     holding other settings raises `loop.RunMismatchError` before anything starts)."""
     jobs = [Job(f"{p.name} seed {p.seed} ({p.workdir.name})", module,
                 ("--method", p.name, "--seed", str(p.seed), "--workdir", str(p.workdir), "--quiet", "--resume", *p.args),
                 p.workdir, p.run.config.optim.steps)
             for p in planned if not loop.finished(p.workdir, p.run)]
-    run_jobs(jobs, parallel, progress=progress)
+    run_jobs(jobs, parallel, single_thread=single_thread, progress=progress)
 
 
 def load(planned: list[Planned]) -> report.Runs:

@@ -106,6 +106,9 @@ def verdict(summary) -> str:
         if ref not in summary:
             continue
         d = summary["sste"][key] if key else [x - y for x, y in zip(summary["sste"]["val_loss"], summary[ref]["val_loss"])]
+        if len(d) < 2:
+            words.append(f"S-STE vs {ref}: {d[0]:+.4f} nats on one seed (no interval: run more seeds)")
+            continue
         mean, lo, hi = report.paired_interval(d)
         if lo > 0:
             words.append(f"S-STE is worse than {ref} by {mean:.4f} nats (95% CI {lo:.4f} to {hi:.4f}): resolved")
@@ -127,6 +130,8 @@ def main(argv=None) -> str:
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, MAIN, (0, 1, 2))
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--xla-threads", choices=["one", "default"], default="one",
+                   help="one: single-threaded XLA per run (default); default: XLA's own threading (use --jobs 1)")
     p.add_argument("--runs-dir", default=None, help="default runs/lm_<config>")
     p.add_argument("--out", default=None, help="default <runs-dir>/report")
     args = p.parse_args(argv)
@@ -141,7 +146,7 @@ def main(argv=None) -> str:
     began = time.perf_counter()
     planned = plan(args.config, args.methods, args.seeds, args.set, runs_dir)
     try:
-        runner.execute("experiments.lm.train", planned, args.jobs)
+        runner.execute("experiments.lm.train", planned, args.jobs, single_thread=args.xla_threads == "one")
     except (loop.RunMismatchError, runner.RunsFailed) as e:
         sys.exit(f"error: {e}")
     runs = runner.load(planned)
@@ -150,7 +155,7 @@ def main(argv=None) -> str:
     m = cfg.model
     command = "python -m experiments.lm.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     title = (f"### `{args.config}`: {m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps, seeds "
-             f"{args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine()}.\n\n")
+             f"{args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine(args.xla_threads == 'one')}.\n\n")
     text = title + table(summary, lrs, args.seeds) + "\n" + verdict(summary) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)

@@ -26,7 +26,7 @@ from flax import nnx
 import sste_jax
 from experiments.common import cli, loop
 from experiments.common.config import Config
-from experiments.common.recipes import METHODS, make_optimizer, sparsify
+from experiments.common.recipes import make_optimizer, sparsify
 from experiments.lm import data
 from experiments.lm.configs import CONFIGS, get_config
 from experiments.lm.model import GPT
@@ -114,17 +114,10 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_args(p, CONFIGS, "capacity")
-    p.add_argument("--method", default="sste", choices=sorted(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", required=True)
+    cli.add_run_args(p, CONFIGS, "capacity")
     p.add_argument("--sparsify", default="ffn", choices=sorted(WHERE))
     p.add_argument("--sparse-lr-scale", default="1.0", help="LR factor of the sparse layers, or 'beta'")
-    p.add_argument("--resume", action="store_true")
     p.add_argument("--init-from", help="workdir of a dense run whose last checkpoint to start from")
-    p.add_argument("--until", type=int, help="stop (with a checkpoint) after this step")
-    p.add_argument("--cache-dir", default=None, help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -139,17 +132,10 @@ def main(argv=None) -> None:
             scale = cli.parse_float("--sparse-lr-scale", args.sparse_lr_scale)
         run = make_run(cfg, args.method, args.seed, sparsify_=args.sparsify, sparse_lr_scale=scale,
                        recipe_changes=recipe, init_from=args.init_from or "")
-        if args.until is not None and args.until < 1:
-            raise ValueError(f"--until={args.until}: must be >= 1")
     except ValueError as e:
         sys.exit(f"error: {e}")
-    try:
-        train(run, args.workdir, resume=args.resume, until=args.until,
-              cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    cli.train_or_exit(lambda: train(run, args.workdir, resume=args.resume, until=args.until,
+                                cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet))
 
 
 if __name__ == "__main__":

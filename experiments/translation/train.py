@@ -250,17 +250,10 @@ def train(run: loop.Run, workdir, *, data: Data | None = None, resume: bool = Fa
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_args(p, CONFIGS, "small")
-    p.add_argument("--method", default="sste", choices=sorted(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", required=True)
+    cli.add_run_args(p, CONFIGS, "small")
     p.add_argument("--beam", type=int, default=0, help="beam size for BLEU (default 0: greedy)")
     p.add_argument("--test-per-book", type=int, help="translate only the first N verses of each test book")
     p.add_argument("--val-bleu", action="store_true", help="also translate the validation books (BLEU)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--until", type=int, help="stop (with a checkpoint) after this step")
-    p.add_argument("--cache-dir", default=None, help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -270,18 +263,11 @@ def main(argv=None) -> None:
         cfg = get_config(args.config, args.set)
         run = make_run(cfg, args.method, args.seed, recipe_changes=cli.parse_recipe(args.recipe), beam=args.beam,
                        test_per_book=args.test_per_book, val_bleu=args.val_bleu)
-        if args.until is not None and args.until < 1:
-            raise ValueError(f"--until={args.until}: must be >= 1")
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
-    try:
-        train(run, args.workdir, data=data, resume=args.resume, until=args.until, progress=not args.quiet)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    cli.train_or_exit(lambda: train(run, args.workdir, data=data, resume=args.resume, until=args.until, progress=not args.quiet))
     if args.until is None or args.until >= cfg.optim.steps:
         f = final_record(read_records(pathlib.Path(args.workdir) / "metrics.jsonl"))
         print(f"{run.method} seed {run.seed}: train loss {f['train_loss']:.3f}, val loss {f['val_loss']:.3f}, "

@@ -25,7 +25,7 @@ from flax import nnx
 
 from experiments.common import cli, loop
 from experiments.common.config import Config
-from experiments.common.recipes import METHODS, Recipe, sparsify
+from experiments.common.recipes import Recipe, sparsify
 from experiments.vision.configs import CONFIGS, get_config
 from experiments.vision.data import DATASETS, load_data
 from experiments.vision.model import ViT
@@ -96,15 +96,8 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_args(p, CONFIGS, "small")
-    p.add_argument("--method", default="sste", choices=sorted(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--until", type=int, help="stop (with a checkpoint) after this step")
+    cli.add_run_args(p, CONFIGS, "small")
     p.add_argument("--data-dir", help="Fashion-MNIST's idx files (default: fetched into the cache)")
-    p.add_argument("--cache-dir", help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
@@ -113,8 +106,6 @@ def main(argv=None) -> None:
     try:
         cfg = get_config(args.config, args.set)
         run = make_run(cfg, args.method, args.seed, recipe_changes=cli.parse_recipe(args.recipe))
-        if args.until is not None and args.until < 1:
-            raise ValueError(f"--until={args.until}: must be >= 1")
         if args.data_dir and cfg.data.dataset != "fashion":
             raise ValueError("--data-dir is for dataset=fashion (--set dataset=fashion)")
     except ValueError as e:
@@ -123,13 +114,8 @@ def main(argv=None) -> None:
         data = load_data(cfg.data.dataset, args.data_dir, args.cache_dir)
     except (RuntimeError, OSError, ValueError) as e:  # a failed fetch names its command; a bad idx folder
         sys.exit(f"error: {e}")
-    try:
-        train(run, pathlib.Path(args.workdir), resume=args.resume, until=args.until, data=data,
-              progress=not args.quiet)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    cli.train_or_exit(lambda: train(run, pathlib.Path(args.workdir), resume=args.resume, until=args.until, data=data,
+                                progress=not args.quiet))
 
 
 if __name__ == "__main__":
