@@ -120,3 +120,14 @@ def test_module_doctests(module):
     import doctest
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_runner_names_failed_runs_and_their_logs(tmp_path):
+    from experiments.common import runner
+
+    ok = runner.Job("ok", "json.tool", ("--help",), tmp_path / "ok", steps=1)
+    bad = runner.Job("bad run", "json.tool", ("--no-such-flag",), tmp_path / "bad", steps=1)
+    with pytest.raises(runner.RunsFailed, match=r"1 of 2 runs failed: bad run \(exit 2; log: .*bad/log.txt\)"):
+        runner.run_jobs([ok, bad], parallel=2, progress=False, poll=0.05)
+    assert "usage" in (tmp_path / "ok" / "log.txt").read_text()
+    assert "--no-such-flag" in (tmp_path / "bad" / "log.txt").read_text()

@@ -4,8 +4,10 @@ method's best rate, with paired 95% intervals.
     python -m experiments.lm.sweep --config capacity
 
 Stage 1 trains every method at every rate of ``--lrs`` with ``--seeds``; a method's best rate has
-the lowest mean final validation loss (2:4 weights) over those seeds, and a best rate at the edge
-of the grid is reported (widen the grid). Stage 2 trains each method at its best rate with
+the lowest mean final validation loss (2:4 weights) over those seeds. Where a method's best rate is
+at an edge of its grid, its grid is extended by one more factor-2 step beyond that edge (up to
+``--extend`` times), so every best rate ends inside its method's grid or the table says it does not.
+Stage 2 trains each method at its best rate with
 ``--final-seeds`` (the stage-1 seeds among them are reused) and writes the comparison table
 (`experiments.lm.compare.table`). Runs share ``--runs-dir`` with `experiments.lm.compare`, so the
 main job reuses them. Writes ``sweep.md``, ``lr_sweep.png``, ``val_loss.png`` and ``flip_rate.png``
@@ -25,35 +27,54 @@ from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 
 METHODS = ("dense", "ste", "srste", "tsrste_df", "step", "sste", "sste_mvue", "sste_mvue_fp8")
-LRS = (1.5e-3, 3e-3, 6e-3, 1.2e-2)
+LRS = (3e-3, 6e-3, 1.2e-2, 2.4e-2)
 
 
-def sweep_table(runs_by_lr: dict[float, report.Runs], methods) -> tuple[str, dict[str, float], list[str]]:
-    """The grid as Markdown (mean final val loss over seeds, best bold), the best rate per method and
-    the methods whose best rate is at an edge of the grid."""
-    lrs = sorted(runs_by_lr)
-    means = {m: [np.mean([report.final_record(r)["val_loss"] for r in runs_by_lr[lr][m].values()]) for lr in lrs]
-             for m in methods}
-    best = {m: lrs[int(np.argmin(v))] for m, v in means.items()}
-    edges = [m for m in methods if best[m] in (lrs[0], lrs[-1])]
+Grid = dict[str, dict[float, report.Runs]]  # method -> rate -> {method: {seed: records}}
+
+
+def best_rates(grid: Grid) -> tuple[dict[str, float], list[str]]:
+    """Per method, the rate with the lowest mean final validation loss over seeds, and the methods
+    whose best rate is at an edge of their grid."""
+    best, edges = {}, []
+    for m, by_lr in grid.items():
+        lrs = sorted(by_lr)
+        means = [np.mean([report.final_record(r)["val_loss"] for r in by_lr[lr][m].values()]) for lr in lrs]
+        best[m] = lrs[int(np.argmin(means))]
+        if best[m] in (lrs[0], lrs[-1]):
+            edges.append(m)
+    return best, edges
+
+
+def sweep_table(grid: Grid) -> str:
+    """The grid as Markdown: mean final val loss over seeds (per-seed values in brackets), best bold."""
+    lrs = sorted({lr for by_lr in grid.values() for lr in by_lr})
+    best, _ = best_rates(grid)
     lines = ["| method | " + " | ".join(f"LR {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
-    for m in methods:
-        cells = [f"**{v:.4f}**" if lr == best[m] else f"{v:.4f}" for lr, v in zip(lrs, means[m])]
+    for m, by_lr in grid.items():
+        cells = []
+        for lr in lrs:
+            if lr not in by_lr:
+                cells.append("")
+                continue
+            values = [report.final_record(r)["val_loss"] for _, r in sorted(by_lr[lr][m].items())]
+            text = f"{np.mean(values):.4f} ({', '.join(f'{v:.3f}' for v in values)})"
+            cells.append(f"**{text}**" if lr == best[m] else text)
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", best, edges
+    return "\n".join(lines) + "\n"
 
 
-def plot_sweep(runs_by_lr: dict[float, report.Runs], methods, path: pathlib.Path, title: str) -> None:
+def plot_sweep(grid: Grid, path: pathlib.Path, title: str) -> None:
     """Final validation loss against learning rate per method (mean over seeds, band: seed range)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lrs = sorted(runs_by_lr)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in methods:
-        values = np.array([[report.final_record(r)["val_loss"] for _, r in sorted(runs_by_lr[lr][m].items())]
+    for m, by_lr in grid.items():
+        lrs = sorted(by_lr)
+        values = np.array([[report.final_record(r)["val_loss"] for _, r in sorted(by_lr[lr][m].items())]
                            for lr in lrs])
         ax.plot(lrs, values.mean(1), marker="o", label=m, color=report.color(m),
                 linestyle="--" if m == "dense" else "-")
@@ -75,6 +96,7 @@ def main(argv=None) -> dict[str, float]:
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1))
     p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="default: %(default)s")
+    p.add_argument("--extend", type=int, default=2, help="grid extensions per method at most (default 2)")
     p.add_argument("--final-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default: %(default)s")
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
     p.add_argument("--runs-dir", default=None, help="default runs/lm_<config>")
@@ -91,12 +113,24 @@ def main(argv=None) -> dict[str, float]:
     runs_dir = pathlib.Path(args.runs_dir or f"runs/lm_{args.config}")
     out = pathlib.Path(args.out or runs_dir / "sweep")
     began = time.perf_counter()
-    grid = {lr: compare.plan(args.config, args.methods, args.seeds, args.set, runs_dir, {m: lr for m in args.methods})
-            for lr in args.lrs}
+
+    def train_grid(cells: list[tuple[str, float]]) -> None:
+        planned = {cell: compare.plan(args.config, [cell[0]], args.seeds, args.set, runs_dir, {cell[0]: cell[1]})
+                   for cell in cells}
+        runner.execute("experiments.lm.train", [pl for pls in planned.values() for pl in pls], args.jobs)
+        for (m, lr), pls in planned.items():
+            grid.setdefault(m, {})[lr] = runner.load(pls)
+
+    grid: Grid = {}
     try:
-        runner.execute("experiments.lm.train", [pl for planned in grid.values() for pl in planned], args.jobs)
-        runs_by_lr = {lr: runner.load(planned) for lr, planned in grid.items()}
-        grid_text, best, edges = sweep_table(runs_by_lr, args.methods)
+        train_grid([(m, lr) for m in args.methods for lr in args.lrs])
+        for _ in range(args.extend):
+            best, edges = best_rates(grid)
+            if not edges:
+                break
+            train_grid([(m, best[m] * (2 if best[m] == max(grid[m]) else 0.5)) for m in edges])
+        best, edges = best_rates(grid)
+        grid = {m: grid[m] for m in args.methods}
         final = compare.plan(args.config, args.methods, args.final_seeds, args.set, runs_dir, best)
         runner.execute("experiments.lm.train", final, args.jobs)
     except (loop.RunMismatchError, runner.RunsFailed) as e:
@@ -105,16 +139,16 @@ def main(argv=None) -> dict[str, float]:
     summary = compare.summarize(runs, cfg.optim.batch_size * cfg.optim.grad_accum * cfg.model.seq_len)
     command = "python -m experiments.lm.sweep " + " ".join(argv if argv is not None else sys.argv[1:])
     m = cfg.model
-    edge_note = (f"Best rate at the edge of the grid for {', '.join(edges)}: widen --lrs.\n" if edges
-                 else "Every method's best rate lies inside the grid.\n")
+    edge_note = (f"Best rate still at the edge of its grid for {', '.join(edges)}: widen --lrs or --extend.\n"
+                 if edges else "Every method's best rate lies inside its grid.\n")
     text = (f"### Learning-rate sweep, `{args.config}` ({m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps)\n\n"
             f"Command: `{command.strip()}`. Machine: {report.machine()}.\n\n"
             f"Final validation loss (2:4 weights), mean over seeds {args.seeds}; best per method in bold.\n\n"
-            f"{grid_text}\n{edge_note}\n### Each method at its best rate, seeds {args.final_seeds}\n\n"
+            f"{sweep_table(grid)}\n{edge_note}\n### Each method at its best rate, seeds {args.final_seeds}\n\n"
             + compare.table(summary, best, args.final_seeds) + "\n" + compare.verdict(summary) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(text)
-    plot_sweep(runs_by_lr, args.methods, out / "lr_sweep.png", f"{args.config}: final val loss vs LR, seeds {args.seeds}")
+    plot_sweep(grid, out / "lr_sweep.png", f"{args.config}: final val loss vs LR, seeds {args.seeds}")
     compare.write_plots(runs, out, f"{args.config}, each method at its best LR, seeds {args.final_seeds}")
     print(text)
     print(f"TUNED_LR[{args.config!r}] = {best!r}")
