@@ -212,3 +212,30 @@ def test_compare_reuses_finished_runs_and_refuses_other_settings(tmp_path):
     (other,) = compare.plan("tiny", ["dense"], [0], ["n_layer=1"], tmp_path)
     with pytest.raises(loop.RunMismatchError, match="config.model.n_layer: 2 != 1"):
         loop.finished(other.workdir, other.run)
+
+
+def _fake_grid(tmp_path, means):
+    """{method: {lr: runs}} with final val losses ``mean ± 0.01`` over seeds 0, 1."""
+    grid = {}
+    for method, by_lr in means.items():
+        for lr, mean in by_lr.items():
+            folders = {}
+            for seed, offset in ((0, -0.01), (1, 0.01)):
+                folder = tmp_path / f"{method}_lr{lr:g}_s{seed}"
+                _fake_run(folder, method, seed, mean + offset - seed * 0.1, 0.01)
+                folders[seed] = folder
+            grid.setdefault(method, {})[lr] = report.load_runs({method: folders})
+    return grid
+
+
+def test_sweep_picks_the_best_rate_and_flags_edges(tmp_path):
+    from experiments.lm import sweep
+
+    grid = _fake_grid(tmp_path, {"dense": {3e-3: 1.9, 6e-3: 1.8, 1.2e-2: 1.85},
+                                 "ste": {3e-3: 1.95, 6e-3: 1.97, 1.2e-2: 2.0}})
+    best, edges = sweep.best_rates(grid)
+    assert best == {"dense": 6e-3, "ste": 3e-3} and edges == ["ste"]
+    text = sweep.sweep_table(grid)
+    assert "| dense | 1.9000 (1.890, 1.910) | **1.8000 (1.790, 1.810)** | 1.8500 (1.840, 1.860) |" in text
+    sweep.plot_sweep(grid, tmp_path / "lr.png", "fake")
+    assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"

@@ -21,7 +21,7 @@ from experiments.common import cli, loop, report, runner
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 
-METHODS = ("dense", "ste", "srste", "sste")
+METHODS = ("dense", "srste", "sste")
 
 
 def plot(summaries: dict[int, dict], tokens_per_step: int, path: pathlib.Path, title: str) -> None:
