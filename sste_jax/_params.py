@@ -33,7 +33,7 @@ from jaxtyping import Array, Float
 from sste_jax._linear import SparsityConfig, forward_weight, srste_term
 from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
-from sste_jax._sparsity import fit_beta
+from sste_jax._sparsity import initial_beta
 
 __all__ = [
     "ParamSparsity",
@@ -86,15 +86,18 @@ def _check_config(config: SparsityConfig) -> None:
         )
 
 
-def sparsity_spec(params: Any, where: Where, config: SparsityConfig = SparsityConfig()) -> dict[str, ParamSparsity]:
+def sparsity_spec(
+    params: Any, where: Where, config: SparsityConfig = SparsityConfig(), *, beta: float | None = None
+) -> dict[str, ParamSparsity]:
     """The spec of the leaves of ``params`` that ``where`` selects, β fitted to their current values.
 
     ``where(path, leaf)`` gets a leaf's path (a tuple of dict keys / attribute names / indices) and
     the leaf, and returns the leaf's contraction axis (the 2:4 groups run along it) or ``None`` to
     leave it dense; see `select_kernels`, `select_paths`. β is ``fit_beta(leaf, axis)`` for
-    ``"sste"`` and 1.0 for the other methods (which ignore it). Raises, naming every offending
-    leaf, if a selected leaf is not a floating array, its axis is out of range or its length along
-    the axis is not divisible by 4; and if nothing is selected. Merge specs made with different
+    ``"sste"`` (or ``beta`` if given) and 1.0 for the other methods (which ignore it). Raises,
+    naming every offending leaf, if a selected leaf is not a floating array, its axis is out of
+    range, its length along the axis is not divisible by 4 or its β cannot be fitted (all zero,
+    non-finite); and if nothing is selected. Merge specs made with different
     configs with ``{**spec_a, **spec_b}``.
     """
     _check_config(config)
@@ -121,8 +124,12 @@ def sparsity_spec(params: Any, where: Where, config: SparsityConfig = SparsityCo
             problems.append(f"{name}: two leaves have this path name")
         else:
             axis %= len(shape)
-            beta = fit_beta(leaf, axis) if config.method == "sste" else jnp.ones((), jnp.float32)
-            spec[name] = ParamSparsity(beta, axis, config)
+            try:
+                b = initial_beta(leaf, axis, name, beta) if config.method == "sste" else jnp.ones((), jnp.float32)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            spec[name] = ParamSparsity(b, axis, config)
     if problems:
         raise ValueError(
             "cannot sparsify the leaves selected by `where`:\n  " + "\n  ".join(problems)

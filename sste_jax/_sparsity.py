@@ -99,12 +99,71 @@ def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..
     return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
 
 
+# Within this range of max|S(W)| the float32 dot products neither overflow nor lose S(W)'s mass to
+# underflow, and `fit_beta` computes them unscaled; outside it both operands are scaled by a power of 2.
+_BETA_RANGE = (2.0**-40, 2.0**40)
+
+
 def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
-    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32 (1.0 if S(W) = 0)."""
+    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32.
+
+    Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
+    before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
+    """
     s = soft_threshold_24(w, axis).astype(jnp.float32)
     w = w.astype(jnp.float32)
-    ss = jnp.vdot(s, s)
-    return jnp.where(ss > 0, jnp.vdot(w, s) / jnp.where(ss > 0, ss, 1.0), 1.0)
+    m = jnp.max(jnp.abs(s))
+    _, exponent = jnp.frexp(m)
+    unscaled = (m >= _BETA_RANGE[0]) & (m <= _BETA_RANGE[1])
+    # 2**-exponent in two exact factors (one alone can leave float32's normal range); 1 in range.
+    half = jnp.where(unscaled, 0, -exponent // 2)
+    rest = jnp.where(unscaled, 0, -exponent - half)
+    s_scaled = s * jnp.ldexp(jnp.float32(1), half) * jnp.ldexp(jnp.float32(1), rest)
+    w_scaled = w * jnp.ldexp(jnp.float32(1), half) * jnp.ldexp(jnp.float32(1), rest)
+    ss = jnp.vdot(s_scaled, s_scaled)
+    beta = jnp.where(ss > 0, jnp.vdot(w_scaled, s_scaled) / jnp.where(ss > 0, ss, 1.0), 1.0)
+    return jnp.where(jnp.all(jnp.isfinite(w)), beta, jnp.float32(jnp.nan))
+
+
+def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
+    """Why `fit_beta` cannot fit a meaningful β to ``w`` (non-finite, all zero, S(W) = 0), or None.
+
+    Only concrete arrays are checked; a traced ``w`` gives None.
+    """
+    if isinstance(w, jax.core.Tracer):
+        return None
+    w = jnp.asarray(w)
+    bad = int(w.size - jnp.sum(jnp.isfinite(w)))
+    if bad:
+        return f"{bad} of its {w.size} entries are NaN or infinite"
+    if not bool(jnp.any(w != 0)):
+        return "it is all zero"
+    if not bool(jnp.any(soft_threshold_24(w, axis) != 0)):
+        return "its soft threshold S(W) is all zero (in every group of 4 the three largest magnitudes tie)"
+    return None
+
+
+def initial_beta(w: jax.Array, axis: int, name: str, beta: float | jax.Array | None = None) -> jax.Array:
+    """The frozen β of a layer or leaf ``name``: ``beta`` if given, else `fit_beta` of ``w``.
+
+    Raises ValueError naming ``name`` when β cannot be fitted (see `beta_problem`) or ``beta`` is not a
+    finite scalar. Under tracing, an unfittable ``w`` gives a NaN β instead (it cannot raise there).
+    """
+    if beta is not None:
+        value = jnp.asarray(beta, jnp.float32)
+        if value.shape != () or not (isinstance(value, jax.core.Tracer) or bool(jnp.isfinite(value))):
+            raise ValueError(f"{name}: beta must be a finite scalar, got {beta!r}")
+        return value
+    reason = beta_problem(w, axis)
+    if reason:
+        raise ValueError(
+            f"{name}: cannot fit S-STE's β to this kernel of shape {tuple(w.shape)}: {reason}; "
+            "load the weights first, or pass beta=... explicitly"
+        )
+    fitted = fit_beta(w, axis)
+    if isinstance(fitted, jax.core.Tracer):
+        fitted = jnp.where(jnp.any(soft_threshold_24(w, axis) != 0), fitted, jnp.float32(jnp.nan))
+    return fitted
 
 
 def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
