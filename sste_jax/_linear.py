@@ -15,10 +15,13 @@ that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`).
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
@@ -60,6 +63,20 @@ class SparsityConfig:
     matmul: Literal["xla", "cusparselt"] = "xla"
 
     def __post_init__(self):
+        for name in ("method", "backend", "matmul"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"SparsityConfig.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("mvue", "fp8"):
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(f"SparsityConfig.{name} must be True or False, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, bool(value))
+        for name in ("srste_decay", "masked_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+                raise TypeError(f"SparsityConfig.{name} must be a real number, got {value!r} ({type(value).__name__})")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"SparsityConfig.{name} must be >= 0 and finite, got {value!r}")
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.backend not in _BACKENDS:
@@ -68,9 +85,6 @@ class SparsityConfig:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
         if self.matmul == "cusparselt" and self.method == "dense":
             raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
-        for name in ("srste_decay", "masked_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def sparse(self) -> bool:

@@ -140,6 +140,35 @@ def test_default_config():
         cfg.method = "ste"
 
 
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("srste_decay", float("nan"), ValueError),
+        ("srste_decay", -1e-4, ValueError),
+        ("masked_decay", float("inf"), ValueError),
+        ("masked_decay", -float("inf"), ValueError),
+        ("srste_decay", "0.1", TypeError),
+        ("masked_decay", True, TypeError),
+        ("mvue", "yes", TypeError),
+        ("mvue", 1, TypeError),
+        ("fp8", 1, TypeError),
+        ("fp8", None, TypeError),
+        ("method", None, TypeError),
+        ("backend", 0, TypeError),
+        ("matmul", ["xla"], TypeError),
+    ],
+)
+def test_config_rejects_bad_fields_naming_them(field, value, error):
+    with pytest.raises(error, match=field):
+        SparsityConfig(**{field: value})
+
+
+def test_config_accepts_numpy_scalars():
+    cfg = SparsityConfig(mvue=np.bool_(True), srste_decay=np.float32(1e-3), masked_decay=0)
+    assert cfg.mvue is True and cfg == SparsityConfig(mvue=True, srste_decay=np.float32(1e-3), masked_decay=0.0)
+    hash(cfg)
+
+
 # ---------------------------------------------------------------- MVUE
 
 
