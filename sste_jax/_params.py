@@ -49,14 +49,18 @@ Path = tuple[Any, ...]
 Where = Callable[[Path, Any], int | None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["beta"], meta_fields=["axis", "config"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["beta"], meta_fields=["axis", "config", "shape"]
+)
 @dataclasses.dataclass(frozen=True)
 class ParamSparsity:
-    """How one parameter leaf is sparsified: its frozen ``beta``, grouped ``axis`` (static) and ``config``."""
+    """How one parameter leaf is sparsified: its frozen ``beta``, grouped ``axis`` (static), ``config``
+    and the ``shape`` of the leaf it was made for (checked by `apply_sparsity`; None: not checked)."""
 
     beta: Float[Array, ""]
     axis: int
     config: SparsityConfig
+    shape: tuple[int, ...] | None = None
 
 
 def _names(key_path) -> Path:
@@ -129,7 +133,7 @@ def sparsity_spec(
             except ValueError as e:
                 problems.append(str(e))
                 continue
-            spec[name] = ParamSparsity(b, axis, config)
+            spec[name] = ParamSparsity(b, axis, config, tuple(shape))
     if problems:
         raise ValueError(
             "cannot sparsify the leaves selected by `where`:\n  " + "\n  ".join(problems)
@@ -170,9 +174,13 @@ def _matched(params: Any, spec: Mapping[str, ParamSparsity], fn: Callable[[str, 
         if name not in spec:
             return leaf
         s = spec[name]
-        shape = getattr(leaf, "shape", ())
-        if len(shape) <= s.axis or shape[s.axis] % 4:
-            raise ValueError(f"{name}: leaf of shape {shape} does not match its spec (2:4 groups along axis {s.axis})")
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) <= s.axis or shape[s.axis] % 4 or (s.shape is not None and shape != tuple(s.shape)):
+            made = f", made for shape {tuple(s.shape)}" if s.shape is not None else ""
+            raise ValueError(
+                f"{name}: leaf of shape {shape} does not match its spec (2:4 groups along axis {s.axis}{made}); "
+                "build the spec from these params"
+            )
         found.add(name)
         return fn(name, leaf, s)
 

@@ -32,6 +32,7 @@ _EPS = float(np.finfo(np.float32).eps)
 
 def check_groupable(x: jax.Array, axis: int) -> int:
     """Validates ``x`` for grouping by 4 along ``axis``; returns the axis as a non-negative index."""
+    check_axis(axis)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"2:4 functions need a floating-point array, got dtype {x.dtype} (shape {x.shape})")
     if not -x.ndim <= axis < x.ndim:
@@ -42,6 +43,12 @@ def check_groupable(x: jax.Array, axis: int) -> int:
             f"2:4 groups need the length of axis {axis} to be divisible by 4; got shape {x.shape}"
         )
     return axis
+
+
+def check_axis(axis) -> None:
+    """Raises unless ``axis`` is an integer (not None, not a bool)."""
+    if isinstance(axis, bool | np.bool_) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an int, got {axis!r} ({type(axis).__name__})")
 
 
 def _split(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
@@ -71,6 +78,7 @@ def _broadcast_group(t: jax.Array, axis: int, length: int) -> jax.Array:
 
 def soft_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
     """S-STE's continuous 2:4 pruning: ``sign(a)·max(|a| − t, 0)``, t the 2nd-smallest ``|a|`` per group."""
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     t = _threshold(*(jnp.abs(p) for p in _split(w, axis)))
     t = _broadcast_group(t, axis, w.shape[axis])
@@ -90,12 +98,14 @@ def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
 
 def mask_24(w: Float[Array, "..."], axis: int = 0) -> Bool[Array, "..."]:
     """Hard top-2-by-magnitude mask, exactly 2 ``True`` per group; ties go to the higher index."""
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     return _merge(_keep_flags(w, axis), axis)
 
 
 def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
     """``w * mask_24(w)``: the forward weight of hard STE and SR-STE."""
+    w = jnp.asarray(w)
     return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
 
 
@@ -110,6 +120,7 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
     Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
     before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
     """
+    w = jnp.asarray(w)
     s = soft_threshold_24(w, axis).astype(jnp.float32)
     w = w.astype(jnp.float32)
     m = jnp.max(jnp.abs(s))
@@ -171,6 +182,7 @@ def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[A
 
     ``E[mvue_24(key, g)] == g`` over keys. The draws use two uniforms per group.
     """
+    g = jnp.asarray(g)
     axis = check_groupable(g, axis)
     x = [p.astype(jnp.float32) for p in _split(g, axis)]
     a = [jnp.abs(xk) + _EPS for xk in x]
@@ -260,6 +272,7 @@ def compress_24(
     Returns ``values`` (half the length along ``axis``, kept entries in index order) and ``meta``
     (one uint8 per group: ``idx0 | idx1 << 2``).
     """
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     idx0, idx1 = _kept_indices(w, axis)
     parts = _split(w, axis)
@@ -271,9 +284,17 @@ def compress_24(
 def decompress_24(
     values: Shaped[Array, "..."], meta: UInt8[Array, "..."], axis: int = 0
 ) -> Shaped[Array, "..."]:
-    """Exact inverse of `compress_24` for 2:4-sparse input."""
+    """Exact inverse of `compress_24` for 2:4-sparse input.
+
+    Every ``meta`` byte must be a code `compress_24` writes (``idx0 | idx1 << 2``, ``idx0 < idx1``):
+    otherwise this raises (eagerly) or, under tracing, puts NaN in the groups of invalid bytes.
+    """
+    values, meta = jnp.asarray(values), jnp.asarray(meta)
     if meta.dtype != jnp.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
+    check_axis(axis)
+    if not -values.ndim <= axis < values.ndim:
+        raise ValueError(f"axis {axis} is out of range for values of shape {values.shape}")
     axis %= values.ndim
     expected = values.shape[:axis] + (values.shape[axis] // 2,) + values.shape[axis + 1 :]
     if values.shape[axis] % 2 or meta.shape != expected:
@@ -286,7 +307,29 @@ def decompress_24(
     idx0, idx1 = (meta & 3).astype(jnp.int32), (meta >> 2).astype(jnp.int32)
     zero = jnp.zeros((), values.dtype)
     parts = [jnp.where(idx0 == k, v0, jnp.where(idx1 == k, v1, zero)) for k in range(4)]
+    valid = _valid_meta(meta)
+    if not isinstance(valid, jax.core.Tracer):
+        if not bool(jnp.all(valid)):
+            bad = np.argwhere(~np.asarray(valid))
+            first = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"meta has {len(bad)} invalid byte(s) (first: {int(np.asarray(meta)[first])} at index {first}); "
+                f"compress_24 writes only idx0 | idx1 << 2 with idx0 < idx1, i.e. {list(_META_CODES)}"
+            )
+    elif jnp.issubdtype(values.dtype, jnp.inexact):
+        nan = jnp.full((), jnp.nan, values.dtype)
+        parts = [jnp.where(valid, p, nan) for p in parts]
     return _merge(parts, axis)
+
+
+_META_CODES = tuple(i | j << 2 for i, j in itertools.combinations(range(4), 2))
+
+
+def _valid_meta(meta: jax.Array) -> jax.Array:
+    valid = meta == _META_CODES[0]
+    for code in _META_CODES[1:]:
+        valid = valid | (meta == code)
+    return valid
 
 
 def _transposable_patterns() -> np.ndarray:
@@ -303,6 +346,7 @@ _PATTERNS = _transposable_patterns()
 
 def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols"]:
     """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE)."""
+    w = jnp.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"transposable_mask_24 needs a 2-D array, got shape {w.shape}")
     check_groupable(w, 0)

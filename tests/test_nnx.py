@@ -293,3 +293,11 @@ def test_sparse_linear_with_zero_init_needs_beta():
         sparse_nnx.SparseLinear(8, 4, kernel_init=zeros, rngs=nnx.Rngs(0))
     layer = sparse_nnx.SparseLinear(8, 4, kernel_init=zeros, beta=1.5, rngs=nnx.Rngs(0))
     assert float(layer.beta[...]) == 1.5 and layer.beta[...].dtype == jnp.float32
+
+
+def test_mvue_layer_runs_inference_on_any_token_count():
+    layer = sparse_nnx.SparseLinear(8, 4, config=SparsityConfig(mvue=True), rngs=nnx.Rngs(0))
+    for tokens in (1, 3):
+        assert layer(jnp.ones((tokens, 8))).shape == (tokens, 4)
+    with pytest.raises(ValueError, match="token count 3 must be divisible by 4"):
+        nnx.grad(lambda m: m(jnp.ones((3, 8))).sum())(layer)

@@ -257,3 +257,14 @@ def test_spec_refuses_leaves_whose_beta_cannot_be_fitted():
     assert float(spec["a/kernel"].beta) == 1.5
     spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels(), sste_jax.SparsityConfig(method="ste"))
     assert sorted(spec) == ["a/kernel", "b/kernel", "c/kernel"]
+
+
+def test_apply_sparsity_refuses_a_spec_made_for_other_shapes():
+    params = {"a": {"kernel": _normal(8, 16)}}
+    spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels())
+    assert spec["a/kernel"].shape == (8, 16)
+    with pytest.raises(ValueError, match=r"a/kernel: leaf of shape \(16, 16\).*made for shape \(8, 16\)"):
+        sste_jax.apply_sparsity({"a": {"kernel": _normal(16, 16)}}, spec)
+    with pytest.raises(ValueError, match=r"made for shape \(8, 16\)"):
+        sste_jax.spec_weights({"a": {"kernel": _normal(8, 8)}}, spec)
+    sste_jax.apply_sparsity(params, spec)

@@ -610,3 +610,49 @@ def test_beta_problem_names_the_reason():
     assert np.isnan(float(jax.jit(lambda k: initial_beta(k, 0, "x"))(jnp.zeros((8, 4)))))
     traced = jax.jit(lambda k: initial_beta(k, 0, "x"))(w)
     assert float(traced) == float(sste_jax.fit_beta(w))
+
+
+# ---------------------------------------------------------------- unclear inputs made clear
+
+
+@pytest.mark.parametrize("name", list(_FNS))
+def test_python_lists_are_accepted(name):
+    w = _rand((8, 4), np.float32, seed=3)
+    for got, want in zip(jax.tree.leaves(_FNS[name](w.tolist(), 0)), jax.tree.leaves(_FNS[name](jnp.asarray(w), 0))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(sste_jax.transposable_mask_24(w[:4].tolist())), np.asarray(sste_jax.transposable_mask_24(w[:4]))
+    )
+
+
+@pytest.mark.parametrize("name", list(_FNS))
+@pytest.mark.parametrize("axis", [None, 0.0, True])
+def test_axis_must_be_an_int(name, axis):
+    with pytest.raises(TypeError, match="axis must be an int"):
+        _FNS[name](jnp.ones((8, 4), jnp.float32), axis)
+
+
+def test_decompress_bad_shapes_and_axis():
+    with pytest.raises(ValueError, match=r"out of range.*shape \(\)"):
+        sste_jax.decompress_24(jnp.float32(1.0), jnp.uint8(4))
+    with pytest.raises(ValueError, match="out of range"):
+        sste_jax.decompress_24(jnp.ones((4, 4)), jnp.full((2, 4), 4, jnp.uint8), axis=2)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        sste_jax.decompress_24(jnp.ones((4, 4)), jnp.full((2, 4), 4, jnp.uint8), axis=None)
+
+
+def test_decompress_validates_meta_bytes():
+    w = jnp.asarray(_rand((8, 12), np.float32, seed=4))
+    values, meta = sste_jax.compress_24(w)
+    assert set(np.unique(np.asarray(meta)).tolist()) <= {4, 8, 9, 12, 13, 14}
+    for bad in (0, 5, 6, 7, 15, 255):
+        broken = meta.at[1, 2].set(bad)
+        with pytest.raises(ValueError, match=rf"1 invalid byte.*first: {bad} at index \(1, 2\)"):
+            sste_jax.decompress_24(values, broken)
+        # Traced: the groups of invalid bytes come out NaN, every other group exactly.
+        out = np.asarray(jax.jit(sste_jax.decompress_24)(values, broken))
+        want = np.asarray(sste_jax.decompress_24(values, meta))
+        assert np.isnan(out[4:8, 2]).all() and not np.isnan(np.delete(out, 2, axis=1)).any()
+        np.testing.assert_array_equal(out[:4], want[:4])
+    np.testing.assert_array_equal(np.asarray(jax.jit(sste_jax.decompress_24)(values, meta)),
+                                  np.asarray(sste_jax.hard_threshold_24(w)))
