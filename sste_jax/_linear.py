@@ -15,10 +15,13 @@ that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`).
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
@@ -60,6 +63,20 @@ class SparsityConfig:
     matmul: Literal["xla", "cusparselt"] = "xla"
 
     def __post_init__(self):
+        for name in ("method", "backend", "matmul"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"SparsityConfig.{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("mvue", "fp8"):
+            value = getattr(self, name)
+            if not isinstance(value, bool | np.bool_):
+                raise TypeError(f"SparsityConfig.{name} must be True or False, got {value!r} ({type(value).__name__})")
+            object.__setattr__(self, name, bool(value))
+        for name in ("srste_decay", "masked_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+                raise TypeError(f"SparsityConfig.{name} must be a real number, got {value!r} ({type(value).__name__})")
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"SparsityConfig.{name} must be >= 0 and finite, got {value!r}")
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.backend not in _BACKENDS:
@@ -68,9 +85,6 @@ class SparsityConfig:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
         if self.matmul == "cusparselt" and self.method == "dense":
             raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
-        for name in ("srste_decay", "masked_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     @property
     def sparse(self) -> bool:
@@ -90,7 +104,9 @@ def forward_weight(
     For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
     """
+    kernel = jnp.asarray(kernel)
     check_mask(kernel, config, mask)
+    check_beta(beta)
     if config.method == "dense":
         return kernel
     if config.method == "tsrste":
@@ -115,6 +131,40 @@ def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None
         raise ValueError("method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose")
     if mask.shape != kernel.shape or mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool of the kernel's shape {kernel.shape}, got {mask.dtype} {mask.shape}")
+
+
+def check_beta(beta) -> None:
+    """Raises unless ``beta`` is a scalar (β is one number per weight)."""
+    shape = np.shape(beta)
+    if shape != ():
+        raise ValueError(f"beta must be a scalar (one per kernel), got an array of shape {tuple(shape)}")
+
+
+def check_key(key) -> None:
+    """Raises unless ``key`` is one PRNG key: a typed key of shape ``()`` or a raw uint32 key of shape ``(2,)``."""
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(
+                f"the MVUE key must be a single PRNG key, got a batch of keys of shape {shape}; "
+                "fold the step and layer into one key instead"
+            )
+        return
+    if dtype != jnp.uint32 or shape != (2,):
+        what = f"{dtype}{list(shape)}" if dtype is not None else type(key).__name__
+        raise TypeError(
+            f"the MVUE key must be a PRNG key (jax.random.key(seed)) or a raw uint32[2] key, got {what} {key!r}"[:300]
+        )
+
+
+def check_mvue_tokens(tokens: int) -> None:
+    """Raises unless the token count suits MVUE, which groups 4 consecutive tokens of the output gradient."""
+    if tokens % 4:
+        raise ValueError(
+            f"MVUE (SparsityConfig(mvue=True)) groups 4 consecutive tokens of the output gradient: the token "
+            f"count {tokens} must be divisible by 4 to differentiate (the forward pass takes any count); pad the "
+            "batch or differentiate with mvue=False"
+        )
 
 
 def srste_term(kernel: jax.Array, decay: float, axis: int = 0) -> jax.Array:
@@ -161,6 +211,8 @@ def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask):
 
 def _sparse_matmul_bwd(config, residuals, g_TxO):
     x_TxI, kernel_IxO, w_IxO, beta, key, mask = residuals
+    if config.mvue:
+        check_mvue_tokens(g_TxO.shape[0])
     fmt = _fp8.BACKWARD if config.fp8 else None
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
     if config.mvue and _resolve_backend(config) == "pallas":
@@ -199,10 +251,12 @@ def sparse_dense(
       x: inputs ``(..., in)``; leading axes are flattened into the token axis.
       kernel: the dense weight ``W``, ``(in, out)``; 2:4 groups run along ``in``.
       beta: the frozen scale (used by ``"sste"`` only).
-      key: PRNG key for MVUE (required when ``config.mvue``); fold in the step and the layer.
+      key: PRNG key for MVUE (required when ``config.mvue``); fold in the step and the layer. MVUE
+        acts in the backward pass only, which needs the token count divisible by 4.
       config: a `SparsityConfig`.
       mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
     """
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     if kernel.ndim != 2:
         raise ValueError(f"kernel must be 2-D (in, out), got shape {kernel.shape}")
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
@@ -210,15 +264,12 @@ def sparse_dense(
     if config.sparse:
         check_groupable(kernel, 0)
     check_mask(kernel, config, mask)
+    check_beta(beta)
     x_TxI = x.reshape(-1, x.shape[-1])
     if config.mvue:
         if key is None:
             raise ValueError("SparsityConfig(mvue=True) needs a PRNG key: pass key=...")
-        if x_TxI.shape[0] % 4:
-            raise ValueError(
-                f"MVUE groups 4 consecutive tokens: the token count {x_TxI.shape[0]} (x of shape {x.shape}) "
-                "must be divisible by 4"
-            )
+        check_key(key)
     else:
         key = None
     beta = jnp.asarray(beta, jnp.float32)

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float
 from sste_jax._linear import SparsityConfig, forward_weight, srste_term
 from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
-from sste_jax._sparsity import fit_beta
+from sste_jax._sparsity import initial_beta
 
 __all__ = [
     "ParamSparsity",
@@ -49,14 +49,18 @@ Path = tuple[Any, ...]
 Where = Callable[[Path, Any], int | None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["beta"], meta_fields=["axis", "config"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["beta"], meta_fields=["axis", "config", "shape"]
+)
 @dataclasses.dataclass(frozen=True)
 class ParamSparsity:
-    """How one parameter leaf is sparsified: its frozen ``beta``, grouped ``axis`` (static) and ``config``."""
+    """How one parameter leaf is sparsified: its frozen ``beta``, grouped ``axis`` (static), ``config``
+    and the ``shape`` of the leaf it was made for (checked by `apply_sparsity`; None: not checked)."""
 
     beta: Float[Array, ""]
     axis: int
     config: SparsityConfig
+    shape: tuple[int, ...] | None = None
 
 
 def _names(key_path) -> Path:
@@ -86,15 +90,18 @@ def _check_config(config: SparsityConfig) -> None:
         )
 
 
-def sparsity_spec(params: Any, where: Where, config: SparsityConfig = SparsityConfig()) -> dict[str, ParamSparsity]:
+def sparsity_spec(
+    params: Any, where: Where, config: SparsityConfig = SparsityConfig(), *, beta: float | None = None
+) -> dict[str, ParamSparsity]:
     """The spec of the leaves of ``params`` that ``where`` selects, β fitted to their current values.
 
     ``where(path, leaf)`` gets a leaf's path (a tuple of dict keys / attribute names / indices) and
     the leaf, and returns the leaf's contraction axis (the 2:4 groups run along it) or ``None`` to
     leave it dense; see `select_kernels`, `select_paths`. β is ``fit_beta(leaf, axis)`` for
-    ``"sste"`` and 1.0 for the other methods (which ignore it). Raises, naming every offending
-    leaf, if a selected leaf is not a floating array, its axis is out of range or its length along
-    the axis is not divisible by 4; and if nothing is selected. Merge specs made with different
+    ``"sste"`` (or ``beta`` if given) and 1.0 for the other methods (which ignore it). Raises,
+    naming every offending leaf, if a selected leaf is not a floating array, its axis is out of
+    range, its length along the axis is not divisible by 4 or its β cannot be fitted (all zero,
+    non-finite); and if nothing is selected. Merge specs made with different
     configs with ``{**spec_a, **spec_b}``.
     """
     _check_config(config)
@@ -121,8 +128,12 @@ def sparsity_spec(params: Any, where: Where, config: SparsityConfig = SparsityCo
             problems.append(f"{name}: two leaves have this path name")
         else:
             axis %= len(shape)
-            beta = fit_beta(leaf, axis) if config.method == "sste" else jnp.ones((), jnp.float32)
-            spec[name] = ParamSparsity(beta, axis, config)
+            try:
+                b = initial_beta(leaf, axis, name, beta) if config.method == "sste" else jnp.ones((), jnp.float32)
+            except ValueError as e:
+                problems.append(str(e))
+                continue
+            spec[name] = ParamSparsity(b, axis, config, tuple(shape))
     if problems:
         raise ValueError(
             "cannot sparsify the leaves selected by `where`:\n  " + "\n  ".join(problems)
@@ -163,9 +174,13 @@ def _matched(params: Any, spec: Mapping[str, ParamSparsity], fn: Callable[[str, 
         if name not in spec:
             return leaf
         s = spec[name]
-        shape = getattr(leaf, "shape", ())
-        if len(shape) <= s.axis or shape[s.axis] % 4:
-            raise ValueError(f"{name}: leaf of shape {shape} does not match its spec (2:4 groups along axis {s.axis})")
+        shape = tuple(getattr(leaf, "shape", ()))
+        if len(shape) <= s.axis or shape[s.axis] % 4 or (s.shape is not None and shape != tuple(s.shape)):
+            made = f", made for shape {tuple(s.shape)}" if s.shape is not None else ""
+            raise ValueError(
+                f"{name}: leaf of shape {shape} does not match its spec (2:4 groups along axis {s.axis}{made}); "
+                "build the spec from these params"
+            )
         found.add(name)
         return fn(name, leaf, s)
 

@@ -32,6 +32,7 @@ _EPS = float(np.finfo(np.float32).eps)
 
 def check_groupable(x: jax.Array, axis: int) -> int:
     """Validates ``x`` for grouping by 4 along ``axis``; returns the axis as a non-negative index."""
+    check_axis(axis)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"2:4 functions need a floating-point array, got dtype {x.dtype} (shape {x.shape})")
     if not -x.ndim <= axis < x.ndim:
@@ -42,6 +43,12 @@ def check_groupable(x: jax.Array, axis: int) -> int:
             f"2:4 groups need the length of axis {axis} to be divisible by 4; got shape {x.shape}"
         )
     return axis
+
+
+def check_axis(axis) -> None:
+    """Raises unless ``axis`` is an integer (not None, not a bool)."""
+    if isinstance(axis, bool | np.bool_) or not isinstance(axis, int | np.integer):
+        raise TypeError(f"axis must be an int, got {axis!r} ({type(axis).__name__})")
 
 
 def _split(x: jax.Array, axis: int) -> tuple[jax.Array, ...]:
@@ -71,6 +78,7 @@ def _broadcast_group(t: jax.Array, axis: int, length: int) -> jax.Array:
 
 def soft_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
     """S-STE's continuous 2:4 pruning: ``sign(a)·max(|a| − t, 0)``, t the 2nd-smallest ``|a|`` per group."""
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     t = _threshold(*(jnp.abs(p) for p in _split(w, axis)))
     t = _broadcast_group(t, axis, w.shape[axis])
@@ -90,21 +98,83 @@ def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
 
 def mask_24(w: Float[Array, "..."], axis: int = 0) -> Bool[Array, "..."]:
     """Hard top-2-by-magnitude mask, exactly 2 ``True`` per group; ties go to the higher index."""
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     return _merge(_keep_flags(w, axis), axis)
 
 
 def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
     """``w * mask_24(w)``: the forward weight of hard STE and SR-STE."""
+    w = jnp.asarray(w)
     return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
 
 
+# Within this range of max|S(W)| the float32 dot products neither overflow nor lose S(W)'s mass to
+# underflow, and `fit_beta` computes them unscaled; outside it both operands are scaled by a power of 2.
+_BETA_RANGE = (2.0**-40, 2.0**40)
+
+
 def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
-    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32 (1.0 if S(W) = 0)."""
+    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32.
+
+    Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
+    before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
+    """
+    w = jnp.asarray(w)
     s = soft_threshold_24(w, axis).astype(jnp.float32)
     w = w.astype(jnp.float32)
-    ss = jnp.vdot(s, s)
-    return jnp.where(ss > 0, jnp.vdot(w, s) / jnp.where(ss > 0, ss, 1.0), 1.0)
+    m = jnp.max(jnp.abs(s))
+    _, exponent = jnp.frexp(m)
+    unscaled = (m >= _BETA_RANGE[0]) & (m <= _BETA_RANGE[1])
+    # 2**-exponent in two exact factors (one alone can leave float32's normal range); 1 in range.
+    half = jnp.where(unscaled, 0, -exponent // 2)
+    rest = jnp.where(unscaled, 0, -exponent - half)
+    s_scaled = s * jnp.ldexp(jnp.float32(1), half) * jnp.ldexp(jnp.float32(1), rest)
+    w_scaled = w * jnp.ldexp(jnp.float32(1), half) * jnp.ldexp(jnp.float32(1), rest)
+    ss = jnp.vdot(s_scaled, s_scaled)
+    beta = jnp.where(ss > 0, jnp.vdot(w_scaled, s_scaled) / jnp.where(ss > 0, ss, 1.0), 1.0)
+    return jnp.where(jnp.all(jnp.isfinite(w)), beta, jnp.float32(jnp.nan))
+
+
+def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
+    """Why `fit_beta` cannot fit a meaningful β to ``w`` (non-finite, all zero, S(W) = 0), or None.
+
+    Only concrete arrays are checked; a traced ``w`` gives None.
+    """
+    if isinstance(w, jax.core.Tracer):
+        return None
+    w = jnp.asarray(w)
+    bad = int(w.size - jnp.sum(jnp.isfinite(w)))
+    if bad:
+        return f"{bad} of its {w.size} entries are NaN or infinite"
+    if not bool(jnp.any(w != 0)):
+        return "it is all zero"
+    if not bool(jnp.any(soft_threshold_24(w, axis) != 0)):
+        return "its soft threshold S(W) is all zero (in every group of 4 the three largest magnitudes tie)"
+    return None
+
+
+def initial_beta(w: jax.Array, axis: int, name: str, beta: float | jax.Array | None = None) -> jax.Array:
+    """The frozen β of a layer or leaf ``name``: ``beta`` if given, else `fit_beta` of ``w``.
+
+    Raises ValueError naming ``name`` when β cannot be fitted (see `beta_problem`) or ``beta`` is not a
+    finite scalar. Under tracing, an unfittable ``w`` gives a NaN β instead (it cannot raise there).
+    """
+    if beta is not None:
+        value = jnp.asarray(beta, jnp.float32)
+        if value.shape != () or not (isinstance(value, jax.core.Tracer) or bool(jnp.isfinite(value))):
+            raise ValueError(f"{name}: beta must be a finite scalar, got {beta!r}")
+        return value
+    reason = beta_problem(w, axis)
+    if reason:
+        raise ValueError(
+            f"{name}: cannot fit S-STE's β to this kernel of shape {tuple(w.shape)}: {reason}; "
+            "load the weights first, or pass beta=... explicitly"
+        )
+    fitted = fit_beta(w, axis)
+    if isinstance(fitted, jax.core.Tracer):
+        fitted = jnp.where(jnp.any(soft_threshold_24(w, axis) != 0), fitted, jnp.float32(jnp.nan))
+    return fitted
 
 
 def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
@@ -112,6 +182,7 @@ def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[A
 
     ``E[mvue_24(key, g)] == g`` over keys. The draws use two uniforms per group.
     """
+    g = jnp.asarray(g)
     axis = check_groupable(g, axis)
     x = [p.astype(jnp.float32) for p in _split(g, axis)]
     a = [jnp.abs(xk) + _EPS for xk in x]
@@ -201,6 +272,7 @@ def compress_24(
     Returns ``values`` (half the length along ``axis``, kept entries in index order) and ``meta``
     (one uint8 per group: ``idx0 | idx1 << 2``).
     """
+    w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     idx0, idx1 = _kept_indices(w, axis)
     parts = _split(w, axis)
@@ -212,9 +284,17 @@ def compress_24(
 def decompress_24(
     values: Shaped[Array, "..."], meta: UInt8[Array, "..."], axis: int = 0
 ) -> Shaped[Array, "..."]:
-    """Exact inverse of `compress_24` for 2:4-sparse input."""
+    """Exact inverse of `compress_24` for 2:4-sparse input.
+
+    Every ``meta`` byte must be a code `compress_24` writes (``idx0 | idx1 << 2``, ``idx0 < idx1``):
+    otherwise this raises (eagerly) or, under tracing, puts NaN in the groups of invalid bytes.
+    """
+    values, meta = jnp.asarray(values), jnp.asarray(meta)
     if meta.dtype != jnp.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
+    check_axis(axis)
+    if not -values.ndim <= axis < values.ndim:
+        raise ValueError(f"axis {axis} is out of range for values of shape {values.shape}")
     axis %= values.ndim
     expected = values.shape[:axis] + (values.shape[axis] // 2,) + values.shape[axis + 1 :]
     if values.shape[axis] % 2 or meta.shape != expected:
@@ -227,7 +307,29 @@ def decompress_24(
     idx0, idx1 = (meta & 3).astype(jnp.int32), (meta >> 2).astype(jnp.int32)
     zero = jnp.zeros((), values.dtype)
     parts = [jnp.where(idx0 == k, v0, jnp.where(idx1 == k, v1, zero)) for k in range(4)]
+    valid = _valid_meta(meta)
+    if not isinstance(valid, jax.core.Tracer):
+        if not bool(jnp.all(valid)):
+            bad = np.argwhere(~np.asarray(valid))
+            first = tuple(int(i) for i in bad[0])
+            raise ValueError(
+                f"meta has {len(bad)} invalid byte(s) (first: {int(np.asarray(meta)[first])} at index {first}); "
+                f"compress_24 writes only idx0 | idx1 << 2 with idx0 < idx1, i.e. {list(_META_CODES)}"
+            )
+    elif jnp.issubdtype(values.dtype, jnp.inexact):
+        nan = jnp.full((), jnp.nan, values.dtype)
+        parts = [jnp.where(valid, p, nan) for p in parts]
     return _merge(parts, axis)
+
+
+_META_CODES = tuple(i | j << 2 for i, j in itertools.combinations(range(4), 2))
+
+
+def _valid_meta(meta: jax.Array) -> jax.Array:
+    valid = meta == _META_CODES[0]
+    for code in _META_CODES[1:]:
+        valid = valid | (meta == code)
+    return valid
 
 
 def _transposable_patterns() -> np.ndarray:
@@ -244,6 +346,7 @@ _PATTERNS = _transposable_patterns()
 
 def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols"]:
     """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE)."""
+    w = jnp.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"transposable_mask_24 needs a 2-D array, got shape {w.shape}")
     check_groupable(w, 0)

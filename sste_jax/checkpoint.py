@@ -2,9 +2,11 @@
 
 A training state is any pytree: ``nnx.state(model)`` (β included), ``nnx.state(optimizer)``, the
 step, a typed PRNG key (stored as its key data), a `FlipState`. Saves are atomic (orbax writes a
-temporary directory and renames it) and never replace an existing step; a missing, truncated or
-mismatched checkpoint raises `FileNotFoundError` / `CheckpointError` naming the path and what is
-wrong, and is never written to.
+temporary directory and renames it) and never replace an existing step; every array's CRC32 is
+stored with it and checked at restore. A missing, truncated, corrupt or mismatched checkpoint
+raises `FileNotFoundError` / `CheckpointError` naming the path and what is wrong, and is never
+written to; `restore_latest` falls back to the newest checkpoint that verifies. A failed write
+(e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from sste_jax import checkpoint
@@ -17,9 +19,14 @@ wrong, and is never written to.
 """
 
 import gc
+import json
 import os
 import pathlib
+import re
+import shutil
 import sys
+import warnings
+import zlib
 from typing import Any
 
 import jax
@@ -34,12 +41,14 @@ from jaxtyping import Array, Float, Shaped, UInt8
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
-from sste_jax._sparsity import compress_24, decompress_24
+from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "save_checkpoint",
     "restore_checkpoint",
+    "restore_latest",
     "checkpoint_steps",
     "Packed24",
     "CompressedLinear",
@@ -52,6 +61,16 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed."""
+
+
+_CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's CRC32
+_CHECKSUM_FILE = "checksums.json"
+_EXPORT_FILE = "sste_export.json"  # an export's checksums and per-layer settings
+_DELETING = ".sste-deleting-"  # a step being rotated away is renamed to this prefix first
 
 
 def _path_name(path: tuple) -> str:
@@ -81,9 +100,85 @@ def _from_array(value, like):
     return value
 
 
+def _check_narrowing(name: str, leaf) -> None:
+    """Raises if a 64-bit host leaf would lose range when stored as 32-bit (JAX without x64)."""
+    if jax.config.jax_enable_x64 or _is_prng_key(leaf) or isinstance(leaf, jax.Array):
+        return
+    if isinstance(leaf, bool):
+        return
+    if isinstance(leaf, int):
+        if not -(2**31) <= leaf < 2**31:
+            raise ValueError(
+                f"state leaf {name!r} = {leaf} does not fit the int32 it would be stored as; "
+                "store it as a string or split it, or enable jax_enable_x64"
+            )
+        return
+    a = np.asarray(leaf) if isinstance(leaf, np.ndarray | np.generic | float) else None
+    if a is None or a.dtype.itemsize != 8:
+        return
+    if a.dtype.kind == "f":
+        with np.errstate(over="ignore", under="ignore"):
+            narrow = a.astype(np.float32)
+        lost = (np.isfinite(a) & ~np.isfinite(narrow)) | ((a != 0) & (narrow == 0))
+    elif a.dtype.kind in "iu":
+        info = np.iinfo(np.int32 if a.dtype.kind == "i" else np.uint32)
+        lost = (a < info.min) | (a > info.max)
+    else:
+        return
+    if np.any(lost):
+        first = a.reshape(-1)[np.argmax(lost.reshape(-1))]
+        raise ValueError(
+            f"state leaf {name!r} ({a.dtype}{list(a.shape)}) would be stored as 32-bit and lose "
+            f"{int(np.sum(lost))} value(s), e.g. {first!r}; convert it yourself or enable jax_enable_x64"
+        )
+
+
+def _crc32(array) -> int:
+    return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
+
+
+def _checksums(flat: dict[str, Any]) -> dict:
+    """``{"algorithm": "crc32", "arrays": {name: crc}}`` of the stored arrays (one host read each)."""
+    arrays = {}
+    for name, a in flat.items():
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            continue  # another process holds part of it: not checked
+        if isinstance(a, np.ndarray | np.generic) and jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
+            a = np.asarray(a).astype(jax.dtypes.canonicalize_dtype(a.dtype))  # as JAX will store it
+        arrays[name] = _crc32(a)
+    return {"algorithm": "crc32", "arrays": arrays}
+
+
+def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict[str, Any]) -> None:
+    """Raises `CheckpointError` naming the first array whose bytes do not match its stored CRC32."""
+    if checksums is None:
+        return  # written before checksums existed
+    if checksums.get("algorithm") != "crc32" or not isinstance(checksums.get("arrays"), dict):
+        raise CheckpointError(f"checkpoint {path}: its checksum file is malformed")
+    for name, want in checksums["arrays"].items():
+        if name in restored and _crc32(restored[name]) != want:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: array {name!r} does not match its stored checksum "
+                f"(crc32 {_crc32(restored[name]):#010x}, stored {want:#010x})"
+            )
+
+
+def _read_json(path: pathlib.Path, file: pathlib.Path, required: bool) -> dict | None:
+    if not file.is_file():
+        if required:
+            raise CheckpointError(f"checkpoint {path} is incomplete: {file} is missing")
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: {file} is unreadable ({_first_line(e)})") from None
+
+
 def _flatten(tree) -> tuple[dict[str, Any], list, Any]:
     """``({"a/b/c": stored array}, original leaves, treedef)`` of a pytree."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+        _check_narrowing(_path_name(path), leaf)
     flat = {_path_name(path): _as_array(leaf) for path, leaf in leaves}
     if len(flat) != len(leaves):
         raise ValueError("two leaves of the state have the same path name; checkpoints need unique names")
@@ -122,46 +217,127 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0].split(' See full')[0][:300] if text else ''}"
 
 
-def _manager(directory: pathlib.Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
-    )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    handlers = {"default": ocp.StandardCheckpointHandler(), _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE)}
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def _step_problem(step_dir: pathlib.Path) -> str | None:
+    """Why a committed step folder is not intact (a file of its layout is missing), or None.
+
+    Cheap: checks that the files orbax and this module write are present, without reading arrays.
+    """
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    try:
+        items = json.loads(meta.read_text()).get("item_handlers") or {"default": None}
+    except (OSError, ValueError):
+        return f"{meta} is missing or unreadable"
+    items = items if isinstance(items, dict) else {"default": items}
+    required = []
+    if "default" in items:
+        store = step_dir / "default"
+        processes = sorted(store.glob("ocdbt.process_*"))
+        required += [store / "_METADATA", store / "manifest.ocdbt"] + [p / "manifest.ocdbt" for p in processes]
+        if not processes:
+            required.append(store / "ocdbt.process_0")
+    if _CHECKSUMS in items:
+        required.append(step_dir / _CHECKSUMS / _CHECKSUM_FILE)
+    missing = [str(f.relative_to(step_dir)) for f in required if not f.exists()]
+    return f"{', '.join(missing)} missing (a half-written or half-deleted step)" if missing else None
+
+
+def _all_steps(directory: pathlib.Path) -> list[int]:
+    """Every committed step folder under ``directory``, intact or not."""
+    return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
-    """The steps with a finished checkpoint under ``directory`` (``[]`` if there is none)."""
+    """The steps with a committed, intact checkpoint under ``directory`` (``[]`` if there is none).
+
+    A step missing any file of its layout (e.g. left half-deleted by an interrupted rotation) is
+    not listed; the arrays' bytes are verified by `restore_checkpoint`.
+    """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         return []
-    return sorted(_manager(directory).all_steps())
+    return [s for s in _all_steps(directory) if _step_problem(directory / str(s)) is None]
+
+
+def _is_write_failure(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("rrno", "No space left", "File too large", "Disk quota", "RESOURCE_EXHAUSTED"))
+
+
+def _write_failed(e: Exception, what: str, partial: list[pathlib.Path]) -> None:
+    """Removes the ``partial`` folders of a failed write; raises `CheckpointWriteError` for I/O failures."""
+    for p in partial:
+        shutil.rmtree(p, ignore_errors=True)
+    if _is_write_failure(e):
+        errno = getattr(e, "errno", None)
+        if errno is None:
+            found = re.search(r"os_error_code='(\d+)'|\[Errno (\d+)\]", str(e))
+            errno = int(found.group(1) or found.group(2)) if found else None
+        message = f"{what} failed, partial files removed: {_first_line(e)}"
+        raise (CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)) from e
+    raise e
+
+
+def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
+    """Deletes the oldest steps beyond ``max_to_keep``: each is first renamed away (atomic), so an
+    interrupted deletion never leaves a half-deleted step that looks like a checkpoint."""
+    for old in _all_steps(directory)[:-max_to_keep]:
+        doomed = directory / f"{_DELETING}{old}"
+        os.rename(directory / str(old), doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in directory.glob(f"{_DELETING}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save_checkpoint(
     directory: str | os.PathLike, step: int, state: Any, *, max_to_keep: int | None = None
 ) -> pathlib.Path:
-    """Saves ``state`` as ``directory/<step>``, atomically; returns that path.
+    """Saves ``state`` as ``directory/<step>``, atomically, with a CRC32 per array; returns that path.
 
     Raises `FileExistsError` if ``step`` is not newer than every checkpoint already there (nothing
     is overwritten). ``max_to_keep`` deletes the oldest checkpoints beyond that count. Leaves are
-    stored by path name (``"model/blocks/0/fc1/kernel"``); Python scalars as JAX (32-bit) arrays.
+    stored by path name (``"model/blocks/0/fc1/kernel"``); Python scalars as JAX (32-bit) arrays,
+    and a 64-bit NumPy or Python value that 32 bits cannot hold (1e300, 2**40) raises ValueError
+    (unless ``jax_enable_x64``). A failed write raises `CheckpointWriteError` (an ``OSError``)
+    after removing its temporary folder.
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:
         raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if max_to_keep is not None and (int(max_to_keep) != max_to_keep or max_to_keep < 1):
+        raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
     step = int(step)
-    manager = _manager(directory, max_to_keep)
-    steps = manager.all_steps()
+    flat, _, _ = _flatten(state)
+    directory.mkdir(parents=True, exist_ok=True)
+    steps = _all_steps(directory)
     if steps and step <= max(steps):
         raise FileExistsError(
             f"cannot save step {step} in {directory}: it already holds step(s) up to {max(steps)}; "
             "checkpoints are never overwritten"
         )
-    flat, _, _ = _flatten(state)
-    if not manager.save(step, args=ocp.args.StandardSave(_nest(flat))):
-        raise CheckpointError(f"orbax declined to save step {step} in {directory}")
-    manager.wait_until_finished()
-    manager.close()
+    checksums = _checksums(flat)
+    manager = _manager(directory)
+    try:
+        args = ocp.args.Composite(default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)})
+        if not manager.save(step, args=args):
+            raise CheckpointError(f"orbax declined to save step {step} in {directory}")
+        manager.wait_until_finished()
+    except Exception as e:
+        partial = [p for p in directory.glob(f"{step}.orbax-checkpoint-tmp*")]
+        if (directory / str(step)).exists() and _step_problem(directory / str(step)):
+            partial.append(directory / str(step))
+        _write_failed(e, f"saving step {step} in {directory}", partial)
+    finally:
+        manager.close()
+    if max_to_keep is not None:
+        _rotate(directory, int(max_to_keep))
     return directory / str(step)
 
 
@@ -197,9 +373,11 @@ def _quietly(path: pathlib.Path, what: str, read):
     raise CheckpointError(message)
 
 
-def _restore_from(path: pathlib.Path, store: pathlib.Path, read_metadata, read, target: Any) -> Any:
+def _restore_from(
+    path: pathlib.Path, store: pathlib.Path, read_metadata, read, target: Any, checksums: dict | None
+) -> Any:
     """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
-    shapes and dtypes against ``target``, then reads."""
+    shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
     flat, like, treedef = _flatten(target)
     _verify_store(path, store)
     metadata = _quietly(path, "reading its metadata", read_metadata)
@@ -222,6 +400,7 @@ def _restore_from(path: pathlib.Path, store: pathlib.Path, read_metadata, read, 
                 f"but the target is {a.dtype}{list(a.shape)}"
             )
     restored = _unnest(_quietly(path, "reading the arrays", lambda: read(_nest(abstract))))
+    _verify_checksums(path, checksums, restored)
     leaves = [_from_array(restored[n], leaf) for n, leaf in zip(flat, like)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -231,26 +410,58 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | No
 
     ``target`` is a state of the right structure, e.g. freshly built; its arrays' shardings are
     used for the restored arrays. Raises `FileNotFoundError` when there is no such checkpoint and
-    `CheckpointError` when it is truncated, corrupt or does not match ``target``.
+    `CheckpointError` when it is incomplete, truncated, corrupt (an array's bytes do not match
+    their stored CRC32) or does not match ``target``.
     """
     directory = pathlib.Path(directory).absolute()
-    steps = checkpoint_steps(directory)
+    steps = _all_steps(directory) if directory.is_dir() else []
     if not steps:
         raise FileNotFoundError(f"no checkpoint found in {directory}")
     step = max(steps) if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; it holds steps {steps}")
+    path = directory / str(step)
+    problem = _step_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {problem}; restore_latest falls back to an older one")
+    checksums = _read_json(path, path / _CHECKSUMS / _CHECKSUM_FILE, required=(path / _CHECKSUMS).exists())
     manager = _manager(directory)
     try:
         return _restore_from(
-            directory / str(step),
-            directory / str(step) / "default",
-            lambda: manager.item_metadata(step),
-            lambda abstract: manager.restore(step, args=ocp.args.StandardRestore(abstract)),
+            path,
+            path / "default",
+            lambda: manager.item_metadata(step)["default"],
+            lambda abstract: manager.restore(step, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract)))[
+                "default"
+            ],
             target,
+            checksums,
         )
     finally:
         manager.close()
+
+
+def restore_latest(directory: str | os.PathLike, target: Any) -> tuple[int, Any]:
+    """``(step, state)`` of the newest checkpoint under ``directory`` that restores and verifies.
+
+    For resuming: a newer checkpoint that is incomplete, truncated or corrupt is skipped with a
+    warning naming it and why. Raises `FileNotFoundError` if there is no checkpoint, and
+    `CheckpointError` listing every failure if none restores (also when ``target`` does not match).
+    """
+    directory = pathlib.Path(directory).absolute()
+    steps = _all_steps(directory) if directory.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint found in {directory}")
+    failures = []
+    for step in reversed(steps):
+        try:
+            state = restore_checkpoint(directory, target, step)
+        except CheckpointError as e:
+            failures.append(f"step {step}: {e}")
+            warnings.warn(f"skipping checkpoint {directory / str(step)}: {e}", RuntimeWarning, stacklevel=2)
+            continue
+        return step, state
+    raise CheckpointError(f"no checkpoint in {directory} restores:\n  " + "\n  ".join(failures))
 
 
 class Packed24(nnx.Variable):
@@ -351,34 +562,75 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
 
+def _compressed_layers(model: nnx.Module) -> dict[str, "CompressedLinear"]:
+    return {
+        "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)
+    }
+
+
 def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathlib.Path:
     """Saves an inference copy of ``model`` (2:4 layers compressed by `compress_layers`) with orbax.
 
-    ``directory`` must not exist (nothing is overwritten); ``model`` itself is left unchanged.
-    Load it with `load_compressed`.
+    ``directory`` must not exist (nothing is overwritten); ``model`` itself is left unchanged. The
+    export is written to a temporary sibling folder and renamed into place, with each array's CRC32
+    and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
+    `load_compressed`. A failed write raises `CheckpointWriteError` and leaves nothing behind.
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists():
         raise FileExistsError(f"cannot export to {directory}: it already exists")
-    flat, _, _ = _flatten(nnx.state(compress_layers(nnx.clone(model))))
-    _checkpointer().save(directory, args=ocp.args.StandardSave(_nest(flat)))
+    compressed = compress_layers(nnx.clone(model))
+    flat, _, _ = _flatten(nnx.state(compressed))
+    info = {
+        "checksums": _checksums(flat),
+        "layers": {name: {"fp8": bool(layer.fp8)} for name, layer in _compressed_layers(compressed).items()},
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.sste-export-tmp-{os.getpid()}"
+    try:
+        _checkpointer().save(tmp, args=ocp.args.StandardSave(_nest(flat)))
+        with open(tmp / _EXPORT_FILE, "w") as f:
+            json.dump(info, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, directory)
+    except Exception as e:
+        partial = [tmp, *directory.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")]
+        _write_failed(e, f"exporting to {directory}", partial)
     return directory
 
 
 def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Module:
     """Loads an `export_compressed` directory into ``model``, a freshly built model sparsified with
-    the same configs (any weights): its sparse layers become `CompressedLinear`; returns it."""
+    the same configs (any weights): its sparse layers become `CompressedLinear`; returns it.
+
+    Each layer takes the exported ``fp8`` setting. Everything is read and verified (checksums,
+    metadata bytes) on a copy first: on any error ``model`` is left exactly as it was.
+    """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"no exported model at {directory}")
-    compress_layers(model)
+    info = _read_json(directory, directory / _EXPORT_FILE, required=False)  # older exports have none
+    if info is not None and not isinstance(info.get("layers"), dict):
+        raise CheckpointError(f"exported model {directory}: {_EXPORT_FILE} is malformed")
+    settings = info["layers"] if info is not None else {}
+    target = compress_layers(nnx.clone(model))
     checkpointer = _checkpointer()
     state = _restore_from(
         directory,
         directory,
         lambda: checkpointer.metadata(directory).item_metadata,
         lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
-        nnx.state(model),
+        nnx.state(target),
+        info["checksums"] if info is not None else None,
     )
+    nnx.update(target, state)
+    for name, layer in _compressed_layers(target).items():
+        if not bool(jnp.all(_valid_meta(layer.meta[...]))):
+            raise CheckpointError(f"exported model {directory}: {name}/meta holds bytes compress_24 never writes")
+    compress_layers(model)
     nnx.update(model, state)
+    for name, layer in _compressed_layers(model).items():
+        if name in settings:
+            layer.fp8 = bool(settings[name]["fp8"])
     return model

@@ -23,7 +23,7 @@ from flax import linen as nn
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, sparse_dense
-from sste_jax._sparsity import fit_beta
+from sste_jax._sparsity import initial_beta
 
 __all__ = ["SparseDense", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
 
@@ -42,12 +42,20 @@ def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
         raise ValueError(f"{name}: a per-layer precision is not supported; use jax.default_matmul_precision")
 
 
-def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: SparsityConfig):
-    """``nn.Dense.__call__`` with the product replaced by `sparse_dense`; runs in ``module``'s scope."""
+def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: SparsityConfig, fixed_beta=None):
+    """``nn.Dense.__call__`` with the product replaced by `sparse_dense`; runs in ``module``'s scope.
+
+    β is created (fitted, or ``fixed_beta``) only while ``"sparsity"`` is mutable; a kernel whose β
+    cannot be fitted raises there, naming the layer.
+    """
     _check(module, inputs.shape[-1], config)
     kernel = module.param("kernel", module.kernel_init, (inputs.shape[-1], module.features), module.param_dtype)
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
-    initial = (lambda: fit_beta(kernel)) if config.method == "sste" else (lambda: jnp.ones((), jnp.float32))
+    name = "/".join(module.path) or type(module).__name__
+    if config.method == "sste":
+        initial = lambda: initial_beta(kernel, 0, name, fixed_beta)  # noqa: E731
+    else:
+        initial = lambda: jnp.ones((), jnp.float32)  # noqa: E731
     beta = module.variable("sparsity", "beta", initial)
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     key = module.make_rng("sparsity") if config.mvue else None
@@ -60,15 +68,17 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
 class SparseDense(nn.Dense):
     """Drop-in ``nn.Dense`` with a 2:4 sparse forward weight (`sste_jax.sparse_dense`).
 
-    Same fields as ``nn.Dense`` plus ``config``; same ``params``; β in ``"sparsity"/beta`` (1.0 for
-    methods other than ``"sste"``, which ignore it).
+    Same fields as ``nn.Dense`` plus ``config`` and ``beta``; same ``params``; β in ``"sparsity"/beta``
+    (1.0 for methods other than ``"sste"``, which ignore it), fitted to the initial kernel unless
+    ``beta`` is given (an all-zero or non-finite kernel cannot be fitted and raises).
     """
 
     config: SparsityConfig = SparsityConfig()
+    beta: float | None = None
 
     @nn.compact
     def __call__(self, inputs: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
-        return _sparse_call(self, inputs, self.config)
+        return _sparse_call(self, inputs, self.config, self.beta)
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
@@ -94,12 +104,15 @@ def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
 
 
 @contextlib.contextmanager
-def sparsify_dense(config: SparsityConfig = SparsityConfig(), where: Where = feed_forward) -> Iterator[None]:
+def sparsify_dense(
+    config: SparsityConfig = SparsityConfig(), where: Where = feed_forward, *, beta: float | None = None
+) -> Iterator[None]:
     """Within this context, the ``nn.Dense`` calls selected by ``where(module.path, module)`` are 2:4 sparse.
 
     An unmodified Linen model gets `SparseDense`'s behaviour and variables (β in ``"sparsity"``):
     wrap both its ``init`` (or `fit_sparsity`) and every ``apply`` in the context. A selected layer
-    that cannot be sparsified (contraction length not divisible by 4) raises, naming it.
+    that cannot be sparsified (contraction length not divisible by 4, or a kernel whose β cannot be
+    fitted) raises, naming it; ``beta`` sets every new β instead of fitting it.
 
     >>> import jax, jax.numpy as jnp
     >>> model = nn.Sequential([nn.Dense(8), nn.Dense(4)])
@@ -120,7 +133,7 @@ def sparsify_dense(config: SparsityConfig = SparsityConfig(), where: Where = fee
             return next_fun(*args, **kwargs)
         if kwargs or len(args) != 1:
             raise TypeError(f"{'/'.join(module.path)}: nn.Dense takes one positional input")
-        return _sparse_call(module, args[0], config)
+        return _sparse_call(module, args[0], config, beta)
 
     with nn.intercept_methods(interceptor):
         yield

@@ -34,7 +34,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
-from sste_jax._sparsity import fit_beta, transposable_mask_24
+from sste_jax._sparsity import fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
     "SparsityBeta",
@@ -69,10 +69,11 @@ def _initial_mask(kernel: jax.Array, config: SparsityConfig):
     return SparsityMask(transposable_mask_24(kernel)) if config.method == "tsrste" else nnx.data(None)
 
 
-def _initial_beta(kernel: jax.Array, config: SparsityConfig) -> jax.Array:
-    """`fit_beta` of the kernel for ``"sste"``; 1.0 for the other methods, which ignore β."""
+def _initial_beta(kernel: jax.Array, config: SparsityConfig, name: str, beta=None) -> jax.Array:
+    """``beta`` or `fit_beta` of the kernel for ``"sste"`` (raising if it cannot be fitted); 1.0 for the
+    other methods, which ignore β."""
     if config.method == "sste":
-        return fit_beta(kernel)
+        return initial_beta(kernel, 0, name, beta)
     return jnp.ones((), jnp.float32)
 
 
@@ -91,7 +92,8 @@ class SparseLinear(nnx.Linear):
 
     Same constructor and parameters (``kernel``, ``bias``) as ``nnx.Linear``, plus ``config``; the
     frozen scale ``beta`` (`SparsityBeta`) is fitted to the initial kernel (1.0 for methods other than
-    ``"sste"``, which ignore it). With ``config.mvue`` the layer forks an MVUE key stream from
+    ``"sste"``, which ignore it), or given as ``beta=`` (e.g. for a zero-initialised kernel, whose β
+    cannot be fitted and raises). With ``config.mvue`` the layer forks an MVUE key stream from
     ``rngs`` (``"sparsity"``, else ``"default"``). Products use the global
     ``jax.default_matmul_precision``; a per-layer ``precision``, ``dot_general`` or
     ``preferred_element_type`` is rejected.
@@ -103,7 +105,15 @@ class SparseLinear(nnx.Linear):
     ((3, 4), True)
     """
 
-    def __init__(self, in_features: int, out_features: int, *, config: SparsityConfig = SparsityConfig(), **kwargs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        config: SparsityConfig = SparsityConfig(),
+        beta: float | jax.Array | None = None,
+        **kwargs,
+    ):
         if not isinstance(config, SparsityConfig):
             raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
         super().__init__(in_features, out_features, **kwargs)
@@ -111,7 +121,8 @@ class SparseLinear(nnx.Linear):
         if reason:
             raise ValueError(f"SparseLinear({in_features}, {out_features}): {reason}")
         self.config = config
-        self.beta = SparsityBeta(_initial_beta(self.kernel[...], config))
+        name = f"SparseLinear({in_features}, {out_features})"
+        self.beta = SparsityBeta(_initial_beta(self.kernel[...], config, name, beta))
         self.mask = _initial_mask(self.kernel[...], config)
         self.rngs = _mvue_stream(kwargs["rngs"], config)
 
@@ -184,8 +195,8 @@ def _path_str(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
 
 
-def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs) -> SparseLinear:
-    """A `SparseLinear` holding ``layer``'s own kernel and bias variables, β fitted to them now."""
+def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs, beta: jax.Array) -> SparseLinear:
+    """A `SparseLinear` holding ``layer``'s own kernel and bias variables, with the given β."""
     sparse = SparseLinear(
         layer.in_features,
         layer.out_features,
@@ -202,7 +213,7 @@ def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs) -> SparseLinear:
     if layer.use_bias:
         sparse.bias = layer.bias
     sparse.config = config
-    sparse.beta = SparsityBeta(_initial_beta(layer.kernel[...], config))
+    sparse.beta = SparsityBeta(beta)
     sparse.mask = _initial_mask(layer.kernel[...], config)
     sparse.rngs = _mvue_stream(rngs, config)
     return sparse
@@ -224,6 +235,7 @@ def sparsify(
     where: Where = feed_forward,
     *,
     rngs: nnx.Rngs | nnx.RngStream | None = None,
+    beta: float | jax.Array | None = None,
 ) -> nnx.Module:
     """Swaps, in place, the ``nnx.Linear`` layers selected by ``where`` for `SparseLinear`; returns ``model``.
 
@@ -231,11 +243,13 @@ def sparsify(
     dense checkpoints load by name) and fits β to the current kernel. Layers already sparse are left
     alone. ``where(path, layer)`` selects layers by their path in the model (a tuple of attribute
     names and indices) and the layer itself; presets: `feed_forward` (default) and `all_linear`.
-    ``rngs`` seeds the MVUE key streams (required when ``config.mvue``).
+    ``rngs`` seeds the MVUE key streams (required when ``config.mvue``). ``beta`` sets every new
+    layer's β instead of fitting it.
 
     Raises:
       ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
-        not divisible by 4), before anything is changed; or when ``where`` selects no layer.
+        not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
+        anything is changed; or when ``where`` selects no layer.
     """
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
@@ -246,6 +260,13 @@ def sparsify(
     ]
     chosen = [(path, layer) for path, layer in linears if where(path, layer)]
     problems = [f"{_path_str(path)}: {reason}" for path, layer in chosen if (reason := _unsupported(layer, config))]
+    betas = {}
+    if not problems:
+        for path, layer in chosen:
+            try:
+                betas[path] = _initial_beta(layer.kernel[...], config, _path_str(path), beta)
+            except ValueError as e:
+                problems.append(str(e))
     if problems:
         raise ValueError("cannot sparsify the selected layers:\n  " + "\n  ".join(problems))
     if not chosen:
@@ -256,7 +277,7 @@ def sparsify(
     for path, layer in chosen:
         if not path:
             raise ValueError("the model itself is an nnx.Linear: build a SparseLinear instead")
-        _set_child(model, path, _to_sparse(layer, config, rngs))
+        _set_child(model, path, _to_sparse(layer, config, rngs, betas[path]))
     return model
 
 

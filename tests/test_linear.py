@@ -140,6 +140,35 @@ def test_default_config():
         cfg.method = "ste"
 
 
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("srste_decay", float("nan"), ValueError),
+        ("srste_decay", -1e-4, ValueError),
+        ("masked_decay", float("inf"), ValueError),
+        ("masked_decay", -float("inf"), ValueError),
+        ("srste_decay", "0.1", TypeError),
+        ("masked_decay", True, TypeError),
+        ("mvue", "yes", TypeError),
+        ("mvue", 1, TypeError),
+        ("fp8", 1, TypeError),
+        ("fp8", None, TypeError),
+        ("method", None, TypeError),
+        ("backend", 0, TypeError),
+        ("matmul", ["xla"], TypeError),
+    ],
+)
+def test_config_rejects_bad_fields_naming_them(field, value, error):
+    with pytest.raises(error, match=field):
+        SparsityConfig(**{field: value})
+
+
+def test_config_accepts_numpy_scalars():
+    cfg = SparsityConfig(mvue=np.bool_(True), srste_decay=np.float32(1e-3), masked_decay=0)
+    assert cfg.mvue is True and cfg == SparsityConfig(mvue=True, srste_decay=np.float32(1e-3), masked_decay=0.0)
+    hash(cfg)
+
+
 # ---------------------------------------------------------------- MVUE
 
 
@@ -181,11 +210,53 @@ def test_mvue_weight_gradient_is_unbiased():
 def test_mvue_bad_input():
     x, w, _ = _data(seed=6, t=6)
     cfg = SparsityConfig(mvue=True)
-    with pytest.raises(ValueError, match="6"):
-        sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match="token count 6 must be divisible by 4"):
+        jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, jax.random.key(0), cfg).sum())(jnp.asarray(w))
     x, w, _ = _data(seed=6)
     with pytest.raises((ValueError, TypeError), match="key"):
         sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, None, cfg)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 6])
+def test_mvue_forward_takes_any_token_count(tokens):
+    # MVUE acts only in the backward pass: inference (e.g. one token at a time) needs no multiple of 4.
+    x, w, _ = _data(seed=6, t=tokens)
+    x, w = jnp.asarray(x), jnp.asarray(w)
+    y = sste_jax.sparse_dense(x, w, _BETA, jax.random.key(0), SparsityConfig(mvue=True))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(sste_jax.sparse_dense(x, w, _BETA)))
+
+
+@pytest.mark.parametrize(
+    "key, error, match",
+    [
+        (3, TypeError, "PRNG key.*int"),
+        (np.uint32(5), TypeError, "uint32"),
+        (jnp.zeros((3,), jnp.uint32), TypeError, r"uint32\[3\]"),
+        (jax.random.split(jax.random.key(0), 3), ValueError, r"batch of keys of shape \(3,\)"),
+    ],
+)
+def test_bad_mvue_keys_fail_in_the_forward_call(key, error, match):
+    x, w, _ = _data(seed=6)
+    with pytest.raises(error, match=match):
+        sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, key, SparsityConfig(mvue=True))
+    # A legacy raw uint32[2] key works, forward and backward.
+    raw = jax.random.PRNGKey(0)
+    jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, raw, SparsityConfig(mvue=True)).sum())(jnp.asarray(w))
+
+
+def test_beta_must_be_a_scalar():
+    x, w, _ = _data(seed=6)
+    for beta in (jnp.ones(2), [1.0, 2.0], jnp.ones((1, 1))):
+        with pytest.raises(ValueError, match=r"beta must be a scalar.*shape \("):
+            sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), beta)
+        with pytest.raises(ValueError, match="beta must be a scalar"):
+            sste_jax.forward_weight(jnp.asarray(w), beta, SparsityConfig())
+
+
+def test_array_likes_are_accepted():
+    x, w, _ = _data(seed=6)
+    y = sste_jax.sparse_dense(x.tolist(), w.tolist(), 1.0)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0)))
 
 
 # ---------------------------------------------------------------- batch axes, transforms, dtypes

@@ -154,3 +154,31 @@ def test_mvue_keys_come_from_the_sparsity_rng_stream():
     assert not np.array_equal(grad(jax.random.key(5)), grad(jax.random.key(6)))
     with pytest.raises(flax.errors.InvalidRngError, match="sparsity"):
         layer.apply(variables, x_TxI)
+
+
+def test_init_refuses_a_kernel_whose_beta_cannot_be_fitted():
+    x = jnp.ones((2, 8))
+    layer = sparse_linen.SparseDense(4, kernel_init=nn.initializers.zeros)
+    with pytest.raises(ValueError, match=r"SparseDense.*all zero.*load the weights first, or pass beta"):
+        layer.init(jax.random.key(0), x)
+    assert float(sparse_linen.SparseDense(4, kernel_init=nn.initializers.zeros, beta=1.5).init(
+        jax.random.key(0), x)["sparsity"]["beta"]) == 1.5
+    # Traced init cannot raise: β is NaN, never a silent 1.0.
+    assert np.isnan(float(jax.jit(layer.init)(jax.random.key(0), x)["sparsity"]["beta"]))
+    model = nn.Sequential([nn.Dense(8, kernel_init=nn.initializers.zeros), nn.Dense(4)])
+    with sparse_linen.sparsify_dense(where=sparse_linen.all_dense):
+        with pytest.raises(ValueError, match="layers_0.*all zero"):
+            model.init(jax.random.key(0), x)
+    with sparse_linen.sparsify_dense(where=sparse_linen.all_dense, beta=1.25):
+        v = model.init(jax.random.key(0), x)
+    assert float(v["sparsity"]["layers_0"]["beta"]) == 1.25
+
+
+def test_fit_sparsity_refuses_non_finite_weights():
+    model = nn.Sequential([nn.Dense(8), nn.Dense(4)])
+    x = jnp.ones((2, 8))
+    params = model.init(jax.random.key(0), x)["params"]
+    params["layers_1"]["kernel"] = params["layers_1"]["kernel"].at[1, 1].set(jnp.inf)
+    with sparse_linen.sparsify_dense(where=sparse_linen.all_dense):
+        with pytest.raises(ValueError, match="layers_1.*NaN or infinite"):
+            sparse_linen.fit_sparsity(model, params, x)

@@ -269,3 +269,35 @@ def test_refit_beta_sets_sste_betas_only():
     ste = sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig(method="ste"))
     assert sparse_nnx.refit_beta(ste) == 0
     assert all(float(layer.beta[...]) == 1.0 for layer in _sparse_layers(ste).values())
+
+
+def test_sparsify_refuses_a_kernel_whose_beta_cannot_be_fitted():
+    model = _Transformer(nnx.Rngs(0))
+    model.blocks[1].mlp.fc.kernel[...] = jnp.zeros_like(model.blocks[1].mlp.fc.kernel[...])
+    model.blocks[0].mlp.proj.kernel[...] = model.blocks[0].mlp.proj.kernel[...].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError) as info:
+        sparse_nnx.sparsify(model)
+    msg = str(info.value)
+    assert "blocks/1/mlp/fc" in msg and "all zero" in msg and "blocks/0/mlp/proj" in msg and "NaN" in msg, msg
+    assert "load the weights first, or pass beta" in msg
+    assert not _sparse_layers(model)  # nothing changed
+    sparse_nnx.sparsify(model, beta=1.25)
+    assert all(float(m.beta[...]) == 1.25 for m in _sparse_layers(model).values())
+    # Other methods ignore β: a zero kernel is fine for them.
+    sparse_nnx.sparsify(_Transformer(nnx.Rngs(0)), SparsityConfig(method="ste"), where=lambda p, m: True)
+
+
+def test_sparse_linear_with_zero_init_needs_beta():
+    zeros = nnx.initializers.zeros
+    with pytest.raises(ValueError, match=r"SparseLinear\(8, 4\).*all zero.*pass beta"):
+        sparse_nnx.SparseLinear(8, 4, kernel_init=zeros, rngs=nnx.Rngs(0))
+    layer = sparse_nnx.SparseLinear(8, 4, kernel_init=zeros, beta=1.5, rngs=nnx.Rngs(0))
+    assert float(layer.beta[...]) == 1.5 and layer.beta[...].dtype == jnp.float32
+
+
+def test_mvue_layer_runs_inference_on_any_token_count():
+    layer = sparse_nnx.SparseLinear(8, 4, config=SparsityConfig(mvue=True), rngs=nnx.Rngs(0))
+    for tokens in (1, 3):
+        assert layer(jnp.ones((tokens, 8))).shape == (tokens, 4)
+    with pytest.raises(ValueError, match="token count 3 must be divisible by 4"):
+        nnx.grad(lambda m: m(jnp.ones((3, 8))).sum())(layer)

@@ -182,11 +182,15 @@ def test_spec_survives_orbax_round_trip(tmp_path):
         assert restored[name].beta.dtype == jnp.float32
 
 
+def _normal(*shape):
+    return jax.random.normal(jax.random.key(0), shape)  # all-ones kernels have S(W) = 0: no β to fit
+
+
 def test_selectors():
     params = {
         "wte": {"embedding": jnp.ones((12, 8))},
-        "h_0": {"attn": {"kernel": jnp.ones((8, 8))}, "mlp": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones((16,))}},
-        "scan": {"mlp": {"kernel": jnp.ones((2, 8, 16))}},
+        "h_0": {"attn": {"kernel": _normal(8, 8)}, "mlp": {"kernel": _normal(8, 16), "bias": jnp.ones((16,))}},
+        "scan": {"mlp": {"kernel": _normal(2, 8, 16)}},
     }
     spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels())
     assert sorted(spec) == ["h_0/attn/kernel", "h_0/mlp/kernel"]
@@ -206,7 +210,7 @@ def test_selectors():
 def test_errors_name_the_leaf():
     params = {
         "a": {"kernel": jnp.ones((6, 8))},
-        "b": {"kernel": jnp.ones((8, 8))},
+        "b": {"kernel": _normal(8, 8)},
         "n": {"kernel": jnp.ones((8, 8), jnp.int32)},
     }
     with pytest.raises(ValueError, match=r"a/kernel: length 6 of axis 0 in shape \(6, 8\)") as e:
@@ -240,3 +244,27 @@ def test_docs_example_runs_as_printed(capsys):
     code, expected = re.search(r"```python\n(.*?)```\n.*?```text\n(.*?)```", DOC.read_text(), re.S).groups()
     exec(compile(code, str(DOC), "exec"), {"__name__": "any_model"})
     assert capsys.readouterr().out == expected
+
+
+def test_spec_refuses_leaves_whose_beta_cannot_be_fitted():
+    params = {"a": {"kernel": jnp.zeros((8, 4))}, "b": {"kernel": jnp.ones((8, 4)).at[0, 0].set(jnp.nan)},
+              "c": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    with pytest.raises(ValueError) as info:
+        sste_jax.sparsity_spec(params, sste_jax.select_kernels())
+    msg = str(info.value)
+    assert "a/kernel" in msg and "all zero" in msg and "b/kernel" in msg and "NaN" in msg and "pass beta" in msg, msg
+    spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels(path="a"), beta=1.5)
+    assert float(spec["a/kernel"].beta) == 1.5
+    spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels(), sste_jax.SparsityConfig(method="ste"))
+    assert sorted(spec) == ["a/kernel", "b/kernel", "c/kernel"]
+
+
+def test_apply_sparsity_refuses_a_spec_made_for_other_shapes():
+    params = {"a": {"kernel": _normal(8, 16)}}
+    spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels())
+    assert spec["a/kernel"].shape == (8, 16)
+    with pytest.raises(ValueError, match=r"a/kernel: leaf of shape \(16, 16\).*made for shape \(8, 16\)"):
+        sste_jax.apply_sparsity({"a": {"kernel": _normal(16, 16)}}, spec)
+    with pytest.raises(ValueError, match=r"made for shape \(8, 16\)"):
+        sste_jax.spec_weights({"a": {"kernel": _normal(8, 8)}}, spec)
+    sste_jax.apply_sparsity(params, spec)

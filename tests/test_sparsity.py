@@ -551,3 +551,108 @@ def test_mvue_draws_are_jax_random_uniform_bit_for_bit():
         np.asarray(jax.jit(jax.vmap(lambda k: _uniform(k, (2, 4, 8))))(batch)),
         np.asarray(jax.vmap(lambda k: jax.random.uniform(k, (2, 4, 8)))(batch)),
     )
+
+
+# ---------------------------------------------------------------- β edge cases
+
+
+def _old_fit_beta(w, axis=0):
+    """`fit_beta` as it was before its rescaling: the normal-range result must not change by a bit."""
+    s = sste_jax.soft_threshold_24(w, axis).astype(jnp.float32)
+    w = w.astype(jnp.float32)
+    ss = jnp.vdot(s, s)
+    return jnp.where(ss > 0, jnp.vdot(w, s) / jnp.where(ss > 0, ss, 1.0), 1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.float16])
+@pytest.mark.parametrize("shape, axis", [((8, 4), 0), ((768, 256), 0), ((256, 96), 1), ((3, 16, 8), 1)])
+def test_fit_beta_is_bit_identical_to_the_unscaled_formula(shape, axis, dtype):
+    jitted = jax.jit(sste_jax.fit_beta, static_argnums=1)
+    old_jitted = jax.jit(_old_fit_beta, static_argnums=1)
+    for seed, scale in enumerate([1e-3, 0.02, 1.0, 30.0]):
+        w = jnp.asarray((_rand(shape, np.float32, seed) * scale).astype(dtype))
+        assert np.asarray(sste_jax.fit_beta(w, axis)).tobytes() == np.asarray(_old_fit_beta(w, axis)).tobytes()
+        assert np.asarray(jitted(w, axis)).tobytes() == np.asarray(old_jitted(w, axis)).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_fit_beta_is_scale_invariant_and_finite(dtype):
+    w = jnp.asarray(_rand((768, 256), np.float32, seed=7).astype(dtype))
+    beta = float(sste_jax.fit_beta(w))
+    for k in (-100, -66, -40, -20, 20, 40, 63, 100):  # powers of 2 scale exactly: β must not move
+        assert float(sste_jax.fit_beta(w * jnp.asarray(2.0**k, dtype))) == beta, k
+    for scale in (1e-20, 1e-30, 1e19, 1e30):
+        b = float(sste_jax.fit_beta(w.astype(jnp.float32) * np.float32(scale)))
+        assert abs(b - beta) < 1e-5 * beta, (scale, b)
+
+
+def test_fit_beta_non_finite_is_nan():
+    w = jnp.asarray(_rand((8, 4), np.float32))
+    for bad in (np.nan, np.inf, -np.inf):
+        assert np.isnan(float(sste_jax.fit_beta(w.at[3, 1].set(bad))))
+    assert np.isnan(float(jax.jit(sste_jax.fit_beta)(w.at[0, 0].set(np.nan))))
+
+
+def test_beta_problem_names_the_reason():
+    from sste_jax._sparsity import beta_problem, initial_beta
+
+    w = jnp.asarray(_rand((8, 4), np.float32))
+    assert beta_problem(w) is None
+    assert "all zero" in beta_problem(jnp.zeros((8, 4)))
+    assert "S(W)" in beta_problem(jnp.ones((8, 4)))
+    assert "1 of its 32" in beta_problem(w.at[0, 0].set(np.nan))
+    with pytest.raises(ValueError, match=r"blocks/0/fc1.*all zero.*load the weights first, or pass beta"):
+        initial_beta(jnp.zeros((8, 4)), 0, "blocks/0/fc1")
+    assert float(initial_beta(jnp.zeros((8, 4)), 0, "x", beta=1.5)) == 1.5
+    with pytest.raises(ValueError, match="finite scalar"):
+        initial_beta(w, 0, "x", beta=float("nan"))
+    # Traced: cannot raise, so an unfittable kernel gives a NaN β (never a silent 1.0).
+    assert np.isnan(float(jax.jit(lambda k: initial_beta(k, 0, "x"))(jnp.zeros((8, 4)))))
+    traced = jax.jit(lambda k: initial_beta(k, 0, "x"))(w)
+    assert float(traced) == float(sste_jax.fit_beta(w))
+
+
+# ---------------------------------------------------------------- unclear inputs made clear
+
+
+@pytest.mark.parametrize("name", list(_FNS))
+def test_python_lists_are_accepted(name):
+    w = _rand((8, 4), np.float32, seed=3)
+    for got, want in zip(jax.tree.leaves(_FNS[name](w.tolist(), 0)), jax.tree.leaves(_FNS[name](jnp.asarray(w), 0))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(sste_jax.transposable_mask_24(w[:4].tolist())), np.asarray(sste_jax.transposable_mask_24(w[:4]))
+    )
+
+
+@pytest.mark.parametrize("name", list(_FNS))
+@pytest.mark.parametrize("axis", [None, 0.0, True])
+def test_axis_must_be_an_int(name, axis):
+    with pytest.raises(TypeError, match="axis must be an int"):
+        _FNS[name](jnp.ones((8, 4), jnp.float32), axis)
+
+
+def test_decompress_bad_shapes_and_axis():
+    with pytest.raises(ValueError, match=r"out of range.*shape \(\)"):
+        sste_jax.decompress_24(jnp.float32(1.0), jnp.uint8(4))
+    with pytest.raises(ValueError, match="out of range"):
+        sste_jax.decompress_24(jnp.ones((4, 4)), jnp.full((2, 4), 4, jnp.uint8), axis=2)
+    with pytest.raises(TypeError, match="axis must be an int"):
+        sste_jax.decompress_24(jnp.ones((4, 4)), jnp.full((2, 4), 4, jnp.uint8), axis=None)
+
+
+def test_decompress_validates_meta_bytes():
+    w = jnp.asarray(_rand((8, 12), np.float32, seed=4))
+    values, meta = sste_jax.compress_24(w)
+    assert set(np.unique(np.asarray(meta)).tolist()) <= {4, 8, 9, 12, 13, 14}
+    for bad in (0, 5, 6, 7, 15, 255):
+        broken = meta.at[1, 2].set(bad)
+        with pytest.raises(ValueError, match=rf"1 invalid byte.*first: {bad} at index \(1, 2\)"):
+            sste_jax.decompress_24(values, broken)
+        # Traced: the groups of invalid bytes come out NaN, every other group exactly.
+        out = np.asarray(jax.jit(sste_jax.decompress_24)(values, broken))
+        want = np.asarray(sste_jax.decompress_24(values, meta))
+        assert np.isnan(out[4:8, 2]).all() and not np.isnan(np.delete(out, 2, axis=1)).any()
+        np.testing.assert_array_equal(out[:4], want[:4])
+    np.testing.assert_array_equal(np.asarray(jax.jit(sste_jax.decompress_24)(values, meta)),
+                                  np.asarray(sste_jax.hard_threshold_24(w)))
