@@ -131,3 +131,20 @@ def test_runner_names_failed_runs_and_their_logs(tmp_path):
         runner.run_jobs([ok, bad], parallel=2, progress=False, poll=0.05)
     assert "usage" in (tmp_path / "ok" / "log.txt").read_text()
     assert "--no-such-flag" in (tmp_path / "bad" / "log.txt").read_text()
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
+    straight = _fit(tmp_path / "straight", _task())
+    _fit(tmp_path / "split", _task(), until=4)  # checkpoints 2 and 4
+    files = sorted(p for p in (tmp_path / "split" / "ckpt" / "4").rglob("*") if p.is_file() and "checksum" not in str(p))
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data_ = bytearray(victim.read_bytes())
+    data_[len(data_) // 2] ^= 0x10  # one flipped bit in the array data
+    victim.write_bytes(bytes(data_))
+    resumed = _fit(tmp_path / "split", _task(), resume=True)
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "4.damaged" in err and (tmp_path / "split" / "ckpt" / "4.damaged").is_dir()
+    for a, b in zip(jax.tree.leaves(straight["params"]), jax.tree.leaves(resumed["params"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    steps = [r["step"] for r in records.read_records(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "train"]
+    assert steps == list(range(1, 9))  # the records after step 2 were rewritten, once

@@ -14,7 +14,8 @@ evaluation); the run's identity is a `Run`. `fit` then:
   state is written, so the rotation never replaces finite checkpoints with diverged ones;
 - on Ctrl-C or SIGTERM writes the pending metrics, saves a checkpoint and re-raises
   `KeyboardInterrupt` (a second signal while saving only prints a note);
-- resumes bit-identically: batches are a function of the step, and the checkpoint holds the
+- resumes bit-identically from the newest checkpoint that verifies (a damaged newer one is skipped,
+  with a warning naming it): batches are a function of the step, and the checkpoint holds the
   parameters, the layers' state (β, masks, MVUE key counters), the optimizer and the flip masks.
 
 Records: see `experiments.common.records`.
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -259,7 +261,14 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     train_step = make_train_step(task.loss_fn, schedule, tx)
     state = initial_state(model, tx)
     if resume and checkpoint.checkpoint_steps(ckpt_dir):
-        state = checkpoint.restore_checkpoint(ckpt_dir, state)
+        with warnings.catch_warnings(record=True) as skipped:
+            warnings.simplefilter("always")
+            restored, state = checkpoint.restore_latest(ckpt_dir, state)
+        for w in skipped:
+            print(f"warning: {w.message}", file=sys.stderr)
+        for newer in (p for p in ckpt_dir.iterdir() if p.name.isdigit() and int(p.name) > restored):
+            newer.rename(newer.with_name(f"{newer.name}.damaged"))  # kept for inspection, never restored
+            print(f"warning: moved the damaged checkpoint {newer} to {newer.name}.damaged", file=sys.stderr)
     start = int(state["step"])
     if start >= steps and metrics_path.exists() and any(r.get("kind") == "final" for r in read_records(metrics_path)):
         return state
