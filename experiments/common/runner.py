@@ -3,7 +3,7 @@
 Each `Job` is a command (a task's train module) with its work directory; its output goes to
 ``<workdir>/log.txt``. Progress is the sum of the steps the runs have logged (read from the tail of
 their metrics files). Ctrl-C or SIGTERM sends SIGTERM to the runs (each saves a checkpoint; rerun
-the same command to resume them) and waits for them. A failed run does not stop the others; at the
+the same command to resume them), waits for them and exits with status 130. A failed run does not stop the others; at the
 end `RunsFailed` names every failed run and its log.
 
 Single-threaded pinned processes are faster in total than multi-threaded ones on a few cores, and
@@ -140,11 +140,12 @@ def run_jobs(jobs: list[Job], parallel: int | None = None, *, single_thread: boo
             bar.set_postfix_str(f"{finished}/{len(jobs)} done, {len(active)} running, {len(failed)} failed",
                                 refresh=False)
             bar.update(min(bar.total, sum(started.values()) + done_steps + running) - bar.n)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
-        print("\nstopping the runs (each saves a checkpoint); rerun the same command to resume", file=sys.stderr)
+        print(f"\n{e or 'SIGINT'}: stopping the runs (each saves a checkpoint); rerun the same command to resume",
+              file=sys.stderr)
         stop_all()
-        raise
+        sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, old)
     bar.close()
