@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Literal
 
 import jax
@@ -92,6 +93,19 @@ class SparsityConfig:
         return self.method != "dense"
 
 
+def check_config(config, where: str, argument: str = "config") -> None:
+    """Raises `TypeError` unless ``config`` is a `SparsityConfig`; ``where`` and ``argument`` name the
+    call and its argument. A dict (e.g. read from JSON) is the usual mistake: the message shows the fix."""
+    if isinstance(config, SparsityConfig):
+        return
+    if isinstance(config, Mapping):
+        fix = f"build it with sste_jax.SparsityConfig(**d), here SparsityConfig(**{dict(config)!r})"
+    else:
+        fix = "build one with sste_jax.SparsityConfig(method=..., ...)"
+    got = f"{type(config).__name__} {dict(config) if isinstance(config, Mapping) else config!r}"
+    raise TypeError(f"{where}: {argument} must be a sste_jax.SparsityConfig, got {got[:200]}; {fix[:300]}")
+
+
 def forward_weight(
     kernel: Float[Array, "in out"],
     beta: Float[Array, ""] | float,
@@ -104,6 +118,7 @@ def forward_weight(
     For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
     """
+    check_config(config, "forward_weight")
     kernel = jnp.asarray(kernel)
     check_mask(kernel, config, mask)
     check_beta(beta)
@@ -256,6 +271,7 @@ def sparse_dense(
       config: a `SparsityConfig`.
       mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
     """
+    check_config(config, "sparse_dense")
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     if kernel.ndim != 2:
         raise ValueError(f"kernel must be 2-D (in, out), got shape {kernel.shape}")

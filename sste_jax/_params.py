@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, forward_weight, srste_term
+from sste_jax._linear import SparsityConfig, check_config, forward_weight, srste_term
 from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
 from sste_jax._sparsity import initial_beta
@@ -73,8 +73,7 @@ def _path_str(path: Path) -> str:
 
 
 def _check_config(config: SparsityConfig) -> None:
-    if not isinstance(config, SparsityConfig):
-        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    check_config(config, "sparsity_spec")
     layer_only = [f for f, on in (("mvue=True", config.mvue), ("fp8=True", config.fp8)) if on]
     if config.matmul != "xla":
         layer_only.append(f"matmul={config.matmul!r}")

@@ -7,6 +7,8 @@ stored with it and checked at restore. A missing, truncated, corrupt or mismatch
 raises `FileNotFoundError` / `CheckpointError` naming the path and what is wrong, and is never
 written to; `restore_latest` falls back to the newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
+Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
+the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from sste_jax import checkpoint
@@ -18,6 +20,7 @@ written to; `restore_latest` falls back to the newest checkpoint that verifies. 
 (3, True)
 """
 
+import dataclasses
 import gc
 import json
 import os
@@ -46,6 +49,7 @@ from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
 __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
+    "CheckpointConfigError",
     "save_checkpoint",
     "restore_checkpoint",
     "restore_latest",
@@ -61,6 +65,10 @@ __all__ = [
 
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target."""
+
+
+class CheckpointConfigError(CheckpointError):
+    """The checkpoint's sparse layers (which layers, their method and settings) differ from the target's."""
 
 
 class CheckpointWriteError(OSError):
@@ -161,6 +169,69 @@ def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict
                 f"checkpoint {path} is corrupt: array {name!r} does not match its stored checksum "
                 f"(crc32 {_crc32(restored[name]):#010x}, stored {want:#010x})"
             )
+
+
+_LAYERS = "sparse_layers"  # the key, in the checksum item, of the sparse-layer record
+
+
+def _sparse_layers(tree) -> dict[str, dict]:
+    """``{layer path: {"beta": bool, "config": {...}}}`` of the sparse layers derivable from ``tree``.
+
+    ``"beta"``: the layer has a ``beta`` leaf in ``tree`` (an NNX `SparseLinear` state, a Linen
+    ``"sparsity"`` collection, a `ParamSparsity`); ``"config"`` (the `SparsityConfig` as a dict) only
+    for the layers of NNX modules held in ``tree`` itself (an ``nnx.State`` does not carry configs).
+    """
+    layers: dict[str, dict] = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        head, _, last = _path_name(path).rpartition("/")
+        if last == "beta":
+            layers[head] = {"beta": True}
+    is_module = lambda x: isinstance(x, nnx.Module)  # noqa: E731
+    for prefix, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_module)[0]:
+        if not is_module(node):
+            continue
+        for path, layer in sparse_modules(node):
+            name = "/".join(n for n in (_path_name(prefix), "/".join(str(p) for p in path)) if n)
+            layers.setdefault(name, {"beta": False})["config"] = dataclasses.asdict(layer.config)
+    return layers
+
+
+def _compared(config: dict) -> dict:
+    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, and the decay
+    its method uses. ``backend`` and ``matmul`` (how the same product is computed) may change."""
+    fields = ["method", "mvue", "fp8"]
+    fields += {"srste": ["srste_decay"], "tsrste": ["masked_decay"]}.get(config.get("method"), [])
+    return {f: config[f] for f in fields if f in config}
+
+
+def _check_layers(path: pathlib.Path, record: dict | None, target: Any) -> None:
+    """Raises `CheckpointConfigError` naming each sparse layer whose presence or compared config fields
+    differ between the checkpoint's ``record`` and ``target``; a checkpoint without a record passes."""
+    if record is None or _LAYERS not in record:
+        return  # written before sparse layers were recorded
+    stored = record[_LAYERS]
+    if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+        raise CheckpointError(f"checkpoint {path}: its sparse-layer record is malformed")
+    wanted = _sparse_layers(target)
+    problems = []
+    for name in sorted(set(stored) | set(wanted)):
+        s, t = stored.get(name, {}), wanted.get(name, {})
+        if bool(s.get("beta")) != bool(t.get("beta")):
+            where = "the checkpoint" if s.get("beta") else "the target"
+            problems.append(f"{name}: sparse (has a beta) only in {where}")
+        elif isinstance(s.get("config"), dict) and "config" in t:
+            a, b = _compared(s["config"]), _compared(t["config"])
+            diff = [f"{f}={a.get(f)!r} in the checkpoint, {b.get(f)!r} in the target"
+                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f) and f in a and f in b]
+            if diff:
+                problems.append(f"{name}: " + ", ".join(diff))
+    if problems:
+        shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
+        raise CheckpointConfigError(
+            f"checkpoint {path} was saved from differently sparsified layers than the target's:\n  "
+            + "\n  ".join(shown)
+            + "\nBuild the target with the checkpoint's configs (or pass check_layers=False to restore anyway)"
+        )
 
 
 def _read_json(path: pathlib.Path, file: pathlib.Path, required: bool) -> dict | None:
@@ -307,6 +378,13 @@ def save_checkpoint(
     and a 64-bit NumPy or Python value that 32 bits cannot hold (1e300, 2**40) raises ValueError
     (unless ``jax_enable_x64``). A failed write raises `CheckpointWriteError` (an ``OSError``)
     after removing its temporary folder.
+
+    The sparse layers are recorded next to the checksums and checked by `restore_checkpoint`: the
+    path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
+    in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`. Limit:
+    ``nnx.state(model)``, ``nnx.split`` parts and other plain pytrees carry no configs, so for them
+    only which layers are sparse is recorded: an ``"sste"`` checkpoint restores into an ``"ste"`` or
+    ``method="dense"`` `SparseLinear` target unnoticed (both have β). Save the module to record them.
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:
@@ -322,7 +400,7 @@ def save_checkpoint(
             f"cannot save step {step} in {directory}: it already holds step(s) up to {max(steps)}; "
             "checkpoints are never overwritten"
         )
-    checksums = _checksums(flat)
+    checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
     manager = _manager(directory)
     try:
         args = ocp.args.Composite(default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)})
@@ -405,13 +483,20 @@ def _restore_from(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | None = None) -> Any:
+def restore_checkpoint(
+    directory: str | os.PathLike, target: Any, step: int | None = None, *, check_layers: bool = True
+) -> Any:
     """Restores the checkpoint of ``step`` (default: the latest) with the structure of ``target``.
 
     ``target`` is a state of the right structure, e.g. freshly built; its arrays' shardings are
     used for the restored arrays. Raises `FileNotFoundError` when there is no such checkpoint and
     `CheckpointError` when it is incomplete, truncated, corrupt (an array's bytes do not match
-    their stored CRC32) or does not match ``target``.
+    their stored CRC32) or does not match ``target``; `CheckpointConfigError` (before reading any
+    array) when a layer is sparse in one but not the other, or, where both the checkpoint and
+    ``target`` hold the modules (see `save_checkpoint`), a layer's ``method``, ``mvue``, ``fp8`` or
+    the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
+    that check, e.g. to resume a run that switched a layer's method. Checkpoints written before this
+    record existed restore unchecked.
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -425,6 +510,8 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | No
     if problem:
         raise CheckpointError(f"checkpoint {path} is incomplete: {problem}; restore_latest falls back to an older one")
     checksums = _read_json(path, path / _CHECKSUMS / _CHECKSUM_FILE, required=(path / _CHECKSUMS).exists())
+    if check_layers:
+        _check_layers(path, checksums, target)
     manager = _manager(directory)
     try:
         return _restore_from(
@@ -441,12 +528,13 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any, step: int | No
         manager.close()
 
 
-def restore_latest(directory: str | os.PathLike, target: Any) -> tuple[int, Any]:
+def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: bool = True) -> tuple[int, Any]:
     """``(step, state)`` of the newest checkpoint under ``directory`` that restores and verifies.
 
     For resuming: a newer checkpoint that is incomplete, truncated or corrupt is skipped with a
     warning naming it and why. Raises `FileNotFoundError` if there is no checkpoint, and
     `CheckpointError` listing every failure if none restores (also when ``target`` does not match).
+    A `CheckpointConfigError` (sparse layers differ, see `restore_checkpoint`) is raised at once.
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -455,7 +543,9 @@ def restore_latest(directory: str | os.PathLike, target: Any) -> tuple[int, Any]
     failures = []
     for step in reversed(steps):
         try:
-            state = restore_checkpoint(directory, target, step)
+            state = restore_checkpoint(directory, target, step, check_layers=check_layers)
+        except CheckpointConfigError:
+            raise
         except CheckpointError as e:
             failures.append(f"step {step}: {e}")
             warnings.warn(f"skipping checkpoint {directory / str(step)}: {e}", RuntimeWarning, stacklevel=2)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, sparse_dense
+from sste_jax._linear import SparsityConfig, check_config, sparse_dense
 from sste_jax._sparsity import initial_beta
 
 __all__ = ["SparseDense", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
@@ -32,6 +32,7 @@ Where = Callable[[tuple[str, ...], nn.Dense], bool]
 
 def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
     name = "/".join(module.path) or type(module).__name__
+    check_config(config, name)
     if config.method == "tsrste":
         raise ValueError(f"{name}: method='tsrste' keeps a refreshed mask; use sste_jax.nnx.SparseLinear for it")
     if config.sparse and in_features % 4:
@@ -122,6 +123,7 @@ def sparsify_dense(
     >>> sorted(variables["sparsity"])
     ['layers_0', 'layers_1']
     """
+    check_config(config, "sparsify_dense")
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
+from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._sparsity import fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
@@ -114,8 +114,7 @@ class SparseLinear(nnx.Linear):
         beta: float | jax.Array | None = None,
         **kwargs,
     ):
-        if not isinstance(config, SparsityConfig):
-            raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+        check_config(config, f"SparseLinear({in_features}, {out_features})")
         super().__init__(in_features, out_features, **kwargs)
         reason = _unsupported(self, config)
         if reason:
@@ -251,8 +250,7 @@ def sparsify(
         not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
         anything is changed; or when ``where`` selects no layer.
     """
-    if not isinstance(config, SparsityConfig):
-        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    check_config(config, "sparsify")
     linears = [
         (path, node)
         for path, node in nnx.iter_graph(model)

@@ -1,8 +1,10 @@
 """Orbax checkpoints (bit-identical resume, clear errors, no overwrite) and the 2:4-compressed export."""
 
 import hashlib
+import json
 import os
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -314,3 +316,65 @@ def test_load_compressed_errors(tmp_path):
     message = r"'blocks/0/fc1/bias' is stored as float32\[128\] but the target is float32\[256\]"
     with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.load_compressed(tmp_path / "export", wider)
+
+
+def test_a_saved_module_records_its_layer_configs_and_refuses_a_differently_sparsified_target(tmp_path):
+    sste = _sparse_model(0)
+    checkpoint.save_checkpoint(tmp_path, 1, {"model": sste, "step": jnp.int32(1)})
+    record = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
+    assert sorted(record) == [f"model/blocks/{i}/{fc}" for i in (0, 1) for fc in ("fc1", "fc2")]
+    assert record["model/blocks/0/fc1"]["beta"] and record["model/blocks/0/fc1"]["config"]["method"] == "sste"
+
+    ste = {"model": _sparse_model(1, SparsityConfig(method="ste")), "step": jnp.int32(0)}
+    with pytest.raises(checkpoint.CheckpointConfigError) as info:
+        checkpoint.restore_checkpoint(tmp_path, ste)
+    message = str(info.value)
+    assert str(tmp_path / "1") in message
+    assert "model/blocks/0/fc1: method='sste' in the checkpoint, 'ste' in the target" in message
+    assert "model/blocks/1/fc2" in message
+    with pytest.raises(checkpoint.CheckpointConfigError), warnings.catch_warnings():
+        warnings.simplefilter("error")  # raised at once, not skipped as a damaged step
+        checkpoint.restore_latest(tmp_path, ste)
+    srste = {"model": _sparse_model(1, SparsityConfig(method="srste", srste_decay=1e-3)), "step": jnp.int32(0)}
+    with pytest.raises(checkpoint.CheckpointConfigError, match="method='sste' in the checkpoint, 'srste'"):
+        checkpoint.restore_checkpoint(tmp_path, srste)
+    mvue = {"model": _sparse_model(1, SparsityConfig(mvue=True)), "step": jnp.int32(0)}
+    with pytest.raises(checkpoint.CheckpointConfigError, match="mvue=False in the checkpoint, True in the target"):
+        checkpoint.restore_checkpoint(tmp_path, mvue)
+
+    restored = checkpoint.restore_checkpoint(tmp_path, ste, check_layers=False)  # opted out
+    assert int(restored["step"]) == 1
+    other_backend = {"model": _sparse_model(1, SparsityConfig(backend="pallas")), "step": jnp.int32(0)}
+    restored = checkpoint.restore_checkpoint(tmp_path, other_backend)  # how it is computed may change
+    _assert_bitwise_equal(nnx.state(restored["model"]), nnx.state(sste))
+
+
+def test_srste_decay_differences_are_refused_and_a_bare_model_state_is_recorded(tmp_path):
+    checkpoint.save_checkpoint(tmp_path, 1, _sparse_model(0, SparsityConfig(method="srste")))
+    target = _sparse_model(1, SparsityConfig(method="srste", srste_decay=1e-3))
+    with pytest.raises(checkpoint.CheckpointConfigError, match=r"blocks/0/fc1: srste_decay=0\.0002 in the checkpoint, "):
+        checkpoint.restore_checkpoint(tmp_path, target)
+
+
+def test_plain_states_record_which_layers_are_sparse(tmp_path):
+    checkpoint.save_checkpoint(tmp_path, 1, {"model": nnx.state(_sparse_model(0))})
+    half = sparse_nnx.sparsify(_Model(nnx.Rngs(1)), where=lambda path, m: path[-1] == "fc1")
+    with pytest.raises(checkpoint.CheckpointConfigError, match="model/blocks/0/fc2: sparse \\(has a beta\\) only in the checkpoint"):
+        checkpoint.restore_checkpoint(tmp_path, {"model": nnx.state(half)})
+    # The documented limit: an nnx.State carries no configs, so sste -> ste is not noticed.
+    ste = nnx.state(_sparse_model(1, SparsityConfig(method="ste")))
+    checkpoint.restore_checkpoint(tmp_path, {"model": ste})
+
+
+def test_checkpoints_without_a_layer_record_still_restore(tmp_path):
+    checkpoint.save_checkpoint(tmp_path, 1, {"model": _sparse_model(0)})
+    file = tmp_path / "1" / "sste_checksums" / "checksums.json"
+    info = json.loads(file.read_text())
+    del info["sparse_layers"]
+    file.write_text(json.dumps(info))
+    restored = checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1, SparsityConfig(method="ste"))})
+    _assert_bitwise_equal(nnx.state(restored["model"]), nnx.state(_sparse_model(0)))
+    info["sparse_layers"] = ["not", "a", "dict"]
+    file.write_text(json.dumps(info))
+    with pytest.raises(checkpoint.CheckpointError, match="sparse-layer record is malformed"):
+        checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1)})

@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import os
 
@@ -64,6 +65,75 @@ def test_cache_is_keyed_by_content(tmp_path):
     train, _ = data.token_splits(changed, tok, tmp_path)
     assert len(list((tmp_path / "tokens").iterdir())) == 4
     assert len(train) == sum(len(tok.encode(d)) + 1 for d in changed.train)
+
+
+def _damage_truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _damage_pickled(path):
+    np.save(path, np.array([1, "a"], dtype=object), allow_pickle=True)
+
+
+def _damage_out_of_vocab(path):
+    np.save(path, np.array([1, 2, 300], np.uint16))
+
+
+def _damage_not_ids(path):
+    np.save(path, np.ones((2, 3), np.float32))
+
+
+def _damage_garbage(path):
+    path.write_bytes(b"not a numpy file at all")
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_damage_truncate, "unreadable"), (_damage_pickled, "unreadable"), (_damage_out_of_vocab, "token id 300"),
+    (_damage_not_ids, "not 1-D token ids"), (_damage_garbage, "unreadable"),
+])
+def test_a_damaged_token_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, damage, why):
+    corpus, tok = data.load_corpus("synthetic"), data.get_tokenizer("byte")
+    train, val = (np.asarray(a).copy() for a in data.token_splits(corpus, tok, tmp_path))
+    path = next((tmp_path / "tokens").glob("*-train.npy"))
+    damage(path)
+    with pytest.warns(RuntimeWarning, match=f"token cache {path} is damaged: .*{why}.*; rebuilding it"):
+        again, val_again = data.token_splits(corpus, tok, tmp_path)
+    np.testing.assert_array_equal(again, train)
+    np.testing.assert_array_equal(val_again, val)
+    assert [f.suffix for f in (tmp_path / "tokens").iterdir()] == [".npy", ".npy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _OverflowingTokenizer(data.ByteTokenizer):
+    vocab_size: int = 100  # bytes >= 100 (e.g. "t" = 116) fall outside
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_ids_outside_the_tokenizer_vocabulary_raise(tmp_path, cached):
+    with pytest.raises(ValueError, match=r"train split .*'byte'.*token id \d+, outside .*\[0, 100\)"):
+        data.token_splits(data.load_corpus("synthetic"), _OverflowingTokenizer(), tmp_path if cached else None)
+    if cached:
+        assert not list((tmp_path / "tokens").iterdir())  # nothing written
+
+
+def test_gpt_refuses_concrete_ids_outside_its_vocabulary_and_jits_unchanged():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from experiments.lm.model import GPT
+
+    model = GPT(vocab_size=64, n_layer=1, n_head=2, d_model=16, seq_len=8, rngs=nnx.Rngs(0))
+    ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    for bad, value in ((64, 64), (-1, -1)):
+        with pytest.raises(ValueError, match=rf"token id {value} .*vocab_size=64"):
+            model(ids.at[1, 3].set(bad))
+        with pytest.raises(ValueError, match=rf"token id {value}"):
+            model(np.asarray(ids.at[1, 3].set(bad)))
+    assert bool(jnp.all(jnp.isfinite(model(ids))))
+    out = nnx.jit(lambda m, x: m(x))(model, ids.at[1, 3].set(64))  # traced: no check (JAX cannot raise there)
+    assert out.shape == (16, 64)
+    assert jax.eval_shape(lambda m, x: m(x), model, ids).shape == (16, 64)  # abstract ids are not checked
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():

