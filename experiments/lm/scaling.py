@@ -29,6 +29,7 @@ def plot(summaries: dict[int, dict], tokens_per_step: int, path: pathlib.Path, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lengths = sorted(summaries)
     tokens = [n * tokens_per_step / 1e6 for n in lengths]
@@ -49,6 +50,7 @@ def plot(summaries: dict[int, dict], tokens_per_step: int, path: pathlib.Path, t
     for ax, ylabel in ((left, "val loss − dense (nats)"), (right, "paired difference (nats)")):
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(tokens, [f"{t:.1f}M" for t in tokens])
         ax.set_xlabel("training tokens")
         ax.set_ylabel(ylabel)
