@@ -179,13 +179,24 @@ def _sparse_layers(tree) -> dict[str, dict]:
 
     ``"beta"``: the layer has a ``beta`` leaf in ``tree`` (an NNX `SparseLinear` state, a Linen
     ``"sparsity"`` collection, a `ParamSparsity`); ``"config"`` (the `SparsityConfig` as a dict) only
-    for the layers of NNX modules held in ``tree`` itself (an ``nnx.State`` does not carry configs).
+    for the layers of NNX modules held in ``tree`` itself, or the compared fields from the metadata of
+    a `SparsityBeta` variable (an ``nnx.State``); bare β arrays carry neither.
     """
     layers: dict[str, dict] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
         head, _, last = _path_name(path).rpartition("/")
         if last == "beta":
             layers[head] = {"beta": True}
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
+        meta = leaf.get_metadata() if is_variable(leaf) else {}
+        head, _, last = _path_name(path).rpartition("/")
+        if last == "beta" and "sparse_method" in meta:  # a SparseLinear's β names its layer's method
+            config = {"method": meta["sparse_method"], "mvue": meta["sparse_mvue"], "fp8": meta["sparse_fp8"]}
+            decay = {"srste": "srste_decay", "tsrste": "masked_decay"}.get(meta["sparse_method"])
+            if decay:
+                config[decay] = meta["sparse_decay"]
+            layers.setdefault(head, {"beta": True})["config"] = config
     is_module = lambda x: isinstance(x, nnx.Module)  # noqa: E731
     for prefix, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_module)[0]:
         if not is_module(node):
@@ -381,10 +392,10 @@ def save_checkpoint(
 
     The sparse layers are recorded next to the checksums and checked by `restore_checkpoint`: the
     path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
-    in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`. Limit:
-    ``nnx.state(model)``, ``nnx.split`` parts and other plain pytrees carry no configs, so for them
-    only which layers are sparse is recorded: an ``"sste"`` checkpoint restores into an ``"ste"`` or
-    ``method="dense"`` `SparseLinear` target unnoticed (both have β). Save the module to record them.
+    in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`; for an
+    ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
+    carries as metadata. Limit: β leaves saved as bare arrays (a Linen ``"sparsity"`` collection, a
+    parameter-path spec) record only which layers are sparse.
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:

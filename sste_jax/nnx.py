@@ -53,9 +53,19 @@ Where = Callable[[Path, nnx.Linear], bool]
 
 
 class SparsityBeta(nnx.Variable):
-    """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``."""
+    """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``.
+
+    Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
+    ``sparse_decay``), so that a checkpoint of a model's state knows its layers' methods.
+    """
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
+
+
+def _beta_variable(value, config: SparsityConfig) -> SparsityBeta:
+    decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
+    return SparsityBeta(value, sparse_method=config.method, sparse_mvue=bool(config.mvue),
+                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay))
 
 
 class SparsityMask(nnx.Variable):
@@ -121,7 +131,7 @@ class SparseLinear(nnx.Linear):
             raise ValueError(f"SparseLinear({in_features}, {out_features}): {reason}")
         self.config = config
         name = f"SparseLinear({in_features}, {out_features})"
-        self.beta = SparsityBeta(_initial_beta(self.kernel[...], config, name, beta))
+        self.beta = _beta_variable(_initial_beta(self.kernel[...], config, name, beta), config)
         self.mask = _initial_mask(self.kernel[...], config)
         self.rngs = _mvue_stream(kwargs["rngs"], config)
 
@@ -212,7 +222,7 @@ def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs, beta: jax.Array)
     if layer.use_bias:
         sparse.bias = layer.bias
     sparse.config = config
-    sparse.beta = SparsityBeta(beta)
+    sparse.beta = _beta_variable(beta, config)
     sparse.mask = _initial_mask(layer.kernel[...], config)
     sparse.rngs = _mvue_stream(rngs, config)
     return sparse
