@@ -42,6 +42,7 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
+from sste_jax._params import ParamSparsity
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
 from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
@@ -187,6 +188,10 @@ def _sparse_layers(tree) -> dict[str, dict]:
         head, _, last = _path_name(path).rpartition("/")
         if last == "beta":
             layers[head] = {"beta": True}
+    is_spec = lambda x: isinstance(x, ParamSparsity)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]:
+        if is_spec(leaf):  # a parameter-path spec entry carries its config
+            layers.setdefault(_path_name(path), {"beta": True})["config"] = dataclasses.asdict(leaf.config)
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
         meta = leaf.get_metadata() if is_variable(leaf) else {}
@@ -394,8 +399,8 @@ def save_checkpoint(
     path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
     in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`; for an
     ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
-    carries as metadata. Limit: β leaves saved as bare arrays (a Linen ``"sparsity"`` collection, a
-    parameter-path spec) record only which layers are sparse.
+    carries as metadata; for a parameter-path spec, each `ParamSparsity`'s config. Limit: β leaves
+    saved as bare arrays (a Linen ``"sparsity"`` collection) record only which layers are sparse.
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:

@@ -382,3 +382,15 @@ def test_checkpoints_without_a_layer_record_still_restore(tmp_path):
     file.write_text(json.dumps(info))
     with pytest.raises(checkpoint.CheckpointError, match="sparse-layer record is malformed"):
         checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1)})
+
+
+def test_parameter_path_specs_record_their_configs(tmp_path):
+    params = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (16, 64))}}
+    where = sste_jax.select_kernels(axis=0, path=r"mlp")
+    sste_spec = sste_jax.sparsity_spec(params, where=where)
+    checkpoint.save_checkpoint(tmp_path, 1, {"params": params, "spec": sste_spec})
+    restored = checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": sste_spec})
+    assert float(restored["spec"]["mlp/kernel"].beta) == float(sste_spec["mlp/kernel"].beta)
+    ste_spec = sste_jax.sparsity_spec(params, where=where, config=SparsityConfig(method="ste"))
+    with pytest.raises(checkpoint.CheckpointConfigError, match="spec/mlp/kernel: method='sste' in the checkpoint, 'ste'"):
+        checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": ste_spec})
