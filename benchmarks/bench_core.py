@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import sste_jax
 from sste_jax import SparsityConfig
 
-GOALS = {"sste": 1.15, "sste+mvue": 1.3}  # fwd+bwd time / dense fwd+bwd time (issue 2)
+GOALS = {"sste": 1.15, "sste+mvue": 1.3}  # fwd+bwd time / dense fwd+bwd time: the core's cost budget on CPU
 
 
 def _cpu_model() -> str:

@@ -1,4 +1,4 @@
-"""cuSPARSELt 2:4 GEMMs vs ``jnp.dot`` dense on the same GPU, in the same process (issue 7).
+"""cuSPARSELt 2:4 GEMMs vs ``jnp.dot`` dense on the same GPU, in the same process.
 
 1. GEMMs: 8192³ and the GPT-2 124M/350M/774M FFN shapes (N = 8192 tokens), bf16 and fp8 e4m3,
    sparse with the weight pre-compressed and with compression included.

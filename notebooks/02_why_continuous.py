@@ -62,7 +62,7 @@ from experiments.lm import model as lm_model  # noqa: E402
 OUT.mkdir(parents=True, exist_ok=True)
 TOY = SCALE == "toy"
 
-# model and run sizes; LR as in the pilot of SPEC §8, BETA_EVERY = K for "β refit every K steps"
+# model and run sizes; LR as in the `small` LM config, BETA_EVERY = K for "β refit every K steps"
 N_LAYER, N_HEAD, D_MODEL = (1, 2, 32) if TOY else (2, 4, 128)
 SEQ, BATCH, STEPS = (16, 4, 16) if TOY else (64, 16, 600)
 LR, BETA_EVERY, SEED = 6e-3, 1, 0
@@ -334,13 +334,11 @@ for name in results:
 #   does not see; the hard threshold's jumps did not make its predictions worse here.
 # - **Fig. 4.** The flip rate separates the methods: over the last quarter STE flipped 1.09x as
 #   often as the dense run's own top-2 mask, S-STE 1.23x and SR-STE 0.82x (its decay of the pruned
-#   weights). SPEC §8 of this repository records a longer pilot (1200 steps, 4 layers, 2 seeds) in which
-#   S-STE flips more than STE early and the curves cross at about 60% of training, ending at
-#   STE 1.12x, S-STE 1.01-1.02x, SR-STE 0.62x: 600 steps are still before that crossing.
+#   weights). The longer runs of docs/results.md show where these ratios settle.
 # - **β.** With weight decay, β refitted every step stayed near its initial value here (1.48 to
 #   1.50), so refitting changed little; training with β = 1 instead ended with a clearly higher
 #   training loss (2.33 against 1.97 nats over the last 10 steps), because β also scales the forward weights and with them the effective
-#   step size (SPEC §8). S-STE fits β once and freezes it, which makes this scale explicit and stable.
+#   step size. S-STE fits β once and freezes it, which makes this scale explicit and stable.
 #
 # Small models, short runs: read these as measurements of the mechanisms, and use
 # `experiments.lm.compare` (and a GPU-sized model) for claims about final quality.

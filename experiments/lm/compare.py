@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, loop, report, runner
-from experiments.common.config import Config, parse_overrides, with_lr
+from experiments.common.config import parse_overrides, with_lr
 from experiments.lm.configs import CONFIGS, TUNED_LR, get_config
 from experiments.lm.train import make_run
 
@@ -34,21 +34,16 @@ def run_dir(runs_dir: pathlib.Path, method: str, lr: float, seed: int) -> pathli
     return runs_dir / f"{method}_lr{lr:g}_s{seed}"
 
 
-def learning_rate(config: str, cfg: Config, method: str, overrides) -> float:
-    """``--set lr=`` if given, else the method's tuned rate for ``config``, else the config's."""
-    if ("optim", "lr") in parse_overrides(cfg, overrides):
-        return cfg.optim.lr
-    return TUNED_LR.get(config, {}).get(method, cfg.optim.lr)
-
-
 def plan(config: str, methods, seeds, overrides, runs_dir: pathlib.Path,
          lrs: dict[str, float] | None = None) -> list[runner.Planned]:
-    """The runs of ``methods`` x ``seeds``, each method at ``lrs[method]`` or `learning_rate`."""
+    """The runs of ``methods`` x ``seeds``, each method at ``lrs[method]``, else at ``--set lr=`` if
+    given, else at its tuned rate for ``config`` (`TUNED_LR`), else at the config's."""
     base = get_config(config, overrides)
     fixed_lr = ("optim", "lr") in parse_overrides(base, overrides)
+    tuned = {} if fixed_lr else TUNED_LR.get(config, {})
     out = []
     for method in methods:
-        lr = (lrs or {}).get(method) or learning_rate(config, base, method, overrides)
+        lr = (lrs or {}).get(method) or tuned.get(method, base.optim.lr)
         cfg = base if lr == base.optim.lr else with_lr(base, lr)
         lr_args = () if fixed_lr else (f"lr={cfg.optim.lr!r}", f"min_lr={cfg.optim.min_lr!r}")
         sets = (*overrides, *lr_args)
