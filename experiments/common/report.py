@@ -148,6 +148,16 @@ def color(name: str) -> str:
     return COLORS.get(name.split("@")[0], "tab:gray")
 
 
+def save_figure(fig, path: pathlib.Path) -> None:
+    """Lays out ``fig``, writes it as a PNG to ``path`` (making its folder) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def plot_curves(runs: Runs, key: str, path: pathlib.Path, ylabel: str, log: bool = False, title: str = "",
                 skip_first: bool = False) -> None:
     """``key`` against step, one line per name (mean over seeds, band from the lowest to the highest
@@ -174,7 +184,4 @@ def plot_curves(runs: Runs, key: str, path: pathlib.Path, ylabel: str, log: bool
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

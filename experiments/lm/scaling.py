@@ -57,10 +57,7 @@ def plot(summaries: dict[int, dict], tokens_per_step: int, path: pathlib.Path, t
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> dict[int, dict]:

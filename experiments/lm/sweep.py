@@ -85,10 +85,7 @@ def plot_sweep(grid: Grid, path: pathlib.Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv=None) -> dict[str, float]:
