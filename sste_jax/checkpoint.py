@@ -2,8 +2,10 @@
 
 A training state is any pytree: ``nnx.state(model)`` (β included), ``nnx.state(optimizer)``, the
 step, a typed PRNG key (stored as its key data), a `FlipState`. Saves are atomic (orbax writes a
-temporary directory and renames it) and never replace an existing step; every array's CRC32 is
-stored with it and checked at restore. A missing, truncated, corrupt or mismatched checkpoint
+temporary directory and renames it) and never replace an existing step; every array's checksum
+(see `fingerprint`) is stored with it and checked at restore. Arrays sharded over several
+processes are saved by every process together (each writes its shards, as orbax does) and may be
+restored on another process count or sharding: the checksum does not depend on the layout. A missing, truncated, corrupt or mismatched checkpoint
 raises `FileNotFoundError` / `CheckpointError` naming the path and what is wrong, and is never
 written to; `restore_latest` falls back to the newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
@@ -46,6 +48,7 @@ from sste_jax._params import ParamSparsity
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
 from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
+from sste_jax.linen import SparsityBeta
 
 __all__ = [
     "CheckpointError",
@@ -76,7 +79,7 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed."""
 
 
-_CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's CRC32
+_CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's checksum
 _CHECKSUM_FILE = "checksums.json"
 _EXPORT_FILE = "sste_export.json"  # an export's checksums and per-layer settings
 _DELETING = ".sste-deleting-"  # a step being rotated away is renamed to this prefix first
@@ -142,33 +145,84 @@ def _check_narrowing(name: str, leaf) -> None:
         )
 
 
-def _crc32(array) -> int:
+def _crc32(array) -> int:  # the checksum of checkpoints written before `fingerprint`
     return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
 
 
+def _as_words(a: jax.Array) -> jax.Array:
+    """The bits of ``a`` as uint32 words, one per element (two per 64-bit element)."""
+    if a.dtype == jnp.bool_:
+        return a.astype(jnp.uint32)
+    size = a.dtype.itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(a, jnp.uint32)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(a, jnp.uint32)
+    return jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@jax.jit
+def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def one(a):
+        words = _as_words(a).reshape(-1)
+        index = jax.lax.iota(jnp.uint32, words.size)
+        weighted = jnp.sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)), dtype=jnp.uint32)
+        mixed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))), dtype=jnp.uint32)
+        return jnp.stack([weighted, mixed])
+
+    return {name: one(a) for name, a in flat.items()}
+
+
+def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
+    """``{name: 16 hex digits}``: a 64-bit checksum of each array's values, the same for any sharding.
+
+    Two sums modulo 2**32 over the elements' bits: one weighted by an odd number per position (a
+    change of any one element, e.g. one flipped bit, always changes it), one of a mixing hash of
+    (bits, position) (other damage passes both with probability ~2**-64). Sums commute, so the
+    result does not depend on how the array is split over devices or processes, and it is computed
+    where the array lives (one jitted call; every process calls it for sharded arrays).
+
+    >>> import jax.numpy as jnp
+    >>> a = jnp.arange(4.0)
+    >>> fingerprint({"a": a}) == fingerprint({"a": a.at[3].set(3.0000002)})
+    False
+    """
+    arrays = {n: jnp.asarray(a) for n, a in arrays.items()}  # host leaves as JAX stores them
+    sums = jax.device_get(_fingerprints(arrays))
+    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in sums.items()}
+
+
 def _checksums(flat: dict[str, Any]) -> dict:
-    """``{"algorithm": "crc32", "arrays": {name: crc}}`` of the stored arrays (one host read each)."""
-    arrays = {}
-    for name, a in flat.items():
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            continue  # another process holds part of it: not checked
-        if isinstance(a, np.ndarray | np.generic) and jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
-            a = np.asarray(a).astype(jax.dtypes.canonicalize_dtype(a.dtype))  # as JAX will store it
-        arrays[name] = _crc32(a)
-    return {"algorithm": "crc32", "arrays": arrays}
+    """``{"algorithm": "fingerprint64", "arrays": {name: checksum}}`` of the stored arrays."""
+    return {"algorithm": "fingerprint64", "arrays": fingerprint(flat)}
 
 
 def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict[str, Any]) -> None:
-    """Raises `CheckpointError` naming the first array whose bytes do not match its stored CRC32."""
+    """Raises `CheckpointError` naming the first array whose values do not match its stored checksum."""
     if checksums is None:
         return  # written before checksums existed
-    if checksums.get("algorithm") != "crc32" or not isinstance(checksums.get("arrays"), dict):
+    algorithm = checksums.get("algorithm")
+    if algorithm not in ("fingerprint64", "crc32") or not isinstance(checksums.get("arrays"), dict):
         raise CheckpointError(f"checkpoint {path}: its checksum file is malformed")
-    for name, want in checksums["arrays"].items():
-        if name in restored and _crc32(restored[name]) != want:
+    wanted = {n: v for n, v in checksums["arrays"].items() if n in restored}
+    if algorithm == "crc32":
+        found = {n: _crc32(restored[n]) for n in wanted}
+    else:
+        found = fingerprint({n: restored[n] for n in wanted})
+    for name, want in wanted.items():
+        if found[name] != want:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: array {name!r} does not match its stored checksum "
-                f"(crc32 {_crc32(restored[name]):#010x}, stored {want:#010x})"
+                f"({algorithm} {found[name]}, stored {want})"
             )
 
 
@@ -181,7 +235,8 @@ def _sparse_layers(tree) -> dict[str, dict]:
     ``"beta"``: the layer has a ``beta`` leaf in ``tree`` (an NNX `SparseLinear` state, a Linen
     ``"sparsity"`` collection, a `ParamSparsity`); ``"config"`` (the `SparsityConfig` as a dict) only
     for the layers of NNX modules held in ``tree`` itself, or the compared fields from the metadata of
-    a `SparsityBeta` variable (an ``nnx.State``); bare β arrays carry neither.
+    a `SparsityBeta` variable (an ``nnx.State``) or box (a Linen ``"sparsity"`` collection); bare β
+    arrays carry neither.
     """
     layers: dict[str, dict] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -193,10 +248,11 @@ def _sparse_layers(tree) -> dict[str, dict]:
         if is_spec(leaf):  # a parameter-path spec entry carries its config
             layers.setdefault(_path_name(path), {"beta": True})["config"] = dataclasses.asdict(leaf.config)
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
-        meta = leaf.get_metadata() if is_variable(leaf) else {}
+    is_box = lambda x: isinstance(x, SparsityBeta)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_variable(x) or is_box(x))[0]:
+        meta = leaf.get_metadata() if is_variable(leaf) else dataclasses.asdict(leaf) if is_box(leaf) else {}
         head, _, last = _path_name(path).rpartition("/")
-        if last == "beta" and "sparse_method" in meta:  # a SparseLinear's β names its layer's method
+        if last == "beta" and "sparse_method" in meta:  # a sparse layer's β names its layer's method
             config = {"method": meta["sparse_method"], "mvue": meta["sparse_mvue"], "fp8": meta["sparse_fp8"]}
             decay = {"srste": "srste_decay", "tsrste": "masked_decay"}.get(meta["sparse_method"])
             if decay:
@@ -359,8 +415,9 @@ def _is_write_failure(e: BaseException) -> bool:
 
 
 def _write_failed(e: Exception, what: str, partial: list[pathlib.Path]) -> None:
-    """Removes the ``partial`` folders of a failed write; raises `CheckpointWriteError` for I/O failures."""
-    for p in partial:
+    """Removes the ``partial`` folders of a failed write (process 0); raises `CheckpointWriteError` for
+    I/O failures."""
+    for p in partial if jax.process_index() == 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     if _is_write_failure(e):
         errno = getattr(e, "errno", None)
@@ -370,6 +427,14 @@ def _write_failed(e: Exception, what: str, partial: list[pathlib.Path]) -> None:
         message = f"{what} failed, partial files removed: {_first_line(e)}"
         raise (CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)) from e
     raise e
+
+
+def _sync(name: str) -> None:
+    """Waits for every process (a no-op for one): folders change only on process 0, between barriers."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
@@ -399,8 +464,9 @@ def save_checkpoint(
     path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
     in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`; for an
     ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
-    carries as metadata; for a parameter-path spec, each `ParamSparsity`'s config. Limit: β leaves
-    saved as bare arrays (a Linen ``"sparsity"`` collection) record only which layers are sparse.
+    carries as metadata (NNX) or in its `sste_jax.linen.SparsityBeta` box (Linen); for a
+    parameter-path spec, each `ParamSparsity`'s config. β leaves saved as bare arrays (e.g. after
+    ``nn.unbox``) record only which layers are sparse.
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:
@@ -431,7 +497,9 @@ def save_checkpoint(
     finally:
         manager.close()
     if max_to_keep is not None:
-        _rotate(directory, int(max_to_keep))
+        if jax.process_index() == 0:
+            _rotate(directory, int(max_to_keep))
+        _sync(f"rotated {directory}")
     return directory / str(step)
 
 

@@ -3,7 +3,9 @@
 Both keep ``nn.Dense``'s parameters (``kernel``, ``bias``) and put the frozen β in the
 ``"sparsity"`` collection: it is created (fitted to the kernel) only while that collection is
 mutable, i.e. at ``init`` or by `fit_sparsity` for weights loaded from a dense checkpoint, and is
-read-only in ``apply``. MVUE keys come from the ``"sparsity"`` rng stream
+read-only in ``apply``. Each β is boxed in `SparsityBeta` (Flax's ``AxisMetadata``, like
+``nn.Partitioned``): ``apply`` unboxes it, ``nn.unbox(variables)`` gives bare arrays, and the box
+names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what it holds. MVUE keys come from the ``"sparsity"`` rng stream
 (``rngs={"sparsity": key}`` in ``apply``; Flax folds in each module's path, so layers differ).
 
 >>> import jax, jax.numpy as jnp
@@ -20,14 +22,50 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, check_config, sparse_dense
 from sste_jax._sparsity import initial_beta
 
-__all__ = ["SparseDense", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
+__all__ = ["SparseDense", "SparsityBeta", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
 
 Where = Callable[[tuple[str, ...], nn.Dense], bool]
+
+
+class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
+    """A Linen layer's β (``value``) with what the layer trains: ``sparse_method``, ``sparse_mvue``,
+    ``sparse_fp8``, ``sparse_decay`` (the SR-STE or T-SR-STE decay, else 0).
+
+    >>> import jax, jax.numpy as jnp
+    >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> box = variables["sparsity"]["beta"]
+    >>> box.sparse_method, nn.unbox(variables)["sparsity"]["beta"].shape
+    ('sste', ())
+    """
+
+    value: Any
+    sparse_method: str = struct.field(pytree_node=False)
+    sparse_mvue: bool = struct.field(pytree_node=False)
+    sparse_fp8: bool = struct.field(pytree_node=False)
+    sparse_decay: float = struct.field(pytree_node=False)
+
+    def unbox(self) -> Any:
+        return self.value
+
+    def replace_boxed(self, val: Any) -> "SparsityBeta":
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> "SparsityBeta":
+        return self  # a scalar: nn.scan/vmap stack it without axis names
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> "SparsityBeta":
+        return self
+
+    @classmethod
+    def of(cls, value, config: SparsityConfig) -> "SparsityBeta":
+        decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
+        return cls(value, config.method, bool(config.mvue), bool(config.fp8), float(decay))
 
 
 def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
@@ -57,7 +95,7 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
         initial = lambda: initial_beta(kernel, 0, name, fixed_beta)  # noqa: E731
     else:
         initial = lambda: jnp.ones((), jnp.float32)  # noqa: E731
-    beta = module.variable("sparsity", "beta", initial)
+    beta = module.variable("sparsity", "beta", lambda: SparsityBeta.of(initial(), config))
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     key = module.make_rng("sparsity") if config.mvue else None
     y = sparse_dense(inputs, kernel, beta.value, key, config)
