@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, Float, Shaped, UInt8
@@ -503,20 +502,6 @@ def save_checkpoint(
     return directory / str(step)
 
 
-def _verify_store(path: pathlib.Path, store: pathlib.Path) -> None:
-    """Reads every stored value of an OCDBT array store, so truncation fails here, by key, not in orbax."""
-    if not (store / "manifest.ocdbt").is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
-    key = None
-    try:
-        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{store}/"}).result()
-        for key in kvstore.list().result():
-            kvstore.read(key).result()
-    except Exception as e:
-        where = f"reading {key.decode()!r} failed" if key is not None else "its index is unreadable"
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {where} ({_first_line(e)})") from None
-
-
 def _quietly(path: pathlib.Path, what: str, read):
     """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed).
 
@@ -541,7 +526,8 @@ def _restore_from(
     """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
     shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
     flat, like, treedef = _flatten(target)
-    _verify_store(path, store)
+    if not (store / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
     metadata = _quietly(path, "reading its metadata", read_metadata)
     if getattr(metadata, "tree", None) is None:
         raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
