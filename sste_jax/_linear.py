@@ -3,7 +3,8 @@
 ``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
 ``"tsrste"`` (the T-SR-STE baseline) takes its forward mask as an argument: a `transposable_mask_24`
-that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`).
+that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`); its gradient is straight
+through, and its masked decay is the optimizer's (`sste_jax.add_masked_decay`, after clipping).
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
@@ -26,7 +27,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
-from sste_jax._sparsity import check_groupable, hard_threshold_24, mask_24, mvue_24, soft_threshold_24
+from sste_jax._decay import srste_term
+from sste_jax._sparsity import check_groupable, hard_threshold_24, mvue_24, soft_threshold_24
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 
@@ -43,12 +45,13 @@ class SparsityConfig:
     Attributes:
       method: ``"sste"`` (β·soft-threshold forward, identity gradient), ``"ste"`` (hard top-2, straight
         through), ``"srste"`` (hard top-2 plus ``srste_decay·(1 − mask)⊙W`` on the gradient),
-        ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, plus ``masked_decay·(1 − M)⊙W`` on
-        the gradient) or ``"dense"``.
+        ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, straight through) or ``"dense"``.
       mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
       fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
       srste_decay: SR-STE's λ.
-      masked_decay: T-SR-STE's α.
+      masked_decay: T-SR-STE's α. Its term ``α·(1 − M)⊙W`` joins the gradient after clipping, as its
+        authors', so the optimizer adds it (`sste_jax.add_masked_decay`), not the layer; the layer
+        records α (in β's metadata and checkpoints) for the recipe that builds that optimizer.
       backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
       matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
@@ -182,11 +185,6 @@ def check_mvue_tokens(tokens: int) -> None:
         )
 
 
-def srste_term(kernel: jax.Array, decay: float, axis: int = 0) -> jax.Array:
-    """SR-STE's gradient term ``decay·(1 − mask_24(W))⊙W``: decays the pruned weights."""
-    return decay * jnp.where(mask_24(kernel, axis), jnp.zeros((), kernel.dtype), kernel)
-
-
 def _product(a, b, contract, fp8_format):
     """``a·b`` over the given axes, in FP8 when ``fp8_format`` is set (float32 result), else as is."""
     if fp8_format is not None:
@@ -244,8 +242,6 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
         dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay)
-    if config.method == "tsrste":
-        dw_IxO = dw_IxO + config.masked_decay * jnp.where(mask, jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
     return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None
 
 

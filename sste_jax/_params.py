@@ -30,7 +30,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, check_config, forward_weight, srste_term
+from sste_jax._decay import srste_term
+from sste_jax._linear import SparsityConfig, check_config, forward_weight
 from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
 from sste_jax._sparsity import initial_beta

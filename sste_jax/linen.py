@@ -154,7 +154,8 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
 def sparse_kernel_mask(variables: Any) -> Any:
     """A boolean tree like ``variables["params"]``: True at the kernels of layers with a β in ``"sparsity"``.
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` on params.
+    Use it as the ``mask`` of `sste_jax.add_srste_decay` (for ``"ste"`` layers: ``"srste"`` layers add
+    that term themselves) or `sste_jax.add_masked_decay` on params.
     """
     sparse = set()
 

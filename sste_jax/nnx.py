@@ -289,21 +289,17 @@ def sparsify(
     return model
 
 
-def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
-    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers.
+def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[str, ...] | None = None) -> Any:
+    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers
+    (of those whose ``config.method`` is in ``methods``, if given).
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` with
-    ``nnx.Optimizer(model, tx, wrt=wrt)``. Raises for ``method="srste"`` layers, whose backward pass
-    already adds SR-STE's decay (so it cannot be added twice).
+    Use it as the ``mask`` of `sste_jax.add_masked_decay` (``methods=("tsrste",)``), of
+    `sste_jax.add_srste_decay` (``methods=("ste",)``: ``"srste"`` layers add that term themselves), of
+    `sste_jax.scale_by_step`'s ``sparse``, or of a per-layer learning rate, with
+    ``nnx.Optimizer(model, tx, wrt=wrt)``.
     """
-    sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
-    decaying = [_path_str(path) for path, node in sparse.items() if node.config.method in ("srste", "tsrste")]
-    if decaying:
-        raise ValueError(
-            f"layers {decaying} use method='srste' or 'tsrste', which already add their decay in the backward "
-            "pass; use method='ste' layers with the optax transform, or drop the transform"
-        )
-    sparse_paths = set(sparse)
+    sparse_paths = {path for path, node in nnx.iter_graph(model)
+                    if isinstance(node, SparseLinear) and (methods is None or node.config.method in methods)}
     flat = nnx.to_flat_state(nnx.state(model, wrt))
     return nnx.from_flat_state(
         [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
