@@ -333,19 +333,25 @@ def _valid_meta(meta: jax.Array) -> jax.Array:
 
 
 def _transposable_patterns() -> np.ndarray:
-    """The 90 4×4 0/1 patterns with exactly two ones in every row and every column."""
-    rows = [r for r in itertools.product((0, 1), repeat=4) if sum(r) == 2]
+    """The 90 4×4 0/1 patterns with exactly two ones in every row and every column, in T-SR-STE's
+    authors' order: descending lexicographic over the 16 entries of their PyTorch ``(out, in)``
+    weight block, read row by row. Our kernel is ``(in, out)``, so each pattern is stored transposed."""
+    rows = [r for r in itertools.product((1, 0), repeat=4) if sum(r) == 2]  # 1100, 1010, ..., 0011
     patterns = [
         np.array(p) for p in itertools.product(rows, repeat=4) if all(c == 2 for c in np.sum(p, axis=0))
     ]
-    return np.stack(patterns).astype(np.float32)
+    return np.stack(patterns).transpose(0, 2, 1).astype(np.float32)
 
 
 _PATTERNS = _transposable_patterns()
 
 
 def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols"]:
-    """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE)."""
+    """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE).
+
+    Ties go to the first maximum in the authors' pattern order (for an ``(in, out)`` kernel, as their
+    ``(out, in)`` weight): an all-zero block keeps rows ``1100/1100/0011/0011``.
+    """
     w = jnp.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"transposable_mask_24 needs a 2-D array, got shape {w.shape}")
@@ -355,5 +361,5 @@ def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols
     blocks = jnp.abs(w.astype(jnp.float32)).reshape(r // 4, 4, c // 4, 4)
     patterns = jnp.asarray(_PATTERNS)
     scores = jnp.einsum("aibj,pij->abp", blocks, patterns, precision=jax.lax.Precision.HIGHEST)
-    best = patterns[jnp.argmax(scores, axis=-1)]  # (r/4, c/4, 4, 4)
+    best = patterns[jnp.argmax(scores, axis=-1)]  # the first maximum; (r/4, c/4, 4, 4)
     return best.transpose(0, 2, 1, 3).reshape(r, c) > 0

@@ -223,10 +223,34 @@ def test_transposable_mask_matches_brute_force(dtype):
             np.testing.assert_allclose((block * m[r : r + 4, c : c + 4]).sum(), best, rtol=1e-12)
 
 
-def test_transposable_mask_with_ties():
-    w = np.ones((4, 4), np.float32)
-    m = np.asarray(sste_jax.transposable_mask_24(jnp.asarray(w)))
-    assert (m.sum(0) == 2).all() and (m.sum(1) == 2).all()
+def ref_transposable_authors(w):
+    """T-SR-STE's authors' choice per 4x4 block of an (in, out) kernel: their weight is (out, in), their
+    90 patterns run in descending order of the 16 entries read row by row (as a 16-bit number), and
+    the first maximum of the score wins."""
+    codes = [c for c in range(2**16 - 1, -1, -1)
+             if ((p := np.array([(c >> (15 - k)) & 1 for k in range(16)]).reshape(4, 4)).sum(0) == 2).all()
+             and (p.sum(1) == 2).all()]
+    pats = [np.array([(c >> (15 - k)) & 1 for k in range(16)]).reshape(4, 4) for c in codes]
+    assert len(pats) == 90
+    theirs = np.abs(np.asarray(w, np.float64)).T  # (out, in)
+    out = np.zeros(theirs.shape, bool)
+    for r in range(0, theirs.shape[0], 4):
+        for c in range(0, theirs.shape[1], 4):
+            scores = [(theirs[r : r + 4, c : c + 4] * p).sum() for p in pats]
+            out[r : r + 4, c : c + 4] = pats[scores.index(max(scores))] > 0
+    return out.T
+
+
+def test_transposable_mask_ties_follow_the_authors_order():
+    # small integers: every score is exact, so ties are real ties; 512 blocks with many of them
+    w = np.random.default_rng(11).integers(0, 3, (64, 128)).astype(np.float32)
+    w *= np.random.default_rng(12).choice([-1.0, 1.0], w.shape).astype(np.float32)
+    got = np.asarray(sste_jax.transposable_mask_24(jnp.asarray(w)))
+    np.testing.assert_array_equal(got, ref_transposable_authors(w))
+    # the kernel's orientation matters on ties (their rows are our columns)
+    assert not np.array_equal(got, ref_transposable_authors(w.T).T)
+    zero = np.asarray(sste_jax.transposable_mask_24(jnp.zeros((4, 4), jnp.float32)))
+    np.testing.assert_array_equal(zero.astype(int), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
 
 
 # ---------------------------------------------------------------- layout convention
