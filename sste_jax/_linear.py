@@ -48,6 +48,10 @@ class SparsityConfig:
         ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, straight through) or ``"dense"``.
       mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
       fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
+      fp8_fp16_grad: with ``fp8``, round the output gradient to float16 before the backward products
+        (and MVUE), as the S-STE authors' code does: entries under ~6e-8 flush to zero, and ours
+        saturate at ±65504 where theirs overflow to inf (then NaN). Off by default: the gradient goes
+        from its own dtype straight to the per-tensor scaled e5m2, which keeps those small entries.
       srste_decay: SR-STE's λ.
       masked_decay: T-SR-STE's α. Its term ``α·(1 − M)⊙W`` joins the gradient after clipping, as its
         authors', so the optimizer adds it (`sste_jax.add_masked_decay`), not the layer; the layer
@@ -61,6 +65,7 @@ class SparsityConfig:
     method: Method = "sste"
     mvue: bool = False
     fp8: bool = False
+    fp8_fp16_grad: bool = False
     srste_decay: float = 2e-4
     masked_decay: float = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
@@ -70,7 +75,7 @@ class SparsityConfig:
         for name in ("method", "backend", "matmul"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"SparsityConfig.{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("mvue", "fp8"):
+        for name in ("mvue", "fp8", "fp8_fp16_grad"):
             value = getattr(self, name)
             if not isinstance(value, bool | np.bool_):
                 raise TypeError(f"SparsityConfig.{name} must be True or False, got {value!r} ({type(value).__name__})")
@@ -87,6 +92,8 @@ class SparsityConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.matmul not in _MATMULS:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
+        if self.fp8_fp16_grad and not self.fp8:
+            raise ValueError("SparsityConfig.fp8_fp16_grad=True rounds the gradient before FP8: it needs fp8=True")
         if self.matmul == "cusparselt" and self.method == "dense":
             raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
 
@@ -227,6 +234,8 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     if config.mvue:
         check_mvue_tokens(g_TxO.shape[0])
     fmt = _fp8.BACKWARD if config.fp8 else None
+    if config.fp8_fp16_grad:
+        g_TxO = _fp8.to_float16(g_TxO)
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
     if config.mvue and _resolve_backend(config) == "pallas":
         from sste_jax.kernels import _dispatch

@@ -392,6 +392,39 @@ def test_fp8_with_mvue_and_zero_input():
         np.testing.assert_array_equal(np.asarray(t), 0.0)
 
 
+def _ref_e5m2_dot(a, b):
+    """``a @ b`` with both operands in e5m2 under per-tensor current scaling (NumPy and ml_dtypes)."""
+    def quantize(t):
+        t = np.asarray(t, np.float32)
+        amax = np.abs(t).max()
+        s = np.float32(57344.0) / amax if amax > 0 else np.float32(1.0)
+        return np.clip(t * s, -57344.0, 57344.0).astype(ml_dtypes.float8_e5m2).astype(np.float64), np.float64(s)
+
+    (qa, sa), (qb, sb) = quantize(a), quantize(b)
+    return qa @ qb / (sa * sb), np.abs(qa) @ np.abs(qb) / (sa * sb)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e6])  # under float16's smallest subnormal; over its max
+def test_fp8_fp16_grad_rounds_the_output_gradient_to_float16_first(scale):
+    x, w, g = _data(seed=14)
+    g = (g * scale).astype(np.float32)
+    cfg = SparsityConfig(method="ste", fp8=True, fp8_fp16_grad=True)
+    _, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(1.0), jnp.asarray(g), cfg)
+    g16 = np.clip(g, -65504.0, 65504.0).astype(np.float16).astype(np.float32)  # saturating, not inf
+    wt = ref_forward_weight(w, 1.0, "ste")
+    for got, (want, size) in ((dx, _ref_e5m2_dot(g16, wt.T)), (dw, _ref_e5m2_dot(x.T, g16))):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=1e-6 * size.max() + 1e-30)
+        assert np.isfinite(np.asarray(got)).all()
+    _, dx_plain, _, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(1.0), jnp.asarray(g),
+                             SparsityConfig(method="ste", fp8=True))
+    if scale < 1:  # float16 flushes the whole gradient; the default path's per-tensor scale keeps it
+        assert not np.asarray(dx).any() and np.asarray(dx_plain).all()
+    else:
+        assert np.abs(np.asarray(dx)).max() < 0.1 * np.abs(np.asarray(dx_plain)).max()
+    with pytest.raises(ValueError, match="fp8_fp16_grad=True .* needs fp8=True"):
+        SparsityConfig(fp8_fp16_grad=True)
+
+
 # ---------------------------------------------------------------- bad input
 
 
