@@ -233,3 +233,20 @@ def test_module_doctests(module):
     import doctest
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_srste_takes_a_sparse_learning_rate_scale():
+    # SR-STE layers add their decay themselves; the per-layer LR factor selects kernels and nothing else
+    recipe = methods.get_recipe("srste")
+    model = methods.sparsify(_gpt(), recipe, seed=0)
+    params = nnx.split(model, nnx.Param, ...)[1]
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.01, np.float32), params)
+    cfg = dataclasses.replace(CFG, warmup=0)
+    (base, _), (scaled, _) = [
+        tx.update(grads, tx.init(params), params)
+        for tx in (methods.make_optimizer(cfg, model, recipe), methods.make_optimizer(cfg, model, recipe, 2.0))
+    ]
+    sparse = nnx.to_flat_state(sparse_nnx.sparse_kernel_mask(model))
+    for (path, is_sparse), b, s in zip(sparse, jax.tree.leaves(base), jax.tree.leaves(scaled)):
+        assert np.abs(np.asarray(b)).max() > 0, path
+        np.testing.assert_array_equal(np.asarray(s), 2 * np.asarray(b) if is_sparse else np.asarray(b))
