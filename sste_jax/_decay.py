@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from sste_jax._sparsity import mask_24
+from sste_jax._sparsity import mask_nm
 
 __all__ = ["srste_term", "masked_decay_term"]
 
@@ -25,6 +25,6 @@ def masked_decay_term(w: Float[Array, "..."], mask: Bool[Array, "..."], decay: f
     return (decay * jnp.where(mask, jnp.zeros((), w.dtype), w)).astype(w.dtype)
 
 
-def srste_term(w: Float[Array, "..."], decay: float, axis: int = 0) -> Float[Array, "..."]:
-    """SR-STE's gradient term ``decay·(1 − mask_24(W))⊙W`` (groups along ``axis``)."""
-    return masked_decay_term(w, mask_24(w, axis), decay)
+def srste_term(w: Float[Array, "..."], decay: float, axis: int = 0, *, n: int = 2, m: int = 4) -> Float[Array, "..."]:
+    """SR-STE's gradient term ``decay·(1 − mask_nm(W, n, m))⊙W`` (groups along ``axis``; 2:4 by default)."""
+    return masked_decay_term(w, mask_nm(w, n, m, axis), decay)

@@ -28,7 +28,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
 from sste_jax._decay import srste_term
-from sste_jax._sparsity import check_groupable, hard_threshold_24, mvue_24, soft_threshold_24
+from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, mvue_24, soft_threshold_nm
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 
@@ -40,7 +40,7 @@ _MATMULS = ("xla", "cusparselt")
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """How a linear layer is made 2:4 sparse.
+    """How a linear layer is made 2:4 (or N:M) sparse.
 
     Attributes:
       method: ``"sste"`` (β·soft-threshold forward, identity gradient), ``"ste"`` (hard top-2, straight
@@ -52,6 +52,9 @@ class SparsityConfig:
         (and MVUE), as the S-STE authors' code does: entries under ~6e-8 flush to zero, and ours
         saturate at ±65504 where theirs overflow to inf (then NaN). Off by default: the gradient goes
         from its own dtype straight to the per-tensor scaled e5m2, which keeps those small entries.
+      n, m: keep ``n`` of every ``m`` consecutive weights along the contraction axis (default 2:4).
+        Outside 2:4 (e.g. 1:4, 2:8), MVUE, ``"tsrste"``, the Pallas backend and cuSPARSELt raise:
+        they are 2:4 only.
       srste_decay: SR-STE's λ.
       masked_decay: T-SR-STE's α. Its term ``α·(1 − M)⊙W`` joins the gradient after clipping, as its
         authors', so the optimizer adds it (`sste_jax.add_masked_decay`), not the layer; the layer
@@ -66,6 +69,8 @@ class SparsityConfig:
     mvue: bool = False
     fp8: bool = False
     fp8_fp16_grad: bool = False
+    n: int = 2
+    m: int = 4
     srste_decay: float = 2e-4
     masked_decay: float = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
@@ -92,6 +97,15 @@ class SparsityConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.matmul not in _MATMULS:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
+        check_nm(self.n, self.m)
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
+        if not self.is_24:
+            only_24 = [f for f, on in (("mvue=True", self.mvue), ("method='tsrste'", self.method == "tsrste"),
+                                       (f"backend={self.backend!r}", self.backend == "pallas"),
+                                       (f"matmul={self.matmul!r}", self.matmul != "xla")) if on]
+            if only_24:
+                raise ValueError(f"SparsityConfig(n={self.n}, m={self.m}): {', '.join(only_24)} exist for 2:4 only")
         if self.fp8_fp16_grad and not self.fp8:
             raise ValueError("SparsityConfig.fp8_fp16_grad=True rounds the gradient before FP8: it needs fp8=True")
         if self.matmul == "cusparselt" and self.method == "dense":
@@ -99,8 +113,13 @@ class SparsityConfig:
 
     @property
     def sparse(self) -> bool:
-        """Whether the forward weight is 2:4 sparse."""
+        """Whether the forward weight is N:M sparse."""
         return self.method != "dense"
+
+    @property
+    def is_24(self) -> bool:
+        """Whether the pattern is 2:4 (the hardware format and every kernel's)."""
+        return (self.n, self.m) == (2, 4)
 
 
 def check_config(config, where: str, argument: str = "config") -> None:
@@ -125,7 +144,7 @@ def forward_weight(
 ) -> Float[Array, "in out"]:
     """The forward weight ``W̃`` of ``config.method`` (no custom gradient), in the kernel's dtype.
 
-    For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once;
+    For ``"sste"`` it is ``β·soft_threshold_nm(W, n, m)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
     """
     check_config(config, "forward_weight")
@@ -136,13 +155,13 @@ def forward_weight(
         return kernel
     if config.method == "tsrste":
         return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
-    if _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
+    if config.is_24 and _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
         from sste_jax.kernels import _dispatch
 
         return _dispatch.pallas_forward_weight(kernel, beta, config.method)
     if config.method in ("ste", "srste"):
-        return hard_threshold_24(kernel, axis)
-    s = soft_threshold_24(kernel.astype(jnp.float32), axis)  # one rounding, eager and jitted alike
+        return hard_threshold_nm(kernel, config.n, config.m, axis)
+    s = soft_threshold_nm(kernel.astype(jnp.float32), config.n, config.m, axis)  # one rounding, eager and jitted alike
     return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
 
 
@@ -250,7 +269,7 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     else:
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
-        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay)
+        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay, n=config.n, m=config.m)
     return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None
 
 
@@ -283,7 +302,7 @@ def sparse_dense(
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
     if config.sparse:
-        check_groupable(kernel, 0)
+        check_groupable(kernel, 0, config.m)
     check_mask(kernel, config, mask)
     check_beta(beta)
     x_TxI = x.reshape(-1, x.shape[-1])

@@ -197,7 +197,7 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0, *, n: int = 2, m: int = 4) -
     return jnp.where(jnp.all(jnp.isfinite(w)), beta, jnp.float32(jnp.nan))
 
 
-def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
+def beta_problem(w: jax.Array, axis: int = 0, *, n: int = 2, m: int = 4) -> str | None:
     """Why `fit_beta` cannot fit a meaningful β to ``w`` (non-finite, all zero, S(W) = 0), or None.
 
     Only concrete arrays are checked; a traced ``w`` gives None.
@@ -210,12 +210,14 @@ def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
         return f"{bad} of its {w.size} entries are NaN or infinite"
     if not bool(jnp.any(w != 0)):
         return "it is all zero"
-    if not bool(jnp.any(soft_threshold_24(w, axis) != 0)):
-        return "its soft threshold S(W) is all zero (in every group of 4 the three largest magnitudes tie)"
+    if not bool(jnp.any(soft_threshold_nm(w, n, m, axis) != 0)):
+        return (f"its soft threshold S(W) is all zero (in every group of {m} the {n + 1} largest magnitudes tie)")
     return None
 
 
-def initial_beta(w: jax.Array, axis: int, name: str, beta: float | jax.Array | None = None) -> jax.Array:
+def initial_beta(
+    w: jax.Array, axis: int, name: str, beta: float | jax.Array | None = None, *, n: int = 2, m: int = 4
+) -> jax.Array:
     """The frozen β of a layer or leaf ``name``: ``beta`` if given, else `fit_beta` of ``w``.
 
     Raises ValueError naming ``name`` when β cannot be fitted (see `beta_problem`) or ``beta`` is not a
@@ -226,15 +228,15 @@ def initial_beta(w: jax.Array, axis: int, name: str, beta: float | jax.Array | N
         if value.shape != () or not (isinstance(value, jax.core.Tracer) or bool(jnp.isfinite(value))):
             raise ValueError(f"{name}: beta must be a finite scalar, got {beta!r}")
         return value
-    reason = beta_problem(w, axis)
+    reason = beta_problem(w, axis, n=n, m=m)
     if reason:
         raise ValueError(
             f"{name}: cannot fit S-STE's β to this kernel of shape {tuple(w.shape)}: {reason}; "
             "load the weights first, or pass beta=... explicitly"
         )
-    fitted = fit_beta(w, axis)
+    fitted = fit_beta(w, axis, n=n, m=m)
     if isinstance(fitted, jax.core.Tracer):
-        fitted = jnp.where(jnp.any(soft_threshold_24(w, axis) != 0), fitted, jnp.float32(jnp.nan))
+        fitted = jnp.where(jnp.any(soft_threshold_nm(w, n, m, axis) != 0), fitted, jnp.float32(jnp.nan))
     return fitted
 
 
