@@ -68,13 +68,13 @@ class SparsityConfig:
     method: Method = "sste"
     mvue: bool = False
     fp8: bool = False
-    fp8_fp16_grad: bool = False
-    n: int = 2
-    m: int = 4
     srste_decay: float = 2e-4
     masked_decay: float = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
     matmul: Literal["xla", "cusparselt"] = "xla"
+    fp8_fp16_grad: bool = False
+    n: int = 2
+    m: int = 4
 
     def __post_init__(self):
         for name in ("method", "backend", "matmul"):
