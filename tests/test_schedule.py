@@ -115,7 +115,7 @@ def test_tsrste_masked_decay_joins_the_clipped_gradient_before_adamw():
     tx = methods.make_optimizer(cfg, model, recipe)
     params = nnx.split(model, nnx.Param, ...)[1]
     names = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)]
-    tsrste = [n.endswith("mlp/c_fc/kernel") or n.endswith("mlp/c_proj/kernel") for n in names]
+    tsrste = [n.endswith(("mlp/c_fc/kernel", "mlp/c_proj/kernel")) for n in names]
     assert sum(tsrste) == 2 * M.n_layer
     leaves = jax.tree.leaves(params)
     masks = [np.asarray(sste_jax.transposable_mask_24(w)) if t else None for w, t in zip(leaves, tsrste)]

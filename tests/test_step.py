@@ -95,7 +95,7 @@ def test_window_is_int_of_one_over_one_minus_b2():
 
 def test_statistic_counts_the_sparse_weights_only():
     grads = _settling_grads(45, jax.random.key(1))
-    kw = dict(b1=0.9, b2=0.9, eps=3e-3, min_steps=5, max_steps=1000)
+    kw = {"b1": 0.9, "b2": 0.9, "eps": 3e-3, "min_steps": 5, "max_steps": 1000}
     _, sparse_only = _run(scale_by_step(sparse={"w": True, "emb": False}, **kw), grads)
     _, everything = _run(scale_by_step(**kw), grads)
     assert 5 < _switch_step(sparse_only) < 45

@@ -126,13 +126,13 @@ def sparsify(model: nnx.Module, recipe: Recipe, where=sparse_nnx.feed_forward, *
 def _switch(recipe: Recipe, steps: int, model: nnx.Module) -> dict:
     """STEP's switch settings in steps (the recipe holds fractions of the run), over the sparse kernels."""
     fractions = {"min_steps": recipe.switch_min, "max_steps": recipe.switch_max}
-    return {**{k: int(round(f * steps)) for k, f in fractions.items()}, "threshold": recipe.switch_threshold,
+    return {**{k: round(f * steps) for k, f in fractions.items()}, "threshold": recipe.switch_threshold,
             "statistic": recipe.switch_statistic, "sparse": sparse_nnx.sparse_kernel_mask(model)}
 
 
 def dense_finish_from(recipe: Recipe, steps: int) -> int | None:
     """The first step (1-based) of ``recipe``'s dense finish in a run of ``steps``, or None."""
-    return steps - int(round(recipe.dense_finish * steps)) + 1 if recipe.dense_finish else None
+    return steps - round(recipe.dense_finish * steps) + 1 if recipe.dense_finish else None
 
 
 def _masked_decay(recipe: Recipe, steps: int, model: nnx.Module) -> optax.GradientTransformation:
