@@ -97,3 +97,14 @@ def test_nnx_layer_nm_beta_flip_rate_and_errors():
     np.testing.assert_array_equal(np.unpackbits(np.asarray(state.masks["layers/0"]))[: w.size], mask.ravel())
     with pytest.raises(ValueError, match=r"in_features=12 \(kernel \(12, 8\)\) is not divisible by 8"):
         sparse_nnx.SparseLinear(12, 8, config=cfg, rngs=nnx.Rngs(0))
+
+
+def test_recipes_take_an_nm_pattern():
+    from experiments.common import recipes
+
+    step = recipes.get_recipe("step", n=2, m=8)
+    assert (step.config.n, step.config.m, step.then.n, step.then.m) == (2, 8, 2, 8)
+    assert recipes.get_recipe("srste", n=1, m=4).config == SparsityConfig(method="srste", n=1, m=4)
+    assert recipes.get_recipe("sste") == recipes.METHODS["sste"] and recipes.METHODS["sste"].config.is_24
+    with pytest.raises(ValueError, match=r"n=1, m=4\): mvue=True exist for 2:4 only"):
+        recipes.get_recipe("sste_mvue", n=1, m=4)

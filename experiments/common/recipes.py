@@ -50,6 +50,7 @@ class Recipe:
         fell from 5.5e-8 to a plateau of ~2.2e-8 by step ~250 of 800); it has not been re-piloted for
         the sparse-kernel statistic. Other tasks need their own (``--recipe switch_threshold=...``).
       switch_statistic: ``"mean"`` or ``"geometric"`` (the authors' option 2).
+      n, m: the N:M pattern of ``config`` and ``then`` (``--recipe n=1 m=4``); default 2:4.
     """
 
     config: sste_jax.SparsityConfig
@@ -63,8 +64,14 @@ class Recipe:
     switch_max: float = 0.5
     switch_threshold: float = 3e-8
     switch_statistic: str = "mean"
+    n: int = 2
+    m: int = 4
 
     def __post_init__(self):
+        for name in ("config", "then"):
+            layers = getattr(self, name)
+            if layers is not None and (layers.n, layers.m) != (self.n, self.m):
+                object.__setattr__(self, name, dataclasses.replace(layers, n=self.n, m=self.m))
         if self.optimizer not in ("adamw", "step"):
             raise ValueError(f"optimizer must be 'adamw' or 'step', got {self.optimizer!r}")
         if (self.optimizer == "step") != (self.then is not None):
