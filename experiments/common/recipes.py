@@ -107,7 +107,7 @@ METHODS: dict[str, Recipe] = {
     "sste": Recipe(_SSTE),
     "sste_mvue": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True)),
     "sste_fp8": Recipe(sste_jax.SparsityConfig(method="sste", fp8=True)),
-    "sste_mvue_fp8": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True, fp8=True)),
+    "sste_mvue_fp8": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True, fp8=True)),  # the paper's S-STE
     # ablations (Table 2: β; Figure 4: β recomputed; the period is the experiment's "epoch")
     "sste_beta_none": Recipe(_SSTE, beta_rule="none"),
     "sste_beta_l1": Recipe(_SSTE, beta_rule="l1"),
