@@ -17,6 +17,9 @@ from sste_jax._sparsity import mask_24 as mask_24
 from sste_jax._sparsity import mvue_24 as mvue_24
 from sste_jax._sparsity import soft_threshold_24 as soft_threshold_24
 from sste_jax._sparsity import transposable_mask_24 as transposable_mask_24
+from sste_jax._sparsity import mask_nm as mask_nm
+from sste_jax._sparsity import soft_threshold_nm as soft_threshold_nm
+from sste_jax._sparsity import hard_threshold_nm as hard_threshold_nm
 
 # Re-exports added by the layer, optimizer, metrics and checkpoint modules go below this line.
 from sste_jax._metrics import SparseWeight as SparseWeight

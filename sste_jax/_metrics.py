@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight
-from sste_jax._sparsity import mask_24
+from sste_jax._sparsity import mask_nm
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -92,13 +92,13 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
 
 
 class FlipState(NamedTuple):
-    """The previous step's `mask_24` of every layer, ``jnp.packbits`` of the flattened mask."""
+    """The previous step's hard mask (`mask_nm` of its layer's N:M) of every layer, ``jnp.packbits`` of it."""
 
     masks: dict[str, UInt8[Array, "packed"]]
 
 
 def _packed_mask(w: SparseWeight) -> UInt8[Array, "packed"]:
-    return jnp.packbits(mask_24(w.kernel, w.axis).ravel())
+    return jnp.packbits(mask_nm(w.kernel, w.config.n, w.config.m, w.axis).ravel())
 
 
 def init_flip_state(weights: Mapping[str, SparseWeight]) -> FlipState:

@@ -253,6 +253,7 @@ def _sparse_layers(tree) -> dict[str, dict]:
         head, _, last = _path_name(path).rpartition("/")
         if last == "beta" and "sparse_method" in meta:  # a sparse layer's β names its layer's method
             config = {"method": meta["sparse_method"], "mvue": meta["sparse_mvue"], "fp8": meta["sparse_fp8"]}
+            config.update({f: meta[f"sparse_{f}"] for f in ("n", "m") if f"sparse_{f}" in meta})
             decay = {"srste": "srste_decay", "tsrste": "masked_decay"}.get(meta["sparse_method"])
             if decay:
                 config[decay] = meta["sparse_decay"]
@@ -268,9 +269,9 @@ def _sparse_layers(tree) -> dict[str, dict]:
 
 
 def _compared(config: dict) -> dict:
-    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, and the decay
+    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, ``n``, ``m`` and the decay
     its method uses. ``backend`` and ``matmul`` (how the same product is computed) may change."""
-    fields = ["method", "mvue", "fp8"]
+    fields = ["method", "mvue", "fp8", "n", "m"]
     fields += {"srste": ["srste_decay"], "tsrste": ["masked_decay"]}.get(config.get("method"), [])
     return {f: config[f] for f in fields if f in config}
 

@@ -73,8 +73,9 @@ def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
     check_config(config, name)
     if config.method == "tsrste":
         raise ValueError(f"{name}: method='tsrste' keeps a refreshed mask; use sste_jax.nnx.SparseLinear for it")
-    if config.sparse and in_features % 4:
-        raise ValueError(f"{name}: the contraction length {in_features} is not divisible by 4, cannot be 2:4 sparse")
+    if config.sparse and in_features % config.m:
+        raise ValueError(f"{name}: the contraction length {in_features} is not divisible by {config.m}, "
+                         f"cannot be {config.n}:{config.m} sparse")
     if module.dot_general is not None or module.dot_general_cls is not None:
         raise ValueError(f"{name}: a custom dot_general cannot be combined with the sparse product")
     if module.precision is not None:
@@ -92,7 +93,7 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     name = "/".join(module.path) or type(module).__name__
     if config.method == "sste":
-        initial = lambda: initial_beta(kernel, 0, name, fixed_beta)  # noqa: E731
+        initial = lambda: initial_beta(kernel, 0, name, fixed_beta, n=config.n, m=config.m)  # noqa: E731
     else:
         initial = lambda: jnp.ones((), jnp.float32)  # noqa: E731
     beta = module.variable("sparsity", "beta", lambda: SparsityBeta.of(initial(), config))
@@ -192,7 +193,8 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
 def sparse_kernel_mask(variables: Any) -> Any:
     """A boolean tree like ``variables["params"]``: True at the kernels of layers with a β in ``"sparsity"``.
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` on params.
+    Use it as the ``mask`` of `sste_jax.add_srste_decay` (for ``"ste"`` layers: ``"srste"`` layers add
+    that term themselves) or `sste_jax.add_masked_decay` on params.
     """
     sparse = set()
 

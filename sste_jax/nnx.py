@@ -56,7 +56,7 @@ class SparsityBeta(nnx.Variable):
     """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``.
 
     Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
-    ``sparse_decay``), so that a checkpoint of a model's state knows its layers' methods.
+    ``sparse_decay``, ``sparse_n``, ``sparse_m``), so that a checkpoint of a model's state knows its layers' methods.
     """
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
@@ -65,7 +65,7 @@ class SparsityBeta(nnx.Variable):
 def _beta_variable(value, config: SparsityConfig) -> SparsityBeta:
     decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
     return SparsityBeta(value, sparse_method=config.method, sparse_mvue=bool(config.mvue),
-                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay))
+                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay), sparse_n=config.n, sparse_m=config.m)
 
 
 class SparsityMask(nnx.Variable):
@@ -83,7 +83,7 @@ def _initial_beta(kernel: jax.Array, config: SparsityConfig, name: str, beta=Non
     """``beta`` or `fit_beta` of the kernel for ``"sste"`` (raising if it cannot be fitted); 1.0 for the
     other methods, which ignore β."""
     if config.method == "sste":
-        return initial_beta(kernel, 0, name, beta)
+        return initial_beta(kernel, 0, name, beta, n=config.n, m=config.m)
     return jnp.ones((), jnp.float32)
 
 
@@ -160,9 +160,9 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
     """Why ``layer`` cannot become a `SparseLinear` with ``config``, or None."""
     if not isinstance(layer, SparseLinear) and type(layer) is not nnx.Linear:
         return f"{type(layer).__name__} subclasses nnx.Linear; only plain nnx.Linear layers are swapped"
-    if config.sparse and layer.in_features % 4:
+    if config.sparse and layer.in_features % config.m:
         shape = layer.kernel.shape
-        return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by 4"
+        return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by {config.m}"
     if config.method == "tsrste" and layer.out_features % 4:
         shape = layer.kernel.shape
         return f"a transposable mask needs out_features={layer.out_features} (kernel {shape}) divisible by 4 too"
@@ -289,21 +289,17 @@ def sparsify(
     return model
 
 
-def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
-    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers.
+def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[str, ...] | None = None) -> Any:
+    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers
+    (of those whose ``config.method`` is in ``methods``, if given).
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` with
-    ``nnx.Optimizer(model, tx, wrt=wrt)``. Raises for ``method="srste"`` layers, whose backward pass
-    already adds SR-STE's decay (so it cannot be added twice).
+    Use it as the ``mask`` of `sste_jax.add_masked_decay` (``methods=("tsrste",)``), of
+    `sste_jax.add_srste_decay` (``methods=("ste",)``: ``"srste"`` layers add that term themselves), of
+    `sste_jax.scale_by_step`'s ``sparse``, or of a per-layer learning rate, with
+    ``nnx.Optimizer(model, tx, wrt=wrt)``.
     """
-    sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
-    decaying = [_path_str(path) for path, node in sparse.items() if node.config.method in ("srste", "tsrste")]
-    if decaying:
-        raise ValueError(
-            f"layers {decaying} use method='srste' or 'tsrste', which already add their decay in the backward "
-            "pass; use method='ste' layers with the optax transform, or drop the transform"
-        )
-    sparse_paths = set(sparse)
+    sparse_paths = {path for path, node in nnx.iter_graph(model)
+                    if isinstance(node, SparseLinear) and (methods is None or node.config.method in methods)}
     flat = nnx.to_flat_state(nnx.state(model, wrt))
     return nnx.from_flat_state(
         [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
@@ -326,13 +322,16 @@ def refresh_masks(model: nnx.Module) -> int:
     return len(layers)
 
 
-def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_beta) -> int:
-    """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta`); returns the count.
+def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] | None = None) -> int:
+    """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta` with the layer's N:M);
+    returns the count.
 
     β is fitted once, by `sparsify` (SPEC §4). This is for ablations: another rule at
     initialisation, or recomputing β during training (the documented failure mode).
     """
     layers = _layers(model, "sste")
     for layer in layers:
-        layer.beta[...] = jnp.asarray(rule(layer.kernel[...]), jnp.float32)
+        kernel, config = layer.kernel[...], layer.config
+        value = fit_beta(kernel, n=config.n, m=config.m) if rule is None else rule(kernel)
+        layer.beta[...] = jnp.asarray(value, jnp.float32)
     return len(layers)

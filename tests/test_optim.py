@@ -161,3 +161,11 @@ def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
     assert int(state.inner_state.count) == 81
     with pytest.raises(ValueError, match="refresh_every"):
         sste_jax.add_masked_decay({"w": True}, refresh_every=0)
+
+
+def test_decay_module_doctests():
+    import doctest
+
+    from sste_jax import _decay
+
+    assert doctest.testmod(_decay).failed == 0
