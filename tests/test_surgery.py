@@ -84,7 +84,7 @@ def test_linen_layer_gives_its_forward_weight():
     want = sste_jax.forward_weight(variables["params"]["kernel"], variables["sparsity"]["beta"], SparsityConfig())
     assert np.asarray(w).tobytes() == np.asarray(want).tobytes()
     x = jax.random.normal(jax.random.key(1), (3, 16))
-    np.testing.assert_array_equal(layer.apply(variables, x), x @ w + variables["params"]["bias"])
+    np.testing.assert_array_equal(layer.apply(variables, x), x @ w + variables["params"]["bias"][None])
     with pytest.raises(ValueError, match=r"lack \['sparsity/beta'\]"):
         layer.apply({"params": variables["params"]}, method="forward_weight")
 
