@@ -34,6 +34,7 @@ from jaxtyping import Array, Float, Int
 from experiments.common import loop
 from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig
 from experiments.common.recipes import make_optimizer
+from experiments.common.schedule import Schedule
 from experiments.lm import data
 from experiments.lm.configs import LMData
 from experiments.lm.model import GPT
@@ -45,8 +46,9 @@ WEIGHTS = ("trained", "dense", "compressed")
 
 
 def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run]:
-    """``(model, tokenizer, run)`` of a language-model run: its GPT, built as it was trained, holding the
-    newest checkpoint that verifies."""
+    """``(model, tokenizer, run)`` of a language-model run: its GPT holding the newest checkpoint that
+    verifies, in the phase that checkpoint trains (e.g. STEP's hard 2:4 after its switch, dense for the
+    last part of ``tsrste_df``)."""
     workdir = pathlib.Path(workdir)
     info_path = workdir / "run.json"
     if not info_path.is_file():
@@ -63,8 +65,7 @@ def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run
     model = build_model(run, tokenizer.vocab_size)
     target = loop.initial_state(model, make_optimizer(cfg.optim, model, run.recipe(), run.sparse_lr_scale))
     _, state = checkpoint.restore_latest(workdir / "ckpt", target)
-    nnx.update(model, state["params"], state["rest"])
-    return model, tokenizer, run
+    return Schedule(model, run.recipe(), cfg.optim.steps).model(state), tokenizer, run
 
 
 def with_weights(model: GPT, weights: str) -> GPT:
