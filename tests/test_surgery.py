@@ -88,3 +88,10 @@ def test_linen_layer_gives_its_forward_weight():
     with pytest.raises(ValueError, match=r"lack \['sparsity/beta'\]"):
         layer.apply({"params": variables["params"]}, method="forward_weight")
 
+
+
+@pytest.mark.parametrize("module", [sparse_nnx, sparse_linen])
+def test_module_doctests(module):
+    import doctest
+
+    assert doctest.testmod(module).failed == 0
