@@ -107,6 +107,17 @@ def test_exported_tokenizer_round_trips_the_byte_tokenizer(tmp_path):
     assert tok.eos_token_id == ours.eot_id
 
 
+def test_exported_gpt2_tokenizer_gives_our_bpe_ids(tmp_path):
+    ours = data.get_tokenizer("gpt2")
+    export_hf.save_tokenizer(tmp_path, ours)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["ROMEO:\nBut soft! what light through yonder window breaks?", "naïve café — 東京 🙂  x",
+                 "it's   they'll\t\n\n end  "]:
+        assert tok.encode(text) == ours.encode(text)
+        assert tok.decode(ours.encode(text)) == text
+    assert tok.eos_token_id == ours.eot_id
+
+
 @pytest.mark.parametrize("method", ["sste", "tsrste", "dense"])
 def test_import_back_is_exact(tmp_path, method):
     model = _trained_like(method)
