@@ -6,6 +6,11 @@ moment (SPEC §4). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: 
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
 under any other filter).
 
+For inference, `densify_layers` and `compress_layers` swap each sparse layer, in place, for an
+``nnx.Linear`` holding its forward weight or a `CompressedLinear` holding it packed by
+`sste_jax.compress_24`; both ask the layer (``layer.forward_weight()``), so every method, T-SR-STE's
+masked layers included, converts.
+
 MVUE (``SparsityConfig(mvue=True)``) draws its key from an ``nnx.Rngs`` stream forked per layer
 (the ``"sparsity"`` stream, else ``"default"``): every call advances the layer's counter, so keys
 differ across layers and steps, are reproducible from the seed, and live in ``nnx.state(model)``
