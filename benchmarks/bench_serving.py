@@ -8,7 +8,8 @@ reference, the same folder with every weight dense. Each is loaded ``--repeats``
 our JAX model, and the Hugging Face folders also by ``transformers`` (PyTorch CPU). Sizes count the
 files; "ffn" counts only the feed-forward weights' tensors.
 
-    python benchmarks/bench_serving.py [--layers 4 --d-model 512]   # prints a table, writes benchmarks/results/bench_serving_cpu.json
+    python benchmarks/bench_serving.py [--layers 4 --d-model 512]
+    # prints a table, writes benchmarks/results/bench_serving_cpu.json
 """
 
 import argparse
@@ -129,7 +130,8 @@ def main(argv=None) -> None:
                         "vocab": 256, "sparse": "feed-forward (S-STE)"},
               "ffn_dense_float32_bytes": ffn_dense, "repeats": args.repeats,
               "jax_load_excludes_model_build_s": build_seconds, "formats": rows,
-              "versions": {"jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__}}
+              "versions": {"jax": jax.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__}}
     print(f"{'format':<18}{'bytes':>12}{'ffn bytes':>12}{'JAX load s':>12}{'transformers s':>16}")
     for name, r in rows.items():
         print(f"{name:<18}{r['bytes']:>12}{r.get('ffn_bytes', ''):>12}"

@@ -57,6 +57,7 @@ __all__ = [
     "CompressedLinear",
     "compress_layers",
     "densify_layers",
+    "decompress_layers",
 ]
 
 Path = tuple[Any, ...]
@@ -398,12 +399,11 @@ class CompressedLinear(nnx.Module):
 def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
     """An ``nnx.Linear`` like ``layer`` (same dtypes, bias) holding ``kernel``."""
     linear = nnx.Linear(
-        layer.in_features,
-        layer.out_features,
+        *kernel.shape,
         use_bias=layer.bias is not None,
         dtype=layer.dtype,
-        param_dtype=layer.param_dtype,
-        precision=layer.precision,
+        param_dtype=getattr(layer, "param_dtype", kernel.dtype),
+        precision=getattr(layer, "precision", None),
         promote_dtype=layer.promote_dtype,
         rngs=nnx.Rngs(0),
     )
@@ -444,4 +444,15 @@ def compress_layers(model: nnx.Module) -> nnx.Module:
         else:
             new = _dense_linear(layer, w_tilde)
         _set_child(model, path, new)
+    return model
+
+
+def decompress_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every `CompressedLinear` (except FP8 ones, whose product is FP8) by an
+    ``nnx.Linear`` holding its decompressed weight; returns ``model``. Call it once on a served model
+    (e.g. inside a jitted generation function, before its decoding loop) so the weights are
+    decompressed once, not on every call; the outputs are the same, bit for bit."""
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, CompressedLinear) and not node.fp8:
+            _set_child(model, path, _dense_linear(node, node.forward_weight()))
     return model

@@ -95,3 +95,17 @@ def test_module_doctests(module):
     import doctest
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_decompress_layers_keeps_outputs_and_fp8_layers():
+    model = sparse_nnx.compress_layers(_tsrste_model(0))
+    x = jax.random.normal(jax.random.key(3), (5, 16))
+    y = model(x)
+    model.fc2.fp8 = True  # an FP8 product cannot become a plain nnx.Linear: kept
+    y_fp8 = model(x)
+    sparse_nnx.decompress_layers(model)
+    assert type(model.fc1) is nnx.Linear and type(model.fc2) is sparse_nnx.CompressedLinear
+    assert np.asarray(model(x)).tobytes() == np.asarray(y_fp8).tobytes()
+    model.fc2.fp8 = False
+    sparse_nnx.decompress_layers(model)
+    assert type(model.fc2) is nnx.Linear and np.asarray(model(x)).tobytes() == np.asarray(y).tobytes()

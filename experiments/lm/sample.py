@@ -6,9 +6,10 @@
 
 ``--weights``: ``trained`` (the run's layers as trained, 2:4 forward weights), ``dense`` (every sparse
 layer densified: an ``nnx.Linear`` holding its forward weight), ``compressed`` (2:4 layers as
-`sste_jax.nnx.CompressedLinear`, decompressed once per call). All three hold the same forward
-weights, so for a seed they give the same tokens; so does an export read back with ``--export``.
-Sampling is a pure function of the weights, the prompt, the temperature, top-k and the seed.
+`sste_jax.nnx.CompressedLinear`, decompressed once per generation, before decoding). All three hold
+the same forward weights, so for a seed they give the same tokens; so does an export read back with
+``--export``. Sampling is a pure function of the weights, the prompt, the temperature, top-k and the
+seed.
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
@@ -114,7 +115,7 @@ def _pick(logits_BxV: Float[Array, "B V"], key, temperature: float, top_k: int) 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _generate(graphdef, state, prompt_BxP, steps: int, temperature: float, top_k: int, key):
-    model = nnx.merge(graphdef, state)
+    model = sparse_nnx.decompress_layers(nnx.merge(graphdef, state))  # 2:4 weights decompressed once, here
     batch, p = prompt_BxP.shape
     d, n = model.wte.features, model.blocks[0].attn.n_head
     length = p + steps
@@ -157,7 +158,7 @@ def generate(model: GPT, prompt_BxP: Int[Array, "B P"], steps: int, *, temperatu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="the training run (its run.json and checkpoints)")
     p.add_argument("--export", help="an export_hf folder: sample its weights (read back into our GPT) instead")
     p.add_argument("--weights", choices=WEIGHTS, default="trained")
