@@ -33,7 +33,6 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from experiments.lm import data
 from experiments.lm.model import GPT
