@@ -39,15 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from flax.nnx.nn.dtypes import promote_dtype
-from jaxtyping import Array, Float, Shaped, UInt8
 
-from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
 from sste_jax._params import ParamSparsity
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
-from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
+from sste_jax._sparsity import _valid_meta
 from sste_jax.linen import SparsityBeta
+from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
 
 __all__ = [
     "CheckpointError",
@@ -623,100 +621,6 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
             continue
         return step, state
     raise CheckpointError(f"no checkpoint in {directory} restores:\n  " + "\n  ".join(failures))
-
-
-class Packed24(nnx.Variable):
-    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param."""
-
-
-class CompressedLinear(nnx.Module):
-    """Inference layer holding ``W̃`` as `compress_24` values + metadata: half the weight bytes, plus
-    one uint8 per group of 4. Its output equals the sparse layer's bit for bit (same product, same
-    forward weight after `decompress_24`)."""
-
-    def __init__(
-        self,
-        values: Shaped[Array, "half out"],
-        meta: UInt8[Array, "groups out"],
-        bias: Float[Array, " out"] | None = None,
-        *,
-        fp8: bool = False,
-        dtype: Any = None,
-        promote_dtype: Any = promote_dtype,
-    ):
-        self.values = Packed24(values)
-        self.meta = Packed24(meta)
-        self.bias = nnx.Param(bias) if bias is not None else None
-        self.fp8, self.dtype, self.promote_dtype = fp8, dtype, promote_dtype
-
-    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
-        kernel = decompress_24(self.values[...], self.meta[...])
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = sparse_dense(x, kernel, 1.0, config=SparsityConfig(method="dense", fp8=self.fp8))
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
-
-
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = model
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
-def _bias(layer) -> jax.Array | None:
-    return layer.bias[...] if getattr(layer, "bias", None) is not None else None
-
-
-def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
-    """An ``nnx.Linear`` like ``layer`` (same dtypes, precision, bias) holding ``kernel``."""
-    linear = nnx.Linear(
-        layer.in_features,
-        layer.out_features,
-        use_bias=layer.bias is not None,
-        dtype=layer.dtype,
-        param_dtype=layer.param_dtype,
-        precision=layer.precision,
-        promote_dtype=layer.promote_dtype,
-        rngs=nnx.Rngs(0),
-    )
-    linear.kernel[...] = kernel
-    if layer.bias is not None:
-        linear.bias[...] = layer.bias[...]
-    return linear
-
-
-def densify_layers(model: nnx.Module) -> nnx.Module:
-    """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
-    baked in); returns ``model``. The result needs nothing from sste_jax to run."""
-    for path, layer in sparse_modules(model):
-        w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
-        _replace(model, path, _dense_linear(layer, w_tilde))
-    return model
-
-
-def compress_layers(model: nnx.Module) -> nnx.Module:
-    """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
-    ``method="dense"`` by an ``nnx.Linear``); returns ``model``."""
-    for path, layer in sparse_modules(model):
-        w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
-        if layer.config.sparse:
-            new = CompressedLinear(
-                *compress_24(w_tilde),
-                _bias(layer),
-                fp8=layer.config.fp8,
-                dtype=layer.dtype,
-                promote_dtype=layer.promote_dtype,
-            )
-        else:
-            new = _dense_linear(layer, w_tilde)
-        _replace(model, path, new)
-    return model
 
 
 def _checkpointer() -> ocp.Checkpointer:

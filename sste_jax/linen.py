@@ -25,7 +25,7 @@ from flax import linen as nn
 from flax import struct
 from jaxtyping import Array, Float
 
-from sste_jax._linear import SparsityConfig, check_config, sparse_dense
+from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._sparsity import initial_beta
 
 __all__ = ["SparseDense", "SparsityBeta", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
@@ -119,6 +119,22 @@ class SparseDense(nn.Dense):
     @nn.compact
     def __call__(self, inputs: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
         return _sparse_call(self, inputs, self.config, self.beta)
+
+    def forward_weight(self) -> Float[Array, "in out"]:
+        """The forward weight ``W̃`` (β·S(W) for ``"sste"``) of the bound layer, for inspection and export:
+        ``layer.apply(variables, method="forward_weight")``.
+
+        >>> import jax, jax.numpy as jnp
+        >>> layer = SparseDense(4)
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 8)))
+        >>> layer.apply(variables, method="forward_weight").shape
+        (8, 4)
+        """
+        kernel, beta = self.get_variable("params", "kernel"), self.get_variable("sparsity", "beta")
+        if kernel is None or beta is None:
+            missing = [n for n, v in (("params/kernel", kernel), ("sparsity/beta", beta)) if v is None]
+            raise ValueError(f"{'/'.join(self.path) or 'SparseDense'}: the variables lack {missing}; pass the ones init made")
+        return forward_weight(kernel, beta, self.config)
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:

@@ -6,6 +6,11 @@ moment (SPEC §4). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: 
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
 under any other filter).
 
+For inference, `densify_layers` and `compress_layers` swap each sparse layer, in place, for an
+``nnx.Linear`` holding its forward weight or a `CompressedLinear` holding it packed by
+`sste_jax.compress_24`; both ask the layer (``layer.forward_weight()``), so every method, T-SR-STE's
+masked layers included, converts.
+
 MVUE (``SparsityConfig(mvue=True)``) draws its key from an ``nnx.Rngs`` stream forked per layer
 (the ``"sparsity"`` stream, else ``"default"``): every call advances the layer's counter, so keys
 differ across layers and steps, are reproducible from the seed, and live in ``nnx.state(model)``
@@ -31,10 +36,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from flax.nnx.nn.dtypes import promote_dtype
+from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
-from sste_jax._sparsity import fit_beta, initial_beta, transposable_mask_24
+from sste_jax._metrics import sparse_modules
+from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
     "SparsityBeta",
@@ -46,6 +53,11 @@ __all__ = [
     "sparse_kernel_mask",
     "refresh_masks",
     "refit_beta",
+    "Packed24",
+    "CompressedLinear",
+    "compress_layers",
+    "densify_layers",
+    "decompress_layers",
 ]
 
 Path = tuple[Any, ...]
@@ -335,3 +347,111 @@ def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] | None 
         value = fit_beta(kernel, n=config.n, m=config.m) if rule is None else rule(kernel)
         layer.beta[...] = jnp.asarray(value, jnp.float32)
     return len(layers)
+
+
+class Packed24(nnx.Variable):
+    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param."""
+
+
+class CompressedLinear(nnx.Module):
+    """Inference layer holding ``W̃`` as `sste_jax.compress_24` values + metadata: half the weight
+    bytes, plus one uint8 per group of 4. It decompresses once per call (a jitted model folds that
+    into the compiled program) and its output equals the sparse layer's bit for bit (same product,
+    same forward weight).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))
+    >>> layer = CompressedLinear(*sste_jax.compress_24(w))
+    >>> bool(jnp.array_equal(layer(jnp.ones((2, 8))), jnp.ones((2, 8)) @ w)), layer.forward_weight().shape
+    (True, (8, 4))
+    """
+
+    def __init__(
+        self,
+        values: Shaped[Array, "half out"],
+        meta: UInt8[Array, "groups out"],
+        bias: Float[Array, " out"] | None = None,
+        *,
+        fp8: bool = False,
+        dtype: Any = None,
+        promote_dtype: Any = promote_dtype,
+    ):
+        self.values = Packed24(values)
+        self.meta = Packed24(meta)
+        self.bias = nnx.Param(bias) if bias is not None else None
+        self.fp8, self.dtype, self.promote_dtype = fp8, dtype, promote_dtype
+
+    def forward_weight(self) -> Float[Array, "in out"]:
+        """The dense forward weight ``W̃`` (`sste_jax.decompress_24` of the stored data)."""
+        return decompress_24(self.values[...], self.meta[...])
+
+    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
+        kernel = self.forward_weight()
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = sparse_dense(x, kernel, 1.0, config=SparsityConfig(method="dense", fp8=self.fp8))
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
+    """An ``nnx.Linear`` like ``layer`` (same dtypes, bias) holding ``kernel``."""
+    linear = nnx.Linear(
+        *kernel.shape,
+        use_bias=layer.bias is not None,
+        dtype=layer.dtype,
+        param_dtype=getattr(layer, "param_dtype", kernel.dtype),
+        precision=getattr(layer, "precision", None),
+        promote_dtype=layer.promote_dtype,
+        rngs=nnx.Rngs(0),
+    )
+    linear.kernel[...] = kernel
+    if layer.bias is not None:
+        linear.bias[...] = layer.bias[...]
+    return linear
+
+
+def _forward_weights(model: nnx.Module) -> list[tuple[Path, nnx.Module, jax.Array]]:
+    """``(path, layer, W̃)`` of every sparse layer, each ``W̃`` from the layer's own ``forward_weight()``
+    (so a layer that keeps a mask, e.g. T-SR-STE's, applies it); raises naming a layer that has none."""
+    out = []
+    for path, layer in sparse_modules(model):
+        if not callable(getattr(layer, "forward_weight", None)):
+            raise TypeError(f"{_path_str(path)}: {type(layer).__name__} has no forward_weight() to export")
+        out.append((path, layer, layer.forward_weight()))
+    return out
+
+
+def densify_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
+    baked in); returns ``model``. The result needs nothing from sste_jax to run."""
+    for path, layer, w_tilde in _forward_weights(model):
+        _set_child(model, path, _dense_linear(layer, w_tilde))
+    return model
+
+
+def compress_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
+    ``method="dense"`` by an ``nnx.Linear``); returns ``model``."""
+    for path, layer, w_tilde in _forward_weights(model):
+        if layer.config.sparse:
+            bias = layer.bias[...] if layer.bias is not None else None
+            new = CompressedLinear(
+                *compress_24(w_tilde), bias, fp8=layer.config.fp8, dtype=layer.dtype, promote_dtype=layer.promote_dtype
+            )
+        else:
+            new = _dense_linear(layer, w_tilde)
+        _set_child(model, path, new)
+    return model
+
+
+def decompress_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every `CompressedLinear` (except FP8 ones, whose product is FP8) by an
+    ``nnx.Linear`` holding its decompressed weight; returns ``model``. Call it once on a served model
+    (e.g. inside a jitted generation function, before its decoding loop) so the weights are
+    decompressed once, not on every call; the outputs are the same, bit for bit."""
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, CompressedLinear) and not node.fp8:
+            _set_child(model, path, _dense_linear(node, node.forward_weight()))
+    return model
