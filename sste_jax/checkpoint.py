@@ -502,21 +502,24 @@ def save_checkpoint(
 
 
 def _quietly(path: pathlib.Path, what: str, read):
-    """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed).
+    """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed)."""
+    try:
+        return read()
+    except Exception as e:
+        message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
+    raise CheckpointError(message)
 
-    When one array read fails, orbax abandons the coroutines of the others; they are finalised here
-    (their "exception ignored" reports muted) instead of surfacing later as unrelated warnings.
-    """
+
+def _close_quietly(manager: ocp.CheckpointManager | ocp.Checkpointer) -> None:
+    """Closes ``manager``. When one array read failed, orbax abandoned the coroutines of the others;
+    they are finalised here (their "exception ignored" reports muted) instead of surfacing later as
+    unrelated warnings."""
     hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
     try:
-        try:
-            return read()
-        except Exception as e:
-            message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
+        manager.close()
         gc.collect()
     finally:
         sys.unraisablehook = hook
-    raise CheckpointError(message)
 
 
 def _restore_from(
@@ -594,7 +597,7 @@ def restore_checkpoint(
             checksums,
         )
     finally:
-        manager.close()
+        _close_quietly(manager)
 
 
 def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: bool = True) -> tuple[int, Any]:
@@ -681,14 +684,17 @@ def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Modu
     settings = info["layers"] if info is not None else {}
     target = compress_layers(nnx.clone(model))
     checkpointer = _checkpointer()
-    state = _restore_from(
-        directory,
-        directory,
-        lambda: checkpointer.metadata(directory).item_metadata,
-        lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
-        nnx.state(target),
-        info["checksums"] if info is not None else None,
-    )
+    try:
+        state = _restore_from(
+            directory,
+            directory,
+            lambda: checkpointer.metadata(directory).item_metadata,
+            lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
+            nnx.state(target),
+            info["checksums"] if info is not None else None,
+        )
+    finally:
+        _close_quietly(checkpointer)
     nnx.update(target, state)
     for name, layer in _compressed_layers(target).items():
         if not bool(jnp.all(_valid_meta(layer.meta[...]))):
