@@ -134,7 +134,7 @@ class SparseDense(nn.Dense):
         if kernel is None or beta is None:
             missing = [n for n, v in (("params/kernel", kernel), ("sparsity/beta", beta)) if v is None]
             raise ValueError(f"{'/'.join(self.path) or 'SparseDense'}: the variables lack {missing}; pass the ones init made")
-        return forward_weight(kernel, beta, self.config)
+        return forward_weight(kernel, nn.meta.unbox(beta), self.config)
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:

@@ -80,7 +80,7 @@ def test_linen_layer_gives_its_forward_weight():
     layer = sparse_linen.SparseDense(8)
     variables = layer.init(jax.random.key(0), jnp.ones((2, 16)))
     w = layer.apply(variables, method="forward_weight")
-    want = sste_jax.forward_weight(variables["params"]["kernel"], variables["sparsity"]["beta"], SparsityConfig())
+    want = sste_jax.forward_weight(variables["params"]["kernel"], variables["sparsity"]["beta"].value, SparsityConfig())
     assert np.asarray(w).tobytes() == np.asarray(want).tobytes()
     x = jax.random.normal(jax.random.key(1), (3, 16))
     np.testing.assert_array_equal(layer.apply(variables, x), x @ w + variables["params"]["bias"][None])
