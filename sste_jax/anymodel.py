@@ -75,7 +75,9 @@ def _trace_to_param(x, params: dict[str, Any]) -> tuple[str, list[int]] | None:
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
         return None
     for name, value in params.items():  # eager: a transposed or cast copy of a parameter
-        if getattr(value, "ndim", None) != x.ndim or sorted(value.shape) != sorted(x.shape):
+        if not isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+            continue
+        if value.ndim != x.ndim or sorted(value.shape) != sorted(x.shape):
             continue
         for p in itertools.permutations(range(x.ndim)):
             if tuple(value.shape[i] for i in p) == x.shape and bool(
