@@ -44,6 +44,8 @@ from sste_jax._product import sparse_einsum as sparse_einsum
 from sste_jax._select import FEED_FORWARD as FEED_FORWARD
 from sste_jax._select import feed_forward as feed_forward
 from sste_jax._select import match_rule as match_rule
+from sste_jax._transform import SparseFn as SparseFn
+from sste_jax._transform import sparsify_fn as sparsify_fn
 from sste_jax._step import StepState as StepState
 from sste_jax._step import scale_by_step as scale_by_step
 from sste_jax._step import step_adam as step_adam
