@@ -163,10 +163,10 @@ class SparseFn:
     """
 
     fn: Callable[..., Any]
-    rules: Mapping[str, SparsityConfig]
+    rules: tuple[tuple[str, SparsityConfig], ...]  # the rules' items, in order (hashable: jit-able)
 
     def _trace(self, params, args):
-        checked = check_rules(self.rules, "sparsify_fn")
+        checked = check_rules(dict(self.rules), "sparsify_fn")
         leaves, treedef = jax.tree_util.tree_flatten_with_path((params, args))
         arrays = [i for i, (_, x) in enumerate(leaves) if _is_array(x)]
         n_params = len(jax.tree_util.tree_leaves(params))
@@ -231,4 +231,4 @@ def sparsify_fn(fn: Callable[..., Any], rules: Mapping[str, SparsityConfig]) -> 
     whole path, the first match wins; `sste_jax.feed_forward` gives the paper's default.
     """
     check_rules(rules, "sparsify_fn")
-    return SparseFn(fn, dict(rules))
+    return SparseFn(fn, tuple(rules.items()))

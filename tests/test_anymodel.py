@@ -232,7 +232,8 @@ def test_linen_beta_at_init_axes_from_the_op_and_training():
     variables = model.init(jax.random.key(0), x)
     assert set(variables["sparsity"]["h_0"]) == {"c_fc_beta", "c_proj"}
     w = variables["params"]["h_0"]["c_fc"]
-    assert float(variables["sparsity"]["h_0"]["c_fc_beta"]) == float(sste_jax.fit_beta(w, axis=1))
+    beta = variables["sparsity"]["h_0"]["c_fc_beta"]
+    np.testing.assert_allclose(beta, sste_jax.fit_beta(w, axis=1), rtol=1e-6)  # up to summation order
     assert "attn" not in variables["sparsity"]["h_0"]
     tx = sste_jax.freeze_beta(optax.adam(1e-2))
     state = tx.init(variables)
@@ -249,7 +250,7 @@ def test_linen_beta_at_init_axes_from_the_op_and_training():
         variables, state, loss = step(variables, state, jax.random.key(i))
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
-    assert float(variables["sparsity"]["h_0"]["c_fc_beta"]) == float(sste_jax.fit_beta(w, axis=1))
+    assert float(variables["sparsity"]["h_0"]["c_fc_beta"]) == float(beta)
 
 
 def test_linen_forward_is_the_2_4_product():
