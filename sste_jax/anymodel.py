@@ -277,5 +277,6 @@ def sparsify(model, rules: Mapping[str, SparsityConfig], *example_inputs, rngs: 
     for module, name, config, beta, layers in fitted:
         setattr(module, f"{name}_beta", _beta_variable(beta, config))
         if config.mvue and not isinstance(getattr(module, _STREAM, None), nnx.RngStream):
-            setattr(module, _STREAM, rngs["sparsity"].fork(split=layers))
+            stream = rngs["sparsity"]
+            setattr(module, _STREAM, stream.fork() if layers is None else stream.split(layers))
     return model
