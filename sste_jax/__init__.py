@@ -41,6 +41,7 @@ from sste_jax._params import select_paths as select_paths
 from sste_jax._params import einsum_axis as einsum_axis
 from sste_jax._product import sparse_dot_general as sparse_dot_general
 from sste_jax._product import sparse_einsum as sparse_einsum
+from sste_jax._product import remat_policy as remat_policy
 from sste_jax._select import FEED_FORWARD as FEED_FORWARD
 from sste_jax._select import feed_forward as feed_forward
 from sste_jax._select import match_rule as match_rule

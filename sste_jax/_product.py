@@ -12,14 +12,15 @@ operands moved to ``(tokens, in) @ (in, out)`` and the result moved back to the 
 """
 
 import string
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from sste_jax._linear import SparsityConfig, sparse_dense
+from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, sparse_dense
 
-__all__ = ["sparse_dot_general", "sparse_einsum", "weight_axis", "einsum_weight_axis"]
+__all__ = ["sparse_dot_general", "sparse_einsum", "weight_axis", "einsum_weight_axis", "remat_policy"]
 
 
 def weight_axis(dimension_numbers, weight: int, name: str = "the product") -> int:
@@ -34,6 +35,17 @@ def weight_axis(dimension_numbers, weight: int, name: str = "the product") -> in
             f"{name}: the weight operand contracts {len(contract)} axes {tuple(contract)}; 2:4 groups need exactly one"
         )
     return int(contract[0])
+
+
+def remat_policy(policy: Callable[..., bool] | None = None) -> Callable[..., bool]:
+    """A ``jax.checkpoint`` policy that saves the forward weights ``W̃`` (so a rematerialised layer prunes
+    once per step) and whatever ``policy`` saves (nothing if None).
+
+    >>> import jax, sste_jax
+    >>> f = jax.checkpoint(lambda x, w: sste_jax.sparse_dense(x, w, 1.0), policy=sste_jax.remat_policy())
+    """
+    names = jax.checkpoint_policies.save_only_these_names(FORWARD_WEIGHT)
+    return names if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, names)
 
 
 def _to_matrix(w: jax.Array, axis: int) -> jax.Array:

@@ -27,7 +27,7 @@ from jax.extend import core as jcore
 
 from sste_jax._linear import SparsityConfig, check_key
 from sste_jax._optim import key_name
-from sste_jax._product import _to_matrix, sparse_dot_general, weight_axis
+from sste_jax._product import _to_matrix, remat_policy, sparse_dot_general, weight_axis
 from sste_jax._select import check_rules, match_rule
 from sste_jax._sparsity import initial_beta
 
@@ -132,7 +132,7 @@ def _run(jaxpr, consts, args, infos, ctx) -> list:
             outs = _run(inner.jaxpr, inner.consts, invals, in_infos, ctx)
         elif name in ("remat2", "checkpoint"):
             inner, policy = eqn.params["jaxpr"], eqn.params["policy"]
-            outs = jax.checkpoint(lambda *a: _run(inner, (), a, in_infos, ctx), policy=policy,
+            outs = jax.checkpoint(lambda *a: _run(inner, (), a, in_infos, ctx), policy=remat_policy(policy),
                                   prevent_cse=eqn.params["prevent_cse"])(*invals)
         elif name == "scan":
             outs = _scan(eqn, invals, in_infos, ctx)

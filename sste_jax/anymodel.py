@@ -37,7 +37,7 @@ from flax import nnx
 from qwix._src.utils import flax_util
 
 from sste_jax._linear import SparsityConfig
-from sste_jax._product import _to_matrix, einsum_weight_axis, sparse_dot_general, sparse_einsum, weight_axis
+from sste_jax._product import _to_matrix, einsum_weight_axis, remat_policy, sparse_dot_general, sparse_einsum, weight_axis
 from sste_jax._select import check_rules
 from sste_jax._sparsity import initial_beta
 from sste_jax.nnx import SparsityBeta, _beta_variable
@@ -98,7 +98,16 @@ class _SparsityProvider(qwix.QuantizationProvider):
         self.created = False  # Linen: a β was created in this call (init)
 
     def get_intercept_map(self):
-        return super().get_intercept_map() | {"jax.lax.dot_general": self._dot_general, "jax.numpy.einsum": self._einsum}
+        return super().get_intercept_map() | {
+            "jax.lax.dot_general": self._dot_general,
+            "jax.numpy.einsum": self._einsum,
+            "jax.checkpoint": self._checkpoint,
+            "jax.remat": self._checkpoint,  # its alias, which Linen's nn.remat calls
+        }
+
+    def _checkpoint(self, fun, *args, policy=None, **kwargs):
+        """``jax.checkpoint`` that also saves the forward weights: a rematerialised layer prunes once."""
+        return jax.checkpoint(fun, *args, policy=remat_policy(policy), **kwargs)
 
     def process_model_inputs(self, model, model_args, model_kwargs):
         return model, model_args, model_kwargs  # no per-call op counters

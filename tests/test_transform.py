@@ -162,3 +162,12 @@ def test_equinox_mlp_under_vmap():
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
     assert float(params["sparsity"]["mlp/layers/0/weight"]) == float(beta)
+
+
+def test_checkpoint_prunes_once():
+    params = _mlp_params(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, D))
+    sparse = sste_jax.sparsify_fn(lambda p, x: jax.checkpoint(_fn)(p, x), {r"mlp/.*": SparsityConfig()})
+    variables = sparse.init(params, x)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(sparse(v, x))))(variables))
+    assert jaxpr.count(" abs ") == 2 * 4  # two weights, each soft-thresholded once (4 abs per pruning)
