@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, sparse_dense
+from sste_jax._sparsity import initial_beta
 
 __all__ = ["sparse_dot_general", "sparse_einsum", "weight_axis", "einsum_weight_axis", "remat_policy"]
 
@@ -35,6 +36,18 @@ def weight_axis(dimension_numbers, weight: int, name: str = "the product") -> in
             f"{name}: the weight operand contracts {len(contract)} axes {tuple(contract)}; 2:4 groups need exactly one"
         )
     return int(contract[0])
+
+
+LAYOUT_PRESERVING = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"})
+"""Primitives between a parameter and its product that keep its axes (besides ``transpose``)."""
+
+
+def operand_beta(w: Array, axis: int, config: SparsityConfig, name: str) -> Float[Array, ""]:
+    """The frozen β of a weight operand with 2:4 groups along ``axis``: `fit_beta` for ``"sste"`` (raising,
+    naming ``name``, when it cannot be fitted), 1.0 for the other methods, which ignore it."""
+    if config.method != "sste":
+        return jnp.ones((), jnp.float32)
+    return initial_beta(_to_matrix(jnp.asarray(w), axis), 0, name)
 
 
 def remat_policy(policy: Callable[..., bool] | None = None) -> Callable[..., bool]:

@@ -9,7 +9,7 @@ on the weight's contraction axis as the op states it. The transform sees the pro
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> def fn(params, x):
 ...     return jax.nn.relu(x @ params["mlp"]["w1"]) @ params["mlp"]["w2"]
->>> params = {"mlp": {"w1": jax.random.normal(jax.random.key(0), (8, 32)), "w2": jnp.ones((32, 8))}}
+>>> params = {"mlp": {"w1": jax.random.normal(jax.random.key(0), (8, 32)), "w2": jax.random.normal(jax.random.key(1), (32, 8))}}
 >>> sparse = sste_jax.sparsify_fn(fn, sste_jax.feed_forward())
 >>> variables = sparse.init(params, jnp.ones((4, 8)))
 >>> sorted(variables["sparsity"]), sparse(variables, jnp.ones((4, 8))).shape
@@ -27,13 +27,11 @@ from jax.extend import core as jcore
 
 from sste_jax._linear import SparsityConfig, check_key
 from sste_jax._optim import key_name
-from sste_jax._product import _to_matrix, remat_policy, sparse_dot_general, weight_axis
+from sste_jax._product import LAYOUT_PRESERVING, operand_beta, remat_policy, sparse_dot_general, weight_axis
 from sste_jax._select import check_rules, match_rule
-from sste_jax._sparsity import initial_beta
 
 __all__ = ["sparsify_fn", "SparseFn"]
 
-_SAME_LAYOUT = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"}
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr"}
 
@@ -122,7 +120,7 @@ def _run(jaxpr, consts, args, infos, ctx) -> list:
             if len(weights) > 1:
                 raise ValueError(f"sparsify_fn: both operands of a product are parameters ({weights[0][1].path})")
             outs = _product(eqn, invals, weights, ctx)
-        elif name in _SAME_LAYOUT or name == "transpose":
+        elif name in LAYOUT_PRESERVING or name == "transpose":
             outs = _bind(eqn, invals)
             w = in_infos[0]
             perm = tuple(w.perm[a] for a in eqn.params["permutation"]) if name == "transpose" else w.perm
@@ -132,7 +130,7 @@ def _run(jaxpr, consts, args, infos, ctx) -> list:
             outs = _run(inner.jaxpr, inner.consts, invals, in_infos, ctx)
         elif name in ("remat2", "checkpoint"):
             inner, policy = eqn.params["jaxpr"], eqn.params["policy"]
-            outs = jax.checkpoint(lambda *a: _run(inner, (), a, in_infos, ctx), policy=remat_policy(policy),
+            outs = jax.checkpoint(lambda *a, j=inner, i=in_infos: _run(j, (), a, i, ctx), policy=remat_policy(policy),
                                   prevent_cse=eqn.params["prevent_cse"])(*invals)
         elif name == "scan":
             outs = _scan(eqn, invals, in_infos, ctx)
@@ -202,10 +200,7 @@ class SparseFn:
         for path, (axis, config, depth) in ctx.found.items():
             value = jnp.asarray(named[path])
             layers = value.reshape((-1,) + value.shape[depth:])
-            if config.method == "sste":
-                fitted = [initial_beta(_to_matrix(w, axis), 0, path) for w in layers]
-            else:
-                fitted = [jnp.ones((), jnp.float32)] * layers.shape[0]
+            fitted = [operand_beta(w, axis, config, path if depth == 0 else f"{path}[{i}]") for i, w in enumerate(layers)]
             betas[path] = jnp.stack(fitted).reshape(value.shape[:depth])
         return {"params": params, "sparsity": betas}
 

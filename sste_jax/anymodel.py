@@ -23,7 +23,6 @@ MVUE keys come from the ``"sparsity"`` RNG stream.
 
 import contextlib
 import itertools
-import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,14 +36,20 @@ from flax import nnx
 from qwix._src.utils import flax_util
 
 from sste_jax._linear import SparsityConfig
-from sste_jax._product import _to_matrix, einsum_weight_axis, remat_policy, sparse_dot_general, sparse_einsum, weight_axis
+from sste_jax._product import (
+    LAYOUT_PRESERVING,
+    einsum_weight_axis,
+    operand_beta,
+    remat_policy,
+    sparse_dot_general,
+    sparse_einsum,
+    weight_axis,
+)
 from sste_jax._select import check_rules
-from sste_jax._sparsity import initial_beta
 from sste_jax.nnx import SparsityBeta, _beta_variable
 
 __all__ = ["sparsify"]
 
-_SAME_LAYOUT = {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"}
 _STREAM = "sparsity_rngs"
 
 
@@ -69,7 +74,7 @@ def _trace_to_param(x, params: dict[str, Any]) -> tuple[str, list[int]] | None:
         name = parent.primitive.name
         if name == "transpose":
             perm = [parent.params["permutation"][p] for p in perm]
-        elif name not in _SAME_LAYOUT:
+        elif name not in LAYOUT_PRESERVING:
             break
         node = parent.in_tracers[0]
     if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
@@ -173,8 +178,7 @@ class _SparsityProvider(qwix.QuantizationProvider):
             if not module.is_mutable_collection("sparsity"):
                 raise ValueError(f"{where}: no β in the 'sparsity' collection; init the model returned by sparsify")
             self.created = True
-        fit = (lambda: initial_beta(_to_matrix(operand, w_axis), 0, where)) if config.method == "sste" else (
-            lambda: jnp.ones((), jnp.float32))
+        fit = lambda: operand_beta(operand, w_axis, config, where)  # noqa: E731
         return module.variable("sparsity", f"{name}_beta", fit).value
 
     def _key(self, module, config, where):
@@ -275,13 +279,10 @@ def sparsify(model, rules: Mapping[str, SparsityConfig], *example_inputs, rngs: 
         where = f"{path}/{name}"
         if stacked not in (0, 1):
             raise ValueError(f"{where}: parameter of shape {value.shape} is used as a {ndim}-D operand")
-
-        def fit(w, axis=axis, where=where, config=config):
-            if config.method != "sste":
-                return jnp.ones((), jnp.float32)
-            return initial_beta(_to_matrix(w, axis), 0, where)
-
-        beta = jnp.stack([fit(w) for w in value]) if stacked else fit(value)
+        if stacked:
+            beta = jnp.stack([operand_beta(w, axis, config, f"{where}[{i}]") for i, w in enumerate(value)])
+        else:
+            beta = operand_beta(value, axis, config, where)
         fitted.append((module, name, config, beta, value.shape[0] if stacked else None))
     for module, name, config, beta, layers in fitted:
         setattr(module, f"{name}_beta", _beta_variable(beta, config))

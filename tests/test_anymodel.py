@@ -362,3 +362,12 @@ def test_remat_policy_prunes_once_on_the_layer_path():
         lambda w: sste_jax.sparse_dense(x, w, 1.5), policy=policy)(w)))
     assert _abs_count(lambda w: loss(w, None), w) == 2 * 4  # recomputed in the backward pass
     assert _abs_count(lambda w: loss(w, sste_jax.remat_policy()), w) == 4
+
+
+def test_module_doctests():
+    import doctest
+
+    from sste_jax import _product, _select, _transform, anymodel
+
+    for module in (_product, _select, _transform, anymodel):
+        assert doctest.testmod(module).failed == 0, module.__name__
