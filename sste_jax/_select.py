@@ -19,7 +19,7 @@ __all__ = ["FEED_FORWARD", "feed_forward", "match_rule", "check_rules"]
 _CONTAINER = r"[^/]*(?:mlp|ffn|feed_?forward)[^/]*"
 _NAME = (
     r"(?:c_)?fc\d*|fc_(?:in|out)|(?:up|down|gate)_proj|w[123]|wi(?:_\d)?|wo|dense_h_to_4h|dense_4h_to_h"
-    r"|gating_einsum|linear"
+    r"|gating_einsum"
 )
 _BLOCK = r"\d+|[^/]*_\d+"
 FEED_FORWARD = (
@@ -28,8 +28,9 @@ FEED_FORWARD = (
 )
 """Regex of the feed-forward layers' paths: under a module whose name contains ``mlp``, ``ffn`` or
 ``feed_forward``, or named ``c_fc``, ``c_proj`` (under ``mlp``), ``fc1``, ``up_proj``, ``gate_proj``,
-``down_proj``, ``w1``-``w3``, ``wi``, ``wo``, ``dense_h_to_4h``, ``dense_4h_to_h``, ``gating_einsum``,
-``linear`` inside a repeated block (``blocks/0``, ``layers_3``); a parameter name may follow."""
+``down_proj``, ``w1``-``w3``, ``wi``, ``wo``, ``dense_h_to_4h``, ``dense_4h_to_h``, ``gating_einsum``
+inside a repeated block (``blocks/0``, ``layers_3``); a parameter name may follow. Gemma's ``linear``
+is matched through its ``mlp`` module (a bare ``linear`` name is too common to mean feed-forward)."""
 
 Rules = Mapping[str, SparsityConfig]
 

@@ -69,6 +69,8 @@ def test_sparse_product_refuses_batch_and_multi_contraction_weights():
         ("transformer/h/0/attn/c_proj", False),
         ("layers/3/mlp/gate_proj", True),
         ("layer_0/mlp", True),
+        ("layer_0/mlp/linear", True),
+        ("blocks/0/attn/linear", False),
         ("encoder/block/1/layer/1/DenseReluDense/wi", True),
         ("gpt_neox/layers/2/dense_h_to_4h", True),
         ("gpt_neox/layers/2/attention/dense", False),
