@@ -373,3 +373,42 @@ def test_module_doctests():
 
     for module in (_product, _select, _transform, anymodel):
         assert doctest.testmod(module).failed == 0, module.__name__
+
+
+class _GatedFFN(nn.Module):
+    """A Gemma-style feed-forward: one gating weight for gate and up, in either layout, and ``linear``."""
+
+    transpose: bool
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (2, 32, 8) if self.transpose else (2, 8, 32)
+        gating = self.param("gating_einsum", nn.initializers.normal(0.3), shape)
+        gate, up = jnp.einsum("btf,nhf->nbth" if self.transpose else "btf,nfh->nbth", x, gating)
+        linear = self.param("linear", nn.initializers.normal(0.2), (32, 8))
+        return jnp.einsum("bth,hf->btf", jax.nn.gelu(gate) * up, linear)
+
+
+class _GatedNet(nn.Module):
+    transpose: bool
+
+    @nn.compact
+    def __call__(self, x):
+        return x + _GatedFFN(self.transpose, name="mlp")(x)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gated_einsum_layouts_take_the_axis_from_the_equation(transpose):
+    model = sste_jax.sparsify(_GatedNet(transpose), {"layer_0/mlp|mlp": SparsityConfig()})
+    x = jax.random.normal(jax.random.key(1), (2, 4, 8))
+    variables = model.init(jax.random.key(0), x)
+    params, betas = variables["params"]["mlp"], variables["sparsity"]["mlp"]
+    axis = 2 if transpose else 1  # the F (model width) axis, contracted, in each layout
+    np.testing.assert_allclose(betas["gating_einsum_beta"], sste_jax.fit_beta(params["gating_einsum"], axis=axis),
+                               rtol=1e-6)
+    sparse_params = {"mlp": {
+        "gating_einsum": betas["gating_einsum_beta"] * sste_jax.soft_threshold_24(params["gating_einsum"], axis=axis),
+        "linear": betas["linear_beta"] * sste_jax.soft_threshold_24(params["linear"], axis=0),
+    }}
+    expected = _GatedNet(transpose).apply({"params": sparse_params}, x)
+    np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
