@@ -108,16 +108,15 @@ def _parse(equation: str, ndims: tuple[int, int]) -> tuple[str, str, str]:
     terms = inputs.split(",")
     if len(terms) != 2:
         raise ValueError(f"einsum {equation!r}: the sparse product takes exactly two operands")
-    used = set(eq) - set(".,->")
-    spare = [c for c in string.ascii_letters if c not in used]
-    n_ellipsis = max((nd - (len(t) - 3) if "..." in t else 0) for t, nd in zip(terms, ndims))
-    fill = "".join(spare[:n_ellipsis])
-    terms = [t.replace("...", fill[len(fill) - (nd - (len(t) - 3)):] if "..." in t else "") for t, nd in zip(terms, ndims)]
-    if not arrow:
-        counts = {c: (terms[0] + terms[1]).count(c) for c in terms[0] + terms[1]}
-        out = fill + "".join(sorted(c for c, n in counts.items() if n == 1 and c not in fill))
-    else:
+    hidden = [nd - len(t.replace("...", "")) if "..." in t else 0 for t, nd in zip(terms, ndims)]
+    spare = [c for c in string.ascii_letters if c not in eq]
+    fill = "".join(spare[: max(hidden)])  # ellipsis axes broadcast from the right
+    terms = [t.replace("...", fill[len(fill) - k:]) for t, k in zip(terms, hidden)]
+    if arrow:
         out = out.replace("...", fill)
+    else:
+        both = terms[0] + terms[1]
+        out = fill + "".join(sorted(c for c in set(both) if both.count(c) == 1 and c not in fill))
     for t, nd in zip(terms, ndims):
         if len(t) != nd:
             raise ValueError(f"einsum {equation!r}: operand term {t!r} does not match an operand of {nd} dimensions")

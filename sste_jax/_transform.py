@@ -9,7 +9,8 @@ on the weight's contraction axis as the op states it. The transform sees the pro
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> def fn(params, x):
 ...     return jax.nn.relu(x @ params["mlp"]["w1"]) @ params["mlp"]["w2"]
->>> params = {"mlp": {"w1": jax.random.normal(jax.random.key(0), (8, 32)), "w2": jax.random.normal(jax.random.key(1), (32, 8))}}
+>>> w1, w2 = jax.random.normal(jax.random.key(0), (8, 32)), jax.random.normal(jax.random.key(1), (32, 8))
+>>> params = {"mlp": {"w1": w1, "w2": w2}}
 >>> sparse = sste_jax.sparsify_fn(fn, sste_jax.feed_forward())
 >>> variables = sparse.init(params, jnp.ones((4, 8)))
 >>> sorted(variables["sparsity"]), sparse(variables, jnp.ones((4, 8))).shape
@@ -96,7 +97,8 @@ def _scan(eqn, invals, infos, ctx):
 
     def body(carry, ext):
         xs, layer_betas, i = ext
-        sub = _Context(ctx.found, {**ctx.betas, **layer_betas}, {k: jax.random.fold_in(v, i) for k, v in ctx.keys.items()})
+        keys = {k: jax.random.fold_in(v, i) for k, v in ctx.keys.items()}  # a different MVUE draw per layer
+        sub = _Context(ctx.found, {**ctx.betas, **layer_betas}, keys)
         outs = _run(p["jaxpr"].jaxpr, p["jaxpr"].consts, [*consts, *carry, *xs], body_infos, sub)
         return outs[:n_carry], outs[n_carry:]
 
@@ -200,7 +202,8 @@ class SparseFn:
         for path, (axis, config, depth) in ctx.found.items():
             value = jnp.asarray(named[path])
             layers = value.reshape((-1,) + value.shape[depth:])
-            fitted = [operand_beta(w, axis, config, path if depth == 0 else f"{path}[{i}]") for i, w in enumerate(layers)]
+            names = [path] if depth == 0 else [f"{path}[{i}]" for i in range(layers.shape[0])]
+            fitted = [operand_beta(w, axis, config, name) for w, name in zip(layers, names)]
             betas[path] = jnp.stack(fitted).reshape(value.shape[:depth])
         return {"params": params, "sparsity": betas}
 

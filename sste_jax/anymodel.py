@@ -56,7 +56,8 @@ _STREAM = "sparsity_rngs"
 def _params(module) -> dict[str, Any]:
     """The current module's own parameters, ``{name: array}``."""
     if isinstance(module, nn.Module):
-        return {n: nn.meta.unbox(v) for n, v in module.variables.get("params", {}).items() if not isinstance(v, Mapping)}
+        own = module.variables.get("params", {})
+        return {n: nn.meta.unbox(v) for n, v in own.items() if not isinstance(v, Mapping)}
     return {n: v.get_value() for n, v in vars(module).items() if isinstance(v, nnx.Param)}
 
 
@@ -196,7 +197,9 @@ class _SparsityProvider(qwix.QuantizationProvider):
             return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
 
         def compute(index, beta, key, config, where):
-            y = sparse_dot_general(lhs, rhs, dimension_numbers, weight=index, beta=beta, key=key, config=config, name=where)
+            y = sparse_dot_general(
+                lhs, rhs, dimension_numbers, weight=index, beta=beta, key=key, config=config, name=where
+            )
             return y.astype(preferred_element_type) if preferred_element_type is not None else y
 
         return self._product(
@@ -226,7 +229,9 @@ class _SparsityProvider(qwix.QuantizationProvider):
 @contextlib.contextmanager
 def _quiet_qwix():
     with warnings.catch_warnings():  # Qwix walks NNX models with a method Flax deprecates
-        warnings.filterwarnings("ignore", message=r".*iter_modules\(\)' method is deprecated", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=r".*iter_modules\(\)' method is deprecated", category=DeprecationWarning
+        )
         yield
 
 
