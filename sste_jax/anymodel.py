@@ -5,7 +5,8 @@ the model's modules; here every intercepted product whose module path fully matc
 whose operands is a parameter of that module becomes the S-STE product (`sste_jax.sparse_dot_general`):
 forward ``β·S(W)``, straight-through weight gradient, MVUE over tokens, FP8, with the 2:4 groups on
 the weight's contraction axis as the op states it. β is fitted once from the live weights and kept in
-model state next to the weight, as ``<param>_beta``: an NNX `sste_jax.nnx.SparsityBeta` attribute
+model state next to the weight, as ``beta`` beside a ``kernel`` (else ``<param>_beta``): an NNX
+`sste_jax.nnx.SparsityBeta` attribute
 (fitted by `sparsify`), or a Linen variable in the ``"sparsity"`` collection (fitted at ``init``).
 MVUE keys come from the ``"sparsity"`` RNG stream.
 
@@ -17,7 +18,7 @@ MVUE keys come from the ``"sparsity"`` RNG stream.
 ...     def __call__(self, x):
 ...         return x + self.mlp(x)
 >>> model = sste_jax.sparsify(Block(nnx.Rngs(0)), sste_jax.feed_forward(), jnp.ones((4, 8)))
->>> model(jnp.ones((4, 8))).shape, model.mlp.layers[0].kernel_beta.shape
+>>> model(jnp.ones((4, 8))).shape, model.mlp.layers[0].beta.shape
 ((4, 8), ())
 """
 
@@ -51,6 +52,11 @@ from sste_jax.nnx import SparsityBeta, _beta_variable
 __all__ = ["sparsify"]
 
 _STREAM = "sparsity_rngs"
+
+
+def _beta_name(param: str) -> str:
+    """Where a weight's β is kept: ``beta`` beside a ``kernel`` (as in the layer path), else ``<param>_beta``."""
+    return "beta" if param == "kernel" else f"{param}_beta"
 
 
 def _params(module) -> dict[str, Any]:
@@ -171,16 +177,16 @@ class _SparsityProvider(qwix.QuantizationProvider):
 
     def _beta(self, module, name, operand, w_axis, config, where):
         if isinstance(module, nnx.Module):
-            beta = getattr(module, f"{name}_beta", None)
+            beta = getattr(module, _beta_name(name), None)
             if not isinstance(beta, SparsityBeta):
                 raise ValueError(f"{where}: no β; this product was not seen when the model was sparsified")
             return beta[...]
-        if not module.has_variable("sparsity", f"{name}_beta"):
+        if not module.has_variable("sparsity", _beta_name(name)):
             if not module.is_mutable_collection("sparsity"):
                 raise ValueError(f"{where}: no β in the 'sparsity' collection; init the model returned by sparsify")
             self.created = True
         fit = lambda: operand_beta(operand, w_axis, config, where)  # noqa: E731
-        return module.variable("sparsity", f"{name}_beta", fit).value
+        return module.variable("sparsity", _beta_name(name), fit).value
 
     def _key(self, module, config, where):
         if not config.mvue:
@@ -282,6 +288,9 @@ def sparsify(model, rules: Mapping[str, SparsityConfig], *example_inputs, rngs: 
         value = getattr(module, name).get_value()
         stacked = value.ndim - ndim
         where = f"{path}/{name}"
+        taken = getattr(module, _beta_name(name), None)
+        if taken is not None and not isinstance(taken, SparsityBeta):
+            raise ValueError(f"{where}: the module already has an attribute {_beta_name(name)!r}, where β would go")
         if stacked not in (0, 1):
             raise ValueError(f"{where}: parameter of shape {value.shape} is used as a {ndim}-D operand")
         if stacked:
@@ -290,7 +299,7 @@ def sparsify(model, rules: Mapping[str, SparsityConfig], *example_inputs, rngs: 
             beta = operand_beta(value, axis, config, where)
         fitted.append((module, name, config, beta, value.shape[0] if stacked else None))
     for module, name, config, beta, layers in fitted:
-        setattr(module, f"{name}_beta", _beta_variable(beta, config))
+        setattr(module, _beta_name(name), _beta_variable(beta, config))
         if config.mvue and not isinstance(getattr(module, _STREAM, None), nnx.RngStream):
             stream = rngs["sparsity"]
             setattr(module, _STREAM, stream.fork() if layers is None else stream.split(layers))

@@ -153,9 +153,9 @@ def test_nnx_equals_the_layer_path(config):
     anymodel = sste_jax.sparsify(_Net(nnx.Rngs(0)), sste_jax.feed_forward(config), x, rngs=nnx.Rngs(sparsity=5))
     for i in range(2):
         for name in ("fc", "proj"):
-            assert float(anymodel.blocks[i].mlp.__dict__[name].kernel_beta[...]) == float(
+            assert float(anymodel.blocks[i].mlp.__dict__[name].beta[...]) == float(
                 layered.blocks[i].mlp.__dict__[name].beta[...])
-        assert not hasattr(anymodel.blocks[i].attn, "kernel_beta")
+        assert not hasattr(anymodel.blocks[i].attn, "beta")
     np.testing.assert_allclose(anymodel(x), layered(x), rtol=1e-6, atol=1e-6)
     loss_a = _train_nnx(anymodel, x, y, 5)
     loss_l = _train_nnx(layered, x, y, 5)
@@ -168,11 +168,11 @@ def test_nnx_trains_with_mvue_fp8_and_beta_stays_frozen():
     y = jnp.sin(x)
     model = sste_jax.sparsify(_Net(nnx.Rngs(0)), sste_jax.feed_forward(SparsityConfig(mvue=True, fp8=True)), x,
                               rngs=nnx.Rngs(sparsity=1))
-    beta = float(model.blocks[0].mlp.fc.kernel_beta[...])
+    beta = float(model.blocks[0].mlp.fc.beta[...])
     attn = np.asarray(model.blocks[0].attn.kernel[...])
     losses = _train_nnx(model, x, y, 60)
     assert losses[-1] < 0.5 * losses[0]
-    assert float(model.blocks[0].mlp.fc.kernel_beta[...]) == beta
+    assert float(model.blocks[0].mlp.fc.beta[...]) == beta
     assert not np.array_equal(attn, model.blocks[0].attn.kernel[...])  # attention trains, dense
 
 
@@ -317,7 +317,7 @@ def test_nnx_scan_and_remat_one_beta_per_layer_pruned_once():
     y = jnp.sin(x)
     model = sste_jax.sparsify(_ScanNet(nnx.Rngs(0)), sste_jax.feed_forward(SparsityConfig(mvue=True, fp8=True)), x,
                               rngs=nnx.Rngs(sparsity=0))
-    beta = model.mlp.up_proj.kernel_beta[...]
+    beta = model.mlp.up_proj.beta[...]
     assert beta.shape == (3,)
     np.testing.assert_allclose(beta, [sste_jax.fit_beta(model.mlp.up_proj.kernel[i]) for i in range(3)], rtol=1e-6)
     graph, state = nnx.split(sste_jax.sparsify(_ScanNet(nnx.Rngs(0)), sste_jax.feed_forward(), x))  # no MVUE/FP8 abs
@@ -326,7 +326,7 @@ def test_nnx_scan_and_remat_one_beta_per_layer_pruned_once():
     assert str(jax.make_jaxpr(grad)(state)).count(" abs ") == 2 * 4
     losses = _train_nnx(model, x, y, 40)
     assert losses[-1] < 0.5 * losses[0]
-    np.testing.assert_array_equal(model.mlp.up_proj.kernel_beta[...], beta)
+    np.testing.assert_array_equal(model.mlp.up_proj.beta[...], beta)
 
 
 class _LinenScanBlock(nn.Module):
@@ -347,7 +347,7 @@ def test_linen_scan_and_remat_one_beta_per_layer_pruned_once():
     model = sste_jax.sparsify(_LinenScanNet(), sste_jax.feed_forward(SparsityConfig(mvue=True, fp8=True)))
     x = jax.random.normal(jax.random.key(1), (32, 8))
     variables = model.init(jax.random.key(0), x)
-    beta = variables["sparsity"]["layers_0"]["wi"]["kernel_beta"]
+    beta = variables["sparsity"]["layers_0"]["wi"]["beta"]
     kernel = variables["params"]["layers_0"]["wi"]["kernel"]
     np.testing.assert_allclose(beta, [sste_jax.fit_beta(kernel[i]) for i in range(3)], rtol=1e-6)
     loss = lambda v: jnp.sum(model.apply(v, x, rngs={"sparsity": jax.random.key(0)}) ** 2)  # noqa: E731
@@ -355,7 +355,7 @@ def test_linen_scan_and_remat_one_beta_per_layer_pruned_once():
     assert _abs_count(lambda v: jnp.sum(plain.apply(v, x) ** 2), variables) == 2 * 4  # pruned once per layer
     grads = jax.jit(jax.grad(loss))(variables)
     assert grads["params"]["layers_0"]["wi"]["kernel"].shape == (3, 8, 32)
-    assert not np.any(grads["sparsity"]["layers_0"]["wi"]["kernel_beta"])
+    assert not np.any(grads["sparsity"]["layers_0"]["wi"]["beta"])
 
 
 def test_remat_policy_prunes_once_on_the_layer_path():
@@ -412,3 +412,18 @@ def test_gated_einsum_layouts_take_the_axis_from_the_equation(transpose):
     }}
     expected = _GatedNet(transpose).apply({"params": sparse_params}, x)
     np.testing.assert_allclose(model.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_see_the_betas_like_the_layer_paths(tmp_path):
+    from sste_jax import checkpoint
+
+    x = jax.random.normal(jax.random.key(1), (8, 8))
+    model = sste_jax.sparsify(_Net(nnx.Rngs(0)), sste_jax.feed_forward(), x)
+    checkpoint.save_checkpoint(tmp_path, 1, nnx.state(model))
+    same = sste_jax.sparsify(_Net(nnx.Rngs(5)), sste_jax.feed_forward(), x)
+    restored = checkpoint.restore_checkpoint(tmp_path, nnx.state(same))
+    nnx.update(same, restored)
+    np.testing.assert_array_equal(same.blocks[0].mlp.fc.beta[...], model.blocks[0].mlp.fc.beta[...])
+    other = sste_jax.sparsify(_Net(nnx.Rngs(5)), sste_jax.feed_forward(SparsityConfig(method="ste")), x)
+    with pytest.raises(checkpoint.CheckpointConfigError, match="blocks/0/mlp/fc: method='sste' in the checkpoint"):
+        checkpoint.restore_checkpoint(tmp_path, nnx.state(other))

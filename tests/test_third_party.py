@@ -60,7 +60,7 @@ def test_tunix_llama3_trains_with_mvue_fp8_under_remat():
     for layer in model.layers:
         for name in ("gate_proj", "up_proj", "down_proj"):
             linear = getattr(layer.mlp, name)
-            np.testing.assert_allclose(linear.kernel_beta[...], sste_jax.fit_beta(linear.kernel[...]), rtol=1e-6)
+            np.testing.assert_allclose(linear.beta[...], sste_jax.fit_beta(linear.kernel[...]), rtol=1e-6)
     betas = {p: v[...] for p, v in nnx.iter_graph(model) if isinstance(v, sste_jax.nnx.SparsityBeta)}
     assert len(betas) == 2 * 3  # the feed-forward linears only: attention, embeddings and head stay dense
     opt = nnx.Optimizer(model, sste_jax.freeze_beta(optax.adam(3e-3)), wrt=nnx.Param)
@@ -98,7 +98,7 @@ def test_hf_flax_gpt2_linen_module_out_in_kernels():
     sparsity = variables["sparsity"]["transformer"]["h"]
     assert sorted(sparsity["0"]["mlp"]) == ["c_fc", "c_proj"] and "attn" not in sparsity["0"]
     kernel = variables["params"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # (out, in)
-    np.testing.assert_allclose(sparsity["0"]["mlp"]["c_fc"]["kernel_beta"], sste_jax.fit_beta(kernel, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(sparsity["0"]["mlp"]["c_fc"]["beta"], sste_jax.fit_beta(kernel, axis=1), rtol=1e-6)
     tx = sste_jax.freeze_beta(optax.adam(3e-3))
     state = tx.init(variables)
 
@@ -117,8 +117,8 @@ def test_hf_flax_gpt2_linen_module_out_in_kernels():
         variables, state, loss = step(variables, state, jax.random.key(i))
         losses.append(float(loss))
     assert losses[-1] < losses[0] - 0.5, losses
-    np.testing.assert_array_equal(variables["sparsity"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel_beta"],
-                                  sparsity["0"]["mlp"]["c_fc"]["kernel_beta"])
+    np.testing.assert_array_equal(variables["sparsity"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["beta"],
+                                  sparsity["0"]["mlp"]["c_fc"]["beta"])
 
 
 def test_hf_flax_gpt2_wrapper_through_sparsify_fn():
