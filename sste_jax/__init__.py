@@ -42,6 +42,14 @@ from sste_jax._params import spec_weights as spec_weights
 from sste_jax._params import select_kernels as select_kernels
 from sste_jax._params import select_paths as select_paths
 from sste_jax._params import einsum_axis as einsum_axis
+from sste_jax._product import sparse_dot_general as sparse_dot_general
+from sste_jax._product import sparse_einsum as sparse_einsum
+from sste_jax._product import remat_policy as remat_policy
+from sste_jax._select import FEED_FORWARD as FEED_FORWARD
+from sste_jax._select import feed_forward as feed_forward
+from sste_jax._select import match_rule as match_rule
+from sste_jax._transform import SparseFn as SparseFn
+from sste_jax._transform import sparsify_fn as sparsify_fn
 from sste_jax._step import StepState as StepState
 from sste_jax._step import scale_by_step as scale_by_step
 from sste_jax._step import step_adam as step_adam
@@ -50,3 +58,11 @@ from sste_jax._step import step_switched as step_switched
 from sste_jax._step import step_v_change as step_v_change
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "sparsify":  # the Flax level (and Qwix): imported on first use, keeping ``import sste_jax`` light
+        from sste_jax.anymodel import sparsify
+
+        return sparsify
+    raise AttributeError(f"module 'sste_jax' has no attribute {name!r}")

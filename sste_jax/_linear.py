@@ -24,6 +24,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from sste_jax import _fp8
@@ -36,6 +37,7 @@ Method = Literal["dense", "ste", "srste", "tsrste", "sste"]
 _METHODS = ("dense", "ste", "srste", "tsrste", "sste")
 _BACKENDS = ("xla", "pallas", "auto")
 _MATMULS = ("xla", "cusparselt")
+FORWARD_WEIGHT = "sste_forward_weight"  # checkpoint name of W̃: a remat policy that saves it prunes once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +245,7 @@ def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key, mask):
 
 
 def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask):
-    w_IxO = forward_weight(kernel_IxO, beta, config, mask=mask)
+    w_IxO = checkpoint_name(forward_weight(kernel_IxO, beta, config, mask=mask), FORWARD_WEIGHT)
     y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
     return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key, mask)
 

@@ -16,7 +16,6 @@ names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what i
 """
 
 import contextlib
-import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -26,11 +25,13 @@ from flax import struct
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
+from sste_jax._select import check_rules, feed_forward as _feed_forward_rules, match_rule
 from sste_jax._sparsity import initial_beta
 
 __all__ = ["SparseDense", "SparsityBeta", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
 
 Where = Callable[[tuple[str, ...], nn.Dense], bool]
+_FEED_FORWARD_RULES = check_rules(_feed_forward_rules(), "feed_forward")
 
 
 class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
@@ -142,21 +143,9 @@ def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
     return True
 
 
-_FFN_CONTAINER = re.compile(r"mlp|ffn|feed_?forward", re.IGNORECASE)
-_FFN_NAME = re.compile(r"(c_)?fc\d*|fc_(in|out)|(up|down|gate)_proj|w[123]|wi(_\d)?|wo", re.IGNORECASE)
-_IN_BLOCK = re.compile(r".*_\d+$|\d+")
-
-
 def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
-    """The feed-forward ``nn.Dense`` layers of transformer blocks (the paper's default).
-
-    Selected when an enclosing module's name contains ``mlp``, ``ffn`` or ``feed_forward``, or when
-    the layer's own name is a usual feed-forward name (``fc1``, ``c_fc``, ``up_proj``, ``wi``...) and
-    an enclosing module is one of a repeated family (``Block_0``, ``layers_3``).
-    """
-    if any(_FFN_CONTAINER.search(p) for p in path[:-1]):
-        return True
-    return bool(path) and bool(_FFN_NAME.fullmatch(path[-1])) and any(_IN_BLOCK.fullmatch(p) for p in path[:-1])
+    """The feed-forward ``nn.Dense`` layers of transformer blocks: the path matches `sste_jax.FEED_FORWARD`."""
+    return bool(match_rule(_FEED_FORWARD_RULES, "/".join(path)))
 
 
 @contextlib.contextmanager

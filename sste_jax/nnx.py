@@ -29,7 +29,6 @@ differ across layers and steps, are reproducible from the seed, and live in ``nn
 ('SparseLinear', (2, 8))
 """
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +40,7 @@ from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
+from sste_jax._select import check_rules, feed_forward as _feed_forward_rules, match_rule
 from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
@@ -61,6 +61,7 @@ __all__ = [
 ]
 
 Path = tuple[Any, ...]
+_FEED_FORWARD_RULES = check_rules(_feed_forward_rules(), "feed_forward")
 Where = Callable[[Path, nnx.Linear], bool]
 
 
@@ -192,24 +193,9 @@ def all_linear(path: Path, module: nnx.Linear) -> bool:
     return module.in_features % 4 == 0
 
 
-_FFN_CONTAINER = re.compile(r"mlp|ffn|feed_?forward", re.IGNORECASE)
-_FFN_NAME = re.compile(
-    r"(c_)?fc\d*|fc_(in|out)|(up|down|gate)_proj|w[123]|wi(_\d)?|wo|dense_h_to_4h|dense_4h_to_h", re.IGNORECASE
-)
-
-
 def feed_forward(path: Path, module: nnx.Linear) -> bool:
-    """The feed-forward linears of transformer blocks (the paper's default, SPEC §6).
-
-    A layer is selected when an enclosing attribute's name contains ``mlp``, ``ffn`` or
-    ``feed_forward`` (``blocks/0/mlp/c_proj``), or when its own name is a usual feed-forward name
-    (``fc1``, ``c_fc``, ``up_proj``, ``down_proj``, ``gate_proj``, ``w1``-``w3``, ``wi``, ``wo``...)
-    and it sits in a list of blocks (an integer in its path: ``blocks/0/fc1``, not a top-level ``fc``).
-    """
-    names = [str(p) for p in path]
-    if any(_FFN_CONTAINER.search(n) for n in names[:-1]):
-        return True
-    return bool(names) and bool(_FFN_NAME.fullmatch(names[-1])) and any(isinstance(p, int) for p in path)
+    """The feed-forward linears of transformer blocks: the path matches `sste_jax.FEED_FORWARD`."""
+    return bool(match_rule(_FEED_FORWARD_RULES, _path_str(path)))
 
 
 def _path_str(path: Path) -> str:
