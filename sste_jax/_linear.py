@@ -1,4 +1,4 @@
-"""The sparse linear transform ``x @ W̃`` as one ``jax.custom_vjp`` (SPEC §3).
+"""The sparse linear transform ``x @ W̃`` as one ``jax.custom_vjp`` (``docs/algorithm.md#sparse-linear-transform``).
 
 ``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.

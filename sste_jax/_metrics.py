@@ -1,4 +1,4 @@
-"""Training metrics of 2:4 sparse layers (SPEC §5): mask flip rate, β, zero fraction, relative error.
+"""Training metrics of 2:4 sparse layers (``docs/algorithm.md#metrics``): mask flip rate, β, zero fraction, relative error.
 
 Everything works on a flat mapping ``{layer name: SparseWeight}`` (a plain pytree, so it is jittable
 and shared by the layer and parameter paths); `sparse_weights` builds it from an NNX model. The
@@ -81,7 +81,7 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
     """``{path: SparseWeight}`` for every sparse layer of an NNX model (see `sparse_modules`).
 
     Paths join attribute names and indices with ``/`` (``"blocks/0/mlp/fc1"``). Layers with
-    ``method="dense"`` are included: their top-2 flip rate is the reference of SPEC §8.
+    ``method="dense"`` are included: their top-2 flip rate is the reference rate (``docs/algorithm.md#metrics``).
     """
     return {
         "/".join(str(p) for p in path): SparseWeight(

@@ -1,4 +1,4 @@
-"""Optax transforms: `freeze_beta` (SPEC §4) and the baselines' extra gradient terms.
+"""Optax transforms: `freeze_beta` (``docs/algorithm.md#beta-and-the-optimizer``) and the baselines' extra gradient terms.
 
 * `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
@@ -72,7 +72,7 @@ def _labels(params, is_frozen: Predicate):
 def freeze_beta(
     inner: optax.GradientTransformation, is_frozen: Predicate = is_beta
 ) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``inner`` so that β leaves get a zero update and no optimizer state (SPEC §4).
+    """Wraps ``inner`` so that β leaves get a zero update and no optimizer state.
 
     Works for NNX states (``nnx.Optimizer(model, tx, wrt=...)`` with any filter: β leaves are the
     `SparsityBeta` variables, named ``beta``) and Linen variable dicts (the ``"sparsity"``

@@ -2,7 +2,7 @@
 
 ``spec = sparsity_spec(params, where, config)`` picks the leaves to sparsify and, per leaf, its
 contraction axis and frozen β (fitted now); ``apply_sparsity(params, spec)`` returns the params with
-those leaves replaced by their forward weight ``W̃`` (SPEC §3), through a ``jax.custom_vjp`` whose
+those leaves replaced by their forward weight ``W̃`` (``docs/algorithm.md#sparse-linear-transform``), through a ``jax.custom_vjp`` whose
 gradient is straight through (SR-STE's decay added for ``"srste"``). The spec is a flat dict
 ``{"a/b/kernel": ParamSparsity}``: a pytree whose only array leaves are the β's, named ``beta``, so
 `sste_jax.freeze_beta`, optax and `sste_jax.checkpoint` treat it like the layer path's β.
@@ -192,7 +192,8 @@ def _matched(params: Any, spec: Mapping[str, ParamSparsity], fn: Callable[[str, 
 
 
 def apply_sparsity(params: Any, spec: Mapping[str, ParamSparsity]) -> Any:
-    """``params`` with every spec'd leaf ``W`` replaced by its forward weight ``W̃`` (SPEC §3).
+    """``params`` with every spec'd leaf ``W`` replaced by its forward weight ``W̃``
+    (``docs/algorithm.md#sparse-linear-transform``).
 
     Differentiable: the gradient reaching ``W`` is ``∂L/∂W̃`` (plus ``λ·(1 − mask_24(W))⊙W`` for
     ``"srste"``) and β gets zero, so ``loss(apply_fn(apply_sparsity(params, spec), x))`` trains with

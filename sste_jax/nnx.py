@@ -2,7 +2,7 @@
 
 `sparsify` swaps the chosen ``nnx.Linear`` layers of a model in place for `SparseLinear` layers
 holding the same ``kernel`` and ``bias`` variables, and fits each frozen β from the weights at that
-moment (SPEC §4). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
+moment (``docs/algorithm.md#beta-and-the-optimizer``). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
 under any other filter).
 
@@ -187,7 +187,7 @@ _FFN_NAME = re.compile(
 
 
 def feed_forward(path: Path, module: nnx.Linear) -> bool:
-    """The feed-forward linears of transformer blocks (the paper's default, SPEC §6).
+    """The feed-forward linears of transformer blocks (the paper's default, ``docs/algorithm.md#what-is-sparsified``).
 
     A layer is selected when an enclosing attribute's name contains ``mlp``, ``ffn`` or
     ``feed_forward`` (``blocks/0/mlp/c_proj``), or when its own name is a usual feed-forward name
@@ -317,7 +317,7 @@ def _layers(model: nnx.Module, method: str) -> list[SparseLinear]:
 def refresh_masks(model: nnx.Module) -> int:
     """Sets the mask of every ``"tsrste"`` layer to `transposable_mask_24` of its current kernel.
 
-    T-SR-STE refreshes every 40 steps (SPEC §7); call it inside the jitted step under a
+    T-SR-STE refreshes every 40 steps (``docs/algorithm.md#baselines``); call it inside the jitted step under a
     ``jax.lax.cond`` on the step, or between steps. Returns the number of layers refreshed.
     """
     layers = _layers(model, "tsrste")
@@ -329,7 +329,7 @@ def refresh_masks(model: nnx.Module) -> int:
 def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_beta) -> int:
     """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta`); returns the count.
 
-    β is fitted once, by `sparsify` (SPEC §4). This is for ablations: another rule at
+    β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for ablations: another rule at
     initialisation, or recomputing β during training (the documented failure mode).
     """
     layers = _layers(model, "sste")

@@ -1,4 +1,4 @@
-"""Tests of the FP8 products (SPEC §3, FP8): per-tensor current scaling, clip before cast, f32 accumulation.
+"""Tests of the FP8 products (docs/algorithm.md#fp8-products): per-tensor current scaling, clip before cast, f32 accumulation.
 
 The reference quantises with NumPy and ml_dtypes, independently of ``sste_jax._fp8``.
 """
@@ -17,7 +17,7 @@ FORMATS = {
 
 
 def ref_quantize(t, np_fmt, fmax):
-    """SPEC: ``s = FP8_MAX / amax(|t|)`` (1 when amax = 0); clip to ±FP8_MAX, then cast."""
+    """``s = FP8_MAX / amax(|t|)`` (1 when amax = 0); clip to ±FP8_MAX, then cast."""
     t = np.asarray(t, np.float32)
     amax = np.abs(t).max()
     s = np.float32(fmax) / amax if amax > 0 else np.float32(1.0)

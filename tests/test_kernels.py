@@ -1,4 +1,4 @@
-"""Pallas kernels (interpreted on CPU): bit-for-bit equal to the pure functions of SPEC §2."""
+"""Pallas kernels (interpreted on CPU): bit-for-bit equal to the pure functions (docs/algorithm.md#pure-functions)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
-"""Tests of `sparse_dense`, `forward_weight` and `SparsityConfig` (SPEC §3).
+"""Tests of `sparse_dense`, `forward_weight` and `SparsityConfig` (docs/algorithm.md#sparse-linear-transform).
 
-Every expected value is computed in the test with NumPy (float64) from the rules of SPEC §3: the
+Every expected value is computed in the test with NumPy (float64) from the rules of docs/algorithm.md#sparse-linear-transform: the
 forward weight per method, ``dx = g @ W̃ᵀ``, ``dW = xᵀ ĝ`` (+ ``λ(1 − mask)⊙W`` for SR-STE).
 """
 
@@ -53,7 +53,7 @@ def ref_forward_weight(w, beta, method):
 
 
 def ref_inclusion_and_pairs(x):
-    """SPEC's MVUE draw for one group: inclusion ``p_k`` and joint inclusion ``pi[a, b]``."""
+    """The MVUE draw (docs/algorithm.md#pure-functions) for one group: inclusion ``p_k`` and joint inclusion ``pi[a, b]``."""
     a = np.abs(np.asarray(x, np.float64)) + EPS32
     s = a.sum()
     ordered = np.array([[a[i] / s * a[j] / (s - a[i]) if i != j else 0.0 for j in range(4)] for i in range(4)])
@@ -79,7 +79,7 @@ def _vjp(x, w, beta, g, config, key=None):
 _BETA = np.float32(1.3)
 
 
-# ---------------------------------------------------------------- the rules of SPEC §3
+# ---------------------------------------------------------------- the rules of docs/algorithm.md#sparse-linear-transform
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -433,7 +433,7 @@ def test_tsrste_forward_is_masked_kernel_and_gradient_adds_masked_decay():
     stale = np.roll(mask, 1, axis=1)
     y_stale = sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, config=cfg, mask=jnp.asarray(stale))
     np.testing.assert_allclose(np.asarray(y_stale), x64 @ np.where(stale, w, 0.0), rtol=1e-5, atol=1e-5)
-    assert SparsityConfig().masked_decay == 6e-5  # SPEC §7's α
+    assert SparsityConfig().masked_decay == 6e-5  # T-SR-STE's α (docs/algorithm.md#baselines)
 
 
 def test_tsrste_mask_errors():

@@ -1,4 +1,4 @@
-"""Tests of the pure 2:4 functions (SPEC §1–2) against an independent NumPy reference.
+"""Tests of the pure 2:4 functions (docs/algorithm.md#layout, #pure-functions) against an independent NumPy reference.
 
 The reference below loops over groups explicitly; it shares no code with ``sste_jax._sparsity``.
 """
@@ -83,7 +83,7 @@ def ref_fit_beta(w, axis):
 
 
 def ref_pair_probs(x):
-    """``P[i, j]``: probability that the ordered draw of SPEC's MVUE is first ``i`` then ``j``."""
+    """``P[i, j]``: probability that the ordered MVUE draw (docs/algorithm.md#pure-functions) is first ``i`` then ``j``."""
     a = np.abs(np.asarray(x, np.float64)) + EPS32
     s = a.sum()
     p = np.zeros((4, 4))
@@ -365,7 +365,7 @@ def test_fit_beta_all_zero_soft_threshold_is_one():
 
 
 def test_fit_beta_gaussian_is_about_1_48():
-    # SPEC §8: β ≈ 1.48 for Gaussian weights (the min-MSE value).
+    # β ≈ 1.48 for Gaussian weights (the min-MSE value).
     w = _rand((768, 256), np.float32, seed=7)
     assert abs(float(sste_jax.fit_beta(jnp.asarray(w))) - 1.48) < 0.02
 

@@ -1,4 +1,4 @@
-"""MVUE 2:4 sampling fused with compression along the token axis, as a Pallas kernel (issue 6).
+"""MVUE 2:4 sampling fused with compression along the token axis, as a Pallas kernel.
 
 The random bits are counter-based: each group's two uniforms are the threefry-2x32 hashes that
 ``jax.random.uniform(key, (2, T/4, N))`` draws, computed inside the kernel, so the result is

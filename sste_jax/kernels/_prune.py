@@ -1,7 +1,7 @@
-"""One-pass prune + scale + compress of a 2:4 weight as a Pallas kernel (issue 6).
+"""One-pass prune + scale + compress of a 2:4 weight as a Pallas kernel.
 
-Groups are 4 consecutive rows of a ``(K, N)`` kernel (SPEC §1, axis 0). The kernel reads the weight
-once and writes the compressed forward weight, the SPEC §2 metadata and the hard-mask bits.
+Groups are 4 consecutive rows of a ``(K, N)`` kernel (axis 0, ``docs/algorithm.md#layout``). The kernel reads the weight
+once and writes the compressed forward weight, the metadata of `compress_24` and the hard-mask bits.
 
 >>> import jax, jax.numpy as jnp
 >>> from sste_jax.kernels import prune_compress_24
@@ -74,8 +74,7 @@ def _prune_kernel(beta_ref, w_ref, values_ref, meta_ref, bits_ref, *, method, tr
     idx0 = jnp.where(keep[0], 0, jnp.where(keep[1], 1, 2))
     idx1 = jnp.where(keep[3], 3, jnp.where(keep[2], 2, 1))
     if method == "sste":
-        # S(W) in float32 and β·S(W) rounded once: what XLA computes for the pure function (it drops
-        # the bf16 round trip of the intermediate, xla_allow_excess_precision, on by default).
+        # S(W) in float32 and β·S(W) rounded once, as `forward_weight` does.
         t = _threshold(*mags).astype(jnp.float32)
         beta = beta_ref[0]
         wide = [p.astype(jnp.float32) for p in parts]
