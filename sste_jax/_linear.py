@@ -143,7 +143,9 @@ def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None
             raise ValueError(f"a mask is only used by method='tsrste', got one for method={config.method!r}")
         return
     if mask is None:
-        raise ValueError("method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose")
+        raise ValueError(
+            "method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose"
+        )
     if mask.shape != kernel.shape or mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool of the kernel's shape {kernel.shape}, got {mask.dtype} {mask.shape}")
 

@@ -1,4 +1,6 @@
-"""Training metrics of 2:4 sparse layers (``docs/algorithm.md#metrics``): mask flip rate, β, zero fraction, relative error.
+"""Training metrics of 2:4 sparse layers: mask flip rate, β, zero fraction, relative error.
+
+The rules are in ``docs/algorithm.md#metrics``.
 
 Everything works on a flat mapping ``{layer name: SparseWeight}`` (a plain pytree, so it is jittable
 and shared by the layer and parameter paths); `sparse_weights` builds it from an NNX model. The
@@ -94,10 +96,10 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
 class FlipState(NamedTuple):
     """The previous step's `mask_24` of every layer, ``jnp.packbits`` of the flattened mask."""
 
-    masks: dict[str, UInt8[Array, "packed"]]
+    masks: dict[str, UInt8[Array, " packed"]]
 
 
-def _packed_mask(w: SparseWeight) -> UInt8[Array, "packed"]:
+def _packed_mask(w: SparseWeight) -> UInt8[Array, " packed"]:
     return jnp.packbits(mask_24(w.kernel, w.axis).ravel())
 
 

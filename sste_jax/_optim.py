@@ -1,4 +1,6 @@
-"""Optax transforms: `freeze_beta` (``docs/algorithm.md#beta-and-the-optimizer``) and the baselines' extra gradient terms.
+"""Optax transforms: `freeze_beta` and the baselines' extra gradient terms.
+
+The rules are in ``docs/algorithm.md#beta-and-the-optimizer`` and ``docs/algorithm.md#baselines``.
 
 * `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the

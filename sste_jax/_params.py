@@ -2,10 +2,11 @@
 
 ``spec = sparsity_spec(params, where, config)`` picks the leaves to sparsify and, per leaf, its
 contraction axis and frozen β (fitted now); ``apply_sparsity(params, spec)`` returns the params with
-those leaves replaced by their forward weight ``W̃`` (``docs/algorithm.md#sparse-linear-transform``), through a ``jax.custom_vjp`` whose
-gradient is straight through (SR-STE's decay added for ``"srste"``). The spec is a flat dict
-``{"a/b/kernel": ParamSparsity}``: a pytree whose only array leaves are the β's, named ``beta``, so
-`sste_jax.freeze_beta`, optax and `sste_jax.checkpoint` treat it like the layer path's β.
+those leaves replaced by their forward weight ``W̃`` (``docs/algorithm.md#sparse-linear-transform``),
+through a ``jax.custom_vjp`` whose gradient is straight through (SR-STE's decay added for
+``"srste"``). The spec is a flat dict ``{"a/b/kernel": ParamSparsity}``: a pytree whose only array
+leaves are the β's, named ``beta``, so `sste_jax.freeze_beta`, optax and `sste_jax.checkpoint` treat
+it like the layer path's β.
 
 MVUE (``mvue=True``), FP8 products and sparse matmul kernels act on the product ``x @ W̃`` itself;
 a parameter transform never sees its output gradient, so they need the layer path.
@@ -31,8 +32,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, srste_term
-from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
+from sste_jax._optim import key_name
 from sste_jax._sparsity import initial_beta
 
 __all__ = [

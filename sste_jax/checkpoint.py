@@ -42,9 +42,9 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
-from sste_jax._params import ParamSparsity
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
+from sste_jax._params import ParamSparsity
 from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
 
 __all__ = [
@@ -306,7 +306,10 @@ def _first_line(e: Exception) -> str:
 
 def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    handlers = {"default": ocp.StandardCheckpointHandler(), _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE)}
+    handlers = {
+        "default": ocp.StandardCheckpointHandler(),
+        _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE),
+    }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -419,7 +422,9 @@ def save_checkpoint(
     checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
     manager = _manager(directory)
     try:
-        args = ocp.args.Composite(default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)})
+        args = ocp.args.Composite(
+            default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)}
+        )
         if not manager.save(step, args=args):
             raise CheckpointError(f"orbax declined to save step {step} in {directory}")
         manager.wait_until_finished()
@@ -670,7 +675,9 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _compressed_layers(model: nnx.Module) -> dict[str, "CompressedLinear"]:
     return {
-        "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)
+        "/".join(str(p) for p in path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, CompressedLinear)
     }
 
 

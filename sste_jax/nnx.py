@@ -311,7 +311,9 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
 
 
 def _layers(model: nnx.Module, method: str) -> list[SparseLinear]:
-    return [node for _, node in nnx.iter_graph(model) if isinstance(node, SparseLinear) and node.config.method == method]
+    return [
+        node for _, node in nnx.iter_graph(model) if isinstance(node, SparseLinear) and node.config.method == method
+    ]
 
 
 def refresh_masks(model: nnx.Module) -> int:
@@ -329,8 +331,8 @@ def refresh_masks(model: nnx.Module) -> int:
 def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_beta) -> int:
     """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta`); returns the count.
 
-    β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for ablations: another rule at
-    initialisation, or recomputing β during training (the documented failure mode).
+    β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for
+    ablations: another rule at initialisation, or recomputing β during training (the documented failure mode).
     """
     layers = _layers(model, "sste")
     for layer in layers:

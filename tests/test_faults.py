@@ -33,7 +33,9 @@ def _flip_a_data_byte(step_dir: pathlib.Path) -> None:
 
 
 def _equal(a, b) -> bool:
-    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum_naming_the_array(tmp_path):

@@ -1,4 +1,5 @@
-"""Tests of the FP8 products (docs/algorithm.md#fp8-products): per-tensor current scaling, clip before cast, f32 accumulation.
+"""Tests of the FP8 products (docs/algorithm.md#fp8-products): per-tensor current scaling, clip before cast,
+float32 accumulation.
 
 The reference quantises with NumPy and ml_dtypes, independently of ``sste_jax._fp8``.
 """

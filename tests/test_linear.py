@@ -1,7 +1,8 @@
 """Tests of `sparse_dense`, `forward_weight` and `SparsityConfig` (docs/algorithm.md#sparse-linear-transform).
 
-Every expected value is computed in the test with NumPy (float64) from the rules of docs/algorithm.md#sparse-linear-transform: the
-forward weight per method, ``dx = g @ W̃ᵀ``, ``dW = xᵀ ĝ`` (+ ``λ(1 − mask)⊙W`` for SR-STE).
+Every expected value is computed in the test with NumPy (float64) from the rules of
+docs/algorithm.md#sparse-linear-transform: the forward weight per method, ``dx = g @ W̃ᵀ``,
+``dW = xᵀ ĝ`` (+ ``λ(1 − mask)⊙W`` for SR-STE).
 """
 
 import dataclasses
@@ -53,7 +54,7 @@ def ref_forward_weight(w, beta, method):
 
 
 def ref_inclusion_and_pairs(x):
-    """The MVUE draw (docs/algorithm.md#pure-functions) for one group: inclusion ``p_k`` and joint inclusion ``pi[a, b]``."""
+    """The MVUE draw (docs/algorithm.md#pure-functions) of one group: inclusion ``p_k``, joint ``pi[a, b]``."""
     a = np.abs(np.asarray(x, np.float64)) + EPS32
     s = a.sum()
     ordered = np.array([[a[i] / s * a[j] / (s - a[i]) if i != j else 0.0 for j in range(4)] for i in range(4)])
@@ -79,7 +80,7 @@ def _vjp(x, w, beta, g, config, key=None):
 _BETA = np.float32(1.3)
 
 
-# ---------------------------------------------------------------- the rules of docs/algorithm.md#sparse-linear-transform
+# ------------------------------------------ the rules of docs/algorithm.md#sparse-linear-transform
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -241,7 +242,9 @@ def test_bad_mvue_keys_fail_in_the_forward_call(key, error, match):
         sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, key, SparsityConfig(mvue=True))
     # A legacy raw uint32[2] key works, forward and backward.
     raw = jax.random.PRNGKey(0)
-    jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, raw, SparsityConfig(mvue=True)).sum())(jnp.asarray(w))
+    jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, raw, SparsityConfig(mvue=True)).sum())(
+        jnp.asarray(w)
+    )
 
 
 def test_beta_must_be_a_scalar():

@@ -1,9 +1,9 @@
 """sste_jax.linen: SparseDense, the sparsify_dense interceptor on an unmodified model, training."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import flax
 import pytest
 from flax import linen as nn
 

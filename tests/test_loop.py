@@ -101,7 +101,9 @@ def test_config_parts_validate_and_overrides_resolve():
 def test_identity_hash_and_differences():
     a = {"config": {"optim": {"lr": 1.0}}, "seed": 0}
     b = {"config": {"optim": {"lr": 2.0}}, "seed": 0}
-    assert config.identity_hash(a) != config.identity_hash(b) and config.identity_hash(a) == config.identity_hash(dict(a))
+    assert config.identity_hash(a) != config.identity_hash(b) and config.identity_hash(a) == config.identity_hash(
+        dict(a)
+    )
     assert config.differing_fields(a, b) == ["config.optim.lr: 1.0 != 2.0"]
 
 
@@ -136,7 +138,9 @@ def test_runner_names_failed_runs_and_their_logs(tmp_path):
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     straight = _fit(tmp_path / "straight", _task())
     _fit(tmp_path / "split", _task(), until=4)  # checkpoints 2 and 4
-    files = sorted(p for p in (tmp_path / "split" / "ckpt" / "4").rglob("*") if p.is_file() and "checksum" not in str(p))
+    files = sorted(
+        p for p in (tmp_path / "split" / "ckpt" / "4").rglob("*") if p.is_file() and "checksum" not in str(p)
+    )
     victim = max(files, key=lambda p: p.stat().st_size)
     data_ = bytearray(victim.read_bytes())
     data_[len(data_) // 2] ^= 0x10  # one flipped bit in the array data

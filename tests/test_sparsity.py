@@ -83,7 +83,7 @@ def ref_fit_beta(w, axis):
 
 
 def ref_pair_probs(x):
-    """``P[i, j]``: probability that the ordered MVUE draw (docs/algorithm.md#pure-functions) is first ``i`` then ``j``."""
+    """``P[i, j]``: probability that the ordered MVUE draw (docs/algorithm.md#pure-functions) is ``i``, ``j``."""
     a = np.abs(np.asarray(x, np.float64)) + EPS32
     s = a.sum()
     p = np.zeros((4, 4))

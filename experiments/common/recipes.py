@@ -44,8 +44,9 @@ class Recipe:
       switch_min, switch_max, switch_window: STEP's ``min_steps``, ``max_steps`` and ``window`` as
         fractions of the run's steps.
       switch_threshold: STEP's threshold on the windowed ``mean|v_t − v_{t−1}|``. The default is from
-        a pilot of the ``small`` LM config (`sste_jax.step_v_change`, logged as ``step_v_change``, falls from 5.5e-8 to a plateau of ~2.2e-8
-        by step ~250 of 800); other tasks need their own (``--recipe switch_threshold=...``).
+        a pilot of the ``small`` LM config (`sste_jax.step_v_change`, logged as ``step_v_change``,
+        falls from 5.5e-8 to a plateau of ~2.2e-8 by step ~250 of 800); other tasks need their own
+        (``--recipe switch_threshold=...``).
     """
 
     config: sste_jax.SparsityConfig
@@ -125,7 +126,9 @@ def _switch(recipe: Recipe, steps: int) -> dict:
     return {**{k: max(1, int(round(f * steps))) for k, f in fractions.items()}, "threshold": recipe.switch_threshold}
 
 
-def make_optimizer(cfg: OptimConfig, model: nnx.Module, recipe: Recipe, scale: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, model: nnx.Module, recipe: Recipe, scale: float = 1.0
+) -> optax.GradientTransformation:
     """AdamW (decay on >=2-D params only) or STEP, warmup + cosine, clip, in `freeze_beta`; ``scale``
     multiplies the sparse kernels' learning rate (the β-matched dense control)."""
     schedule = optax.warmup_cosine_decay_schedule(
