@@ -1,6 +1,5 @@
 """The parameter-pytree path: `sparsity_spec` / `apply_sparsity` on models that never use sparse layers."""
 
-import doctest
 import pathlib
 import re
 
@@ -12,7 +11,7 @@ import optax
 import pytest
 
 import sste_jax
-from sste_jax import _params, checkpoint
+from sste_jax import checkpoint
 from sste_jax.linen import all_dense, fit_sparsity, sparsify_dense
 
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "any_model.md"
@@ -235,12 +234,8 @@ def test_errors_name_the_leaf():
         sste_jax.apply_sparsity({"b": {"kernel": jnp.ones((8, 6))}}, spec)
 
 
-def test_module_doctests():
-    assert doctest.testmod(_params).failed == 0
-
-
 def test_docs_example_runs_as_printed(capsys):
-    """The README "Any model" example: its code block prints exactly the block that follows it."""
+    """The docs/any_model.md example: its code block prints exactly the block that follows it."""
     code, expected = re.search(r"```python\n(.*?)```\n.*?```text\n(.*?)```", DOC.read_text(), re.S).groups()
     exec(compile(code, str(DOC), "exec"), {"__name__": "any_model"})
     assert capsys.readouterr().out == expected
