@@ -29,7 +29,13 @@ __all__ = ["StepState", "scale_by_step", "step_adam", "step_state", "step_switch
 
 
 class StepState(NamedTuple):
-    """STEP's Adam moments, the window of ``mean|v_t − v_{t−1}|`` records and the switch."""
+    """STEP's Adam moments, the window of ``mean|v_t − v_{t−1}|`` records and the switch.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> state = sste_jax.scale_by_step(window=4).init({"w": jnp.ones(3)})
+    >>> type(state).__name__, state.diffs.shape, bool(state.switched)
+    ('StepState', (4,), False)
+    """
 
     count: Int[Array, ""]
     mu: Any
@@ -39,7 +45,7 @@ class StepState(NamedTuple):
     switch_step: Int[Array, ""]  # the step at which ``v`` was frozen; 0 before the switch
 
 
-def _check(name: str, value, low: float) -> None:
+def _check(name: str, value, low: int | float) -> None:
     if not value >= low:
         raise ValueError(f"scale_by_step: {name} must be >= {low}, got {value}")
 
@@ -54,7 +60,17 @@ def scale_by_step(
     min_steps: int = 100,
     max_steps: int = 10_000,
 ) -> optax.GradientTransformation:
-    """Adam's ``m̂ / (sqrt(v̂) + eps)`` whose ``v`` freezes once it settles (see the module docstring)."""
+    """Adam's ``m̂ / (sqrt(v̂) + eps)`` whose ``v`` freezes once it settles (see the module docstring).
+
+    >>> import jax.numpy as jnp, optax, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = optax.chain(sste_jax.scale_by_step(max_steps=3), optax.scale(-0.1))
+    >>> state = tx.init(params)
+    >>> for _ in range(3):
+    ...     updates, state = tx.update(params, state)
+    >>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)
+    (True, 3)
+    """
     _check("window", window, 1)
     _check("min_steps", min_steps, 1)
     _check("max_steps", max_steps, 1)
@@ -103,12 +119,24 @@ def step_adam(
     **switch,
 ) -> optax.GradientTransformation:
     """STEP's optimizer: `scale_by_step` (``threshold``, ``window``, ``min_steps``, ``max_steps``) then
-    the learning rate; wrap it in `sste_jax.freeze_beta` for models with β."""
+    the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> tx = sste_jax.step_adam(1e-3, min_steps=10, max_steps=100)
+    >>> bool(sste_jax.step_switched(tx.init({"w": jnp.ones(3)})))
+    False
+    """
     return optax.chain(scale_by_step(b1, b2, eps, **switch), optax.scale_by_learning_rate(learning_rate))
 
 
 def step_state(opt_state: Any) -> StepState:
-    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze)."""
+    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze).
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> tx = sste_jax.freeze_beta(sste_jax.step_adam(1e-3))
+    >>> type(sste_jax.step_state(tx.init({"w": jnp.ones(3)}))).__name__  # found inside the wrapper
+    'StepState'
+    """
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, StepState))
              if isinstance(s, StepState)]
     if len(found) != 1:
@@ -117,11 +145,27 @@ def step_state(opt_state: Any) -> StepState:
 
 
 def step_switched(opt_state: Any) -> Bool[Array, ""]:
-    """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance."""
+    """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = sste_jax.step_adam(1e-3, max_steps=1)
+    >>> _, state = tx.update(params, tx.init(params))
+    >>> bool(sste_jax.step_switched(state))
+    True
+    """
     return step_state(opt_state).switched
 
 
 def step_v_change(opt_state: Any) -> Float[Array, ""]:
     """The statistic the switch compares with ``threshold``: the mean of the last ``window`` records
-    of ``mean|v_t − v_{t−1}|`` (``inf`` until ``window`` steps have run). Log it to choose a threshold."""
+    of ``mean|v_t − v_{t−1}|`` (``inf`` until ``window`` steps have run). Log it to choose a threshold.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = sste_jax.step_adam(1e-3, window=2)
+    >>> state = tx.init(params)
+    >>> float(sste_jax.step_v_change(state))  # no full window yet
+    inf
+    """
     return jnp.mean(step_state(opt_state).diffs)

@@ -65,15 +65,45 @@ __all__ = [
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target."""
+    """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 1, {"w": jnp.ones(3)})
+    >>> try:
+    ...     checkpoint.restore_checkpoint(d, {"w": jnp.ones(4)})
+    ... except checkpoint.CheckpointError as e:
+    ...     print("refused")
+    refused
+    """
 
 
 class CheckpointConfigError(CheckpointError):
-    """The checkpoint's sparse layers (which layers, their method and settings) differ from the target's."""
+    """The checkpoint's sparse layers (which layers, their method and settings) differ from the target's.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 1, nnx.state(model))
+    >>> dense = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+    >>> try:
+    ...     checkpoint.restore_checkpoint(d, nnx.state(dense))
+    ... except checkpoint.CheckpointConfigError as e:
+    ...     print("layers differ")
+    layers differ
+    """
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed."""
+    """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed.
+
+    >>> from sste_jax import checkpoint
+    >>> issubclass(checkpoint.CheckpointWriteError, OSError)
+    True
+    """
 
 
 _CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's CRC32
@@ -347,6 +377,14 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
 
     A step missing any file of its layout (e.g. left half-deleted by an interrupted rotation) is
     not listed; the arrays' bytes are verified by `restore_checkpoint`.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> for step in (10, 20):
+    ...     _ = checkpoint.save_checkpoint(d, step, {"w": jnp.ones(3)})
+    >>> checkpoint.checkpoint_steps(d)
+    [10, 20]
     """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
@@ -404,6 +442,12 @@ def save_checkpoint(
     ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
     carries as metadata; for a parameter-path spec, each `ParamSparsity`'s config. Limit: β leaves
     saved as bare arrays (a Linen ``"sparsity"`` collection) record only which layers are sparse.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> checkpoint.save_checkpoint(d, 5, {"w": jnp.ones(3), "step": 5}).name
+    '5'
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:
@@ -518,6 +562,13 @@ def restore_checkpoint(
     the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
     that check, e.g. to resume a run that switched a layer's method. Checkpoints written before this
     record existed restore unchecked.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 5, {"w": jnp.arange(3.0)})
+    >>> checkpoint.restore_checkpoint(d, {"w": jnp.zeros(3)})["w"].tolist()
+    [0.0, 1.0, 2.0]
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -556,6 +607,15 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
     warning naming it and why. Raises `FileNotFoundError` if there is no checkpoint, and
     `CheckpointError` listing every failure if none restores (also when ``target`` does not match).
     A `CheckpointConfigError` (sparse layers differ, see `restore_checkpoint`) is raised at once.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> for step in (1, 2):
+    ...     _ = checkpoint.save_checkpoint(d, step, {"w": jnp.full(3, step)})
+    >>> step, state = checkpoint.restore_latest(d, {"w": jnp.zeros(3, jnp.int32)})
+    >>> step, state["w"].tolist()
+    (2, [2, 2, 2])
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -576,13 +636,33 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
 
 
 class Packed24(nnx.Variable):
-    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param."""
+    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> compressed = checkpoint.compress_layers(model)
+    >>> isinstance(compressed.layers[0].meta, checkpoint.Packed24), compressed.layers[0].meta[...].dtype
+    (True, dtype('uint8'))
+    """
 
 
 class CompressedLinear(nnx.Module):
     """Inference layer holding ``W̃`` as `compress_24` values + metadata: half the weight bytes, plus
     one uint8 per group of 4. Its output equals the sparse layer's bit for bit (same product, same
-    forward weight after `decompress_24`)."""
+    forward weight after `decompress_24`).
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> layer = checkpoint.compress_layers(model).layers[0]
+    >>> type(layer).__name__, layer.values[...].shape, bool(jnp.array_equal(layer(x), y))
+    ('CompressedLinear', (4, 4), True)
+    """
 
     def __init__(
         self,
@@ -643,7 +723,18 @@ def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
 
 def densify_layers(model: nnx.Module) -> nnx.Module:
     """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
-    baked in); returns ``model``. The result needs nothing from sste_jax to run."""
+    baked in); returns ``model``. The result needs nothing from sste_jax to run.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> dense = checkpoint.densify_layers(model)
+    >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
+    ('Linear', True)
+    """
     for path, layer in sparse_modules(model):
         w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
         _replace(model, path, _dense_linear(layer, w_tilde))
@@ -652,7 +743,15 @@ def densify_layers(model: nnx.Module) -> nnx.Module:
 
 def compress_layers(model: nnx.Module) -> nnx.Module:
     """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
-    ``method="dense"`` by an ``nnx.Linear``); returns ``model``."""
+    ``method="dense"`` by an ``nnx.Linear``); returns ``model``.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> type(checkpoint.compress_layers(model).layers[0]).__name__
+    'CompressedLinear'
+    """
     for path, layer in sparse_modules(model):
         w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
         if layer.config.sparse:
@@ -688,6 +787,14 @@ def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathli
     export is written to a temporary sibling folder and renamed into place, with each array's CRC32
     and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
     `load_compressed`. A failed write raises `CheckpointWriteError` and leaves nothing behind.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
+    >>> path.name
+    'export'
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists():
@@ -719,6 +826,16 @@ def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Modu
 
     Each layer takes the exported ``fp8`` setting. Everything is read and verified (checksums,
     metadata bytes) on a copy first: on any error ``model`` is left exactly as it was.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
+    >>> served = checkpoint.load_compressed(path, nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(1))))
+    >>> x = jnp.ones((2, 8))
+    >>> bool(jnp.array_equal(served(x), model(x)))
+    True
     """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():

@@ -16,11 +16,11 @@ read-only in ``apply``. MVUE keys come from the ``"sparsity"`` rng stream
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, no_type_check
 
 import jax.numpy as jnp
 from flax import linen as nn
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from sste_jax._linear import SparsityConfig, check_config, sparse_dense
 from sste_jax._sparsity import initial_beta
@@ -66,12 +66,21 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
     return y
 
 
+# Runtime type checkers cannot check the fields inherited from nn.Dense (``promote_dtype`` is a
+# non-runtime-checkable Protocol); the call's shapes are checked in `_sparse_call`.
+@no_type_check
 class SparseDense(nn.Dense):
     """Drop-in ``nn.Dense`` with a 2:4 sparse forward weight (`sste_jax.sparse_dense`).
 
     Same fields as ``nn.Dense`` plus ``config`` and ``beta``; same ``params``; β in ``"sparsity"/beta``
     (1.0 for methods other than ``"sste"``, which ignore it), fitted to the initial kernel unless
     ``beta`` is given (an all-zero or non-finite kernel cannot be fitted and raises).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax.linen import SparseDense
+    >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> bool(variables["sparsity"]["beta"] == sste_jax.fit_beta(variables["params"]["kernel"]))
+    True
     """
 
     config: SparsityConfig = SparsityConfig()
@@ -83,7 +92,13 @@ class SparseDense(nn.Dense):
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
-    """Every ``nn.Dense`` (layers whose contraction length is not divisible by 4 raise when called)."""
+    """Every ``nn.Dense`` (layers whose contraction length is not divisible by 4 raise when called).
+
+    >>> import flax.linen as nn
+    >>> from sste_jax.linen import all_dense
+    >>> all_dense(("head",), nn.Dense(4))
+    True
+    """
     return True
 
 
@@ -98,6 +113,11 @@ def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
     Selected when an enclosing module's name contains ``mlp``, ``ffn`` or ``feed_forward``, or when
     the layer's own name is a usual feed-forward name (``fc1``, ``c_fc``, ``up_proj``, ``wi``...) and
     an enclosing module is one of a repeated family (``Block_0``, ``layers_3``).
+
+    >>> import flax.linen as nn
+    >>> from sste_jax.linen import feed_forward
+    >>> feed_forward(("Block_0", "mlp", "Dense_0"), nn.Dense(4)), feed_forward(("head",), nn.Dense(4))
+    (True, False)
     """
     if any(_FFN_CONTAINER.search(p) for p in path[:-1]):
         return True
@@ -106,7 +126,7 @@ def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
 
 @contextlib.contextmanager
 def sparsify_dense(
-    config: SparsityConfig = SparsityConfig(), where: Where = feed_forward, *, beta: float | None = None
+    config: SparsityConfig = SparsityConfig(), where: Where = feed_forward, *, beta: Real[ArrayLike, ""] | None = None
 ) -> Iterator[None]:
     """Within this context, the ``nn.Dense`` calls selected by ``where(module.path, module)`` are 2:4 sparse.
 
@@ -146,6 +166,15 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
 
     Runs ``model.apply({"params": params}, *args, **kwargs)`` once with ``"sparsity"`` mutable; call
     it inside `sparsify_dense` for an unmodified model. Returns ``{"params": params, "sparsity": β}``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from sste_jax.linen import all_dense, fit_sparsity, sparsify_dense
+    >>> model, x = nn.Dense(4), jnp.ones((2, 8))
+    >>> dense_params = model.init(jax.random.key(0), x)["params"]  # e.g. from a dense checkpoint
+    >>> with sparsify_dense(where=all_dense):
+    ...     variables = fit_sparsity(model, dense_params, x)
+    >>> sorted(variables), bool(variables["sparsity"]["beta"] > 0)
+    (['params', 'sparsity'], True)
     """
     _, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["sparsity"], **kwargs)
     return {"params": params, "sparsity": state["sparsity"]}
@@ -155,6 +184,13 @@ def sparse_kernel_mask(variables: Any) -> Any:
     """A boolean tree like ``variables["params"]``: True at the kernels of layers with a β in ``"sparsity"``.
 
     Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` on params.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from sste_jax.linen import SparseDense, sparse_kernel_mask
+    >>> model = nn.Sequential([SparseDense(8), nn.Dense(4)])
+    >>> variables = model.init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> sparse_kernel_mask(variables)
+    {'layers_0': {'kernel': True, 'bias': False}, 'layers_1': {'kernel': False, 'bias': False}}
     """
     sparse = set()
 

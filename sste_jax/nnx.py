@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._sparsity import fit_beta, initial_beta, transposable_mask_24
@@ -57,6 +57,13 @@ class SparsityBeta(nnx.Variable):
 
     Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
     ``sparse_decay``), so that a checkpoint of a model's state knows its layers' methods.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))
+    >>> isinstance(layer.beta, nnx.Param), layer.beta.sparse_method
+    (False, 'sste')
     """
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
@@ -72,6 +79,13 @@ class SparsityMask(nnx.Variable):
     """The forward mask of a ``"tsrste"`` `SparseLinear` (bool, the kernel's shape); not an ``nnx.Param``.
 
     Set to `transposable_mask_24` of the kernel when the layer is built and by `refresh_masks`.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 8, config=sste_jax.SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0))
+    >>> layer.mask[...].sum(0).tolist()  # two kept per column and per row of each 4×4 block
+    [4, 4, 4, 4, 4, 4, 4, 4]
     """
 
 
@@ -121,7 +135,7 @@ class SparseLinear(nnx.Linear):
         out_features: int,
         *,
         config: SparsityConfig = SparsityConfig(),
-        beta: float | jax.Array | None = None,
+        beta: Real[ArrayLike, ""] | None = None,
         **kwargs,
     ):
         check_config(config, f"SparseLinear({in_features}, {out_features})")
@@ -176,7 +190,14 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
 
 
 def all_linear(path: Path, module: nnx.Linear) -> bool:
-    """Every linear layer whose contraction length (``in_features``) is divisible by 4."""
+    """Every linear layer whose contraction length (``in_features``) is divisible by 4.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> sparse_nnx.all_linear(("head",), nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
+    True
+    """
     return module.in_features % 4 == 0
 
 
@@ -193,6 +214,13 @@ def feed_forward(path: Path, module: nnx.Linear) -> bool:
     ``feed_forward`` (``blocks/0/mlp/c_proj``), or when its own name is a usual feed-forward name
     (``fc1``, ``c_fc``, ``up_proj``, ``down_proj``, ``gate_proj``, ``w1``-``w3``, ``wi``, ``wo``...)
     and it sits in a list of blocks (an integer in its path: ``blocks/0/fc1``, not a top-level ``fc``).
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    >>> sparse_nnx.feed_forward(("blocks", 0, "mlp", "c_fc"), layer), sparse_nnx.feed_forward(("head",), layer)
+    (True, False)
     """
     names = [str(p) for p in path]
     if any(_FFN_CONTAINER.search(n) for n in names[:-1]):
@@ -244,7 +272,7 @@ def sparsify(
     where: Where = feed_forward,
     *,
     rngs: nnx.Rngs | nnx.RngStream | None = None,
-    beta: float | jax.Array | None = None,
+    beta: Real[ArrayLike, ""] | None = None,
 ) -> nnx.Module:
     """Swaps, in place, the ``nnx.Linear`` layers selected by ``where`` for `SparseLinear`; returns ``model``.
 
@@ -259,6 +287,14 @@ def sparsify(
       ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
         not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
         anything is changed; or when ``where`` selects no layer.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
+    >>> model = sparse_nnx.sparsify(model, sste_jax.SparsityConfig(), where=sparse_nnx.all_linear)
+    >>> [type(layer).__name__ for layer in (model.layers[0], model.layers[2])]
+    ['SparseLinear', 'SparseLinear']
     """
     check_config(config, "sparsify")
     linears = [
@@ -295,6 +331,14 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
     Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` with
     ``nnx.Optimizer(model, tx, wrt=wrt)``. Raises for ``method="srste"`` layers, whose backward pass
     already adds SR-STE's decay (so it cannot be added twice).
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+    >>> mask = sparse_nnx.sparse_kernel_mask(model)
+    >>> bool(mask["layers"][0]["kernel"]), bool(mask["layers"][1]["kernel"])
+    (True, False)
     """
     sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
     decaying = [_path_str(path) for path, node in sparse.items() if node.config.method in ("srste", "tsrste")]
@@ -321,6 +365,14 @@ def refresh_masks(model: nnx.Module) -> int:
 
     T-SR-STE refreshes every 40 steps (``docs/algorithm.md#baselines``); call it inside the jitted step under a
     ``jax.lax.cond`` on the step, or between steps. Returns the number of layers refreshed.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 8, config=sste_jax.SparsityConfig(method="tsrste"),
+    ...                                                rngs=nnx.Rngs(0)))
+    >>> sparse_nnx.refresh_masks(model)
+    1
     """
     layers = _layers(model, "tsrste")
     for layer in layers:
@@ -333,6 +385,13 @@ def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_b
 
     β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for
     ablations: another rule at initialisation, or recomputing β during training (the documented failure mode).
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> sparse_nnx.refit_beta(model, rule=lambda kernel: 1.0), float(model.layers[0].beta[...])
+    (1, 1.0)
     """
     layers = _layers(model, "sste")
     for layer in layers:

@@ -3,14 +3,14 @@ finish, β rules and refit, run through the shared train step on a tiny GPT."""
 
 import dataclasses
 
-import jax
+import chex
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
 import sste_jax
-from experiments.common import loop, recipes, schedule
+from experiments.common import loop
 from experiments.common import recipes as methods
 from experiments.common.schedule import Schedule
 from experiments.lm.configs import get_config
@@ -155,13 +155,5 @@ def test_step_optimizer_equals_adamw_before_the_switch():
     for i in range(3):
         state_a, _ = step_a(state_a, *_batch(i))
         state_b, _ = step_b(state_b, *_batch(i))
-    for a, b in zip(jax.tree.leaves(state_a["params"]), jax.tree.leaves(state_b["params"])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+    chex.assert_trees_all_close(state_a["params"], state_b["params"], rtol=2e-5, atol=1e-6)
     assert optax.tree.norm(state_a["params"]) > 0
-
-
-@pytest.mark.parametrize("module", [recipes, schedule])
-def test_module_doctests(module):
-    import doctest
-
-    assert doctest.testmod(module).failed == 0

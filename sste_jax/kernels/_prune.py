@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float, UInt8
+from jaxtyping import Array, ArrayLike, Float, Real, UInt8
 
 from sste_jax._sparsity import check_groupable
 
@@ -35,6 +35,12 @@ class Pruned24(NamedTuple):
       mask_bits: ``(K/4, N)`` uint8, bit ``k`` set when member ``k`` of the group is kept (flip rate).
 
     With ``transpose=True`` every array is transposed: ``(N, K/2)``, ``(N, K/4)``, ``(N, K/4)``.
+
+    >>> import jax.numpy as jnp
+    >>> from sste_jax.kernels import prune_compress_24
+    >>> out = prune_compress_24(jnp.ones((8, 16)), method="ste")
+    >>> out.values.shape, out.meta.shape, out.mask_bits.shape
+    ((4, 16), (2, 16), (2, 16))
     """
 
     values: Float[Array, "..."]
@@ -95,7 +101,7 @@ def _prune_kernel(beta_ref, w_ref, values_ref, meta_ref, bits_ref, *, method, tr
 
 def prune_compress_24(
     w: Float[Array, "K N"],
-    beta: Float[Array, ""] | float | None = None,
+    beta: Real[ArrayLike, ""] | None = None,
     method: str = "sste",
     *,
     transpose: bool = False,
@@ -119,6 +125,14 @@ def prune_compress_24(
         The default was the fastest measured on an H100 (docs/kernels.md).
       interpret: run the kernel in the Pallas interpreter (default: on CPU).
       num_warps: Triton warps per program on GPU (default: Pallas's choice).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax.kernels import prune_compress_24
+    >>> w = jax.random.normal(jax.random.key(0), (8, 16))
+    >>> out = prune_compress_24(w, beta=1.5)
+    >>> dense = sste_jax.decompress_24(out.values, out.meta)
+    >>> bool(jnp.array_equal(dense, sste_jax.forward_weight(w, 1.5, sste_jax.SparsityConfig())))
+    True
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
