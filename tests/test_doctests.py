@@ -24,15 +24,17 @@ def test_module_doctests(name):
 
 
 def _public_names() -> list[str]:
-    """The names of the public modules (no ``_`` in their path): their ``__all__``, else every
-    non-underscore attribute; submodules document their own names."""
+    """The functions and classes of the public modules (no ``_`` in their path): their ``__all__``,
+    else every non-underscore attribute."""
     names = set()
     for module_name in _modules(sste_jax):
         if any(part.startswith("_") for part in module_name.split(".")):
             continue
         module = importlib.import_module(module_name)
         public = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
-        names.update(f"{module_name}.{n}" for n in public if not inspect.ismodule(getattr(module, n)))
+        # functions and classes carry their own docstrings; constants are described by their module's
+        documented = (n for n in public if inspect.isroutine(getattr(module, n)) or inspect.isclass(getattr(module, n)))
+        names.update(f"{module_name}.{n}" for n in documented)
     return sorted(names)
 
 
