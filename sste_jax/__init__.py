@@ -33,9 +33,12 @@ from sste_jax._sparsity import compress_24 as compress_24
 from sste_jax._sparsity import decompress_24 as decompress_24
 from sste_jax._sparsity import fit_beta as fit_beta
 from sste_jax._sparsity import hard_threshold_24 as hard_threshold_24
+from sste_jax._sparsity import hard_threshold_nm as hard_threshold_nm
 from sste_jax._sparsity import mask_24 as mask_24
+from sste_jax._sparsity import mask_nm as mask_nm
 from sste_jax._sparsity import mvue_24 as mvue_24
 from sste_jax._sparsity import soft_threshold_24 as soft_threshold_24
+from sste_jax._sparsity import soft_threshold_nm as soft_threshold_nm
 from sste_jax._sparsity import transposable_mask_24 as transposable_mask_24
 from sste_jax._step import StepState as StepState
 from sste_jax._step import scale_by_step as scale_by_step

@@ -27,6 +27,12 @@ def quantize(t: jax.Array, fmt) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(t * s, -fmax, fmax).astype(fmt), s
 
 
+def to_float16(t: jax.Array) -> jax.Array:
+    """``t`` rounded to float16, saturating at ±65504 (a plain cast overflows to inf)."""
+    fmax = float(jnp.finfo(jnp.float16).max)
+    return jnp.clip(t.astype(jnp.float32), -fmax, fmax).astype(jnp.float16)
+
+
 def fp8_dot(a: jax.Array, b: jax.Array, fmt, contract: tuple[int, int] = (1, 0)) -> jax.Array:
     """``a·b`` contracting ``a``'s axis ``contract[0]`` with ``b``'s ``contract[1]``, both operands in ``fmt``.
 

@@ -3,7 +3,8 @@
 ``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
 ``"tsrste"`` (the T-SR-STE baseline) takes its forward mask as an argument: a `transposable_mask_24`
-that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`).
+that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`); its gradient is straight
+through, and its masked decay is the optimizer's (`sste_jax.add_masked_decay`, after clipping).
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
@@ -26,7 +27,8 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, Real
 
 from sste_jax import _fp8
-from sste_jax._sparsity import check_groupable, hard_threshold_24, mask_24, mvue_24, soft_threshold_24
+from sste_jax._decay import srste_term
+from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, mvue_24, soft_threshold_nm
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 
@@ -38,17 +40,25 @@ _MATMULS = ("xla", "cusparselt")
 
 @dataclasses.dataclass(frozen=True)
 class SparsityConfig:
-    """How a linear layer is made 2:4 sparse.
+    """How a linear layer is made 2:4 (or N:M) sparse.
 
     Attributes:
       method: ``"sste"`` (β·soft-threshold forward, identity gradient), ``"ste"`` (hard top-2, straight
         through), ``"srste"`` (hard top-2 plus ``srste_decay·(1 − mask)⊙W`` on the gradient),
-        ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, plus ``masked_decay·(1 − M)⊙W`` on
-        the gradient) or ``"dense"``.
+        ``"tsrste"`` (``W⊙M`` with a given transposable mask ``M``, straight through) or ``"dense"``.
       mvue: sparsify the weight-gradient product's output gradient with `mvue_24` over tokens.
       fp8: run the three products in FP8 (e4m3fn forward, e5m2 backward), float32 accumulation.
+      fp8_fp16_grad: with ``fp8``, round the output gradient to float16 before the backward products
+        (and MVUE), as the S-STE authors' code does: entries under ~6e-8 flush to zero, and ours
+        saturate at ±65504 where theirs overflow to inf (then NaN). Off by default: the gradient goes
+        from its own dtype straight to the per-tensor scaled e5m2, which keeps those small entries.
+      n, m: keep ``n`` of every ``m`` consecutive weights along the contraction axis (default 2:4).
+        Outside 2:4 (e.g. 1:4, 2:8), MVUE, ``"tsrste"``, the Pallas backend and cuSPARSELt raise:
+        they are 2:4 only.
       srste_decay: SR-STE's λ.
-      masked_decay: T-SR-STE's α.
+      masked_decay: T-SR-STE's α. Its term ``α·(1 − M)⊙W`` joins the gradient after clipping, as its
+        authors', so the optimizer adds it (`sste_jax.add_masked_decay`), not the layer; the layer
+        records α (in β's metadata and checkpoints) for the recipe that builds that optimizer.
       backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
       matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
@@ -67,12 +77,15 @@ class SparsityConfig:
     masked_decay: numbers.Real = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
     matmul: Literal["xla", "cusparselt"] = "xla"
+    fp8_fp16_grad: bool = False
+    n: int = 2
+    m: int = 4
 
     def __post_init__(self):
         for name in ("method", "backend", "matmul"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"SparsityConfig.{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("mvue", "fp8"):
+        for name in ("mvue", "fp8", "fp8_fp16_grad"):
             value = getattr(self, name)
             if not isinstance(value, bool | np.bool_):
                 raise TypeError(f"SparsityConfig.{name} must be True or False, got {value!r} ({type(value).__name__})")
@@ -89,13 +102,29 @@ class SparsityConfig:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
         if self.matmul not in _MATMULS:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
+        check_nm(self.n, self.m)
+        object.__setattr__(self, "n", int(self.n))
+        object.__setattr__(self, "m", int(self.m))
+        if not self.is_24:
+            only_24 = [f for f, on in (("mvue=True", self.mvue), ("method='tsrste'", self.method == "tsrste"),
+                                       (f"backend={self.backend!r}", self.backend == "pallas"),
+                                       (f"matmul={self.matmul!r}", self.matmul != "xla")) if on]
+            if only_24:
+                raise ValueError(f"SparsityConfig(n={self.n}, m={self.m}): {', '.join(only_24)} exist for 2:4 only")
+        if self.fp8_fp16_grad and not self.fp8:
+            raise ValueError("SparsityConfig.fp8_fp16_grad=True rounds the gradient before FP8: it needs fp8=True")
         if self.matmul == "cusparselt" and self.method == "dense":
             raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
 
     @property
     def sparse(self) -> bool:
-        """Whether the forward weight is 2:4 sparse."""
+        """Whether the forward weight is N:M sparse."""
         return self.method != "dense"
+
+    @property
+    def is_24(self) -> bool:
+        """Whether the pattern is 2:4 (the hardware format and every kernel's)."""
+        return (self.n, self.m) == (2, 4)
 
 
 def check_config(config, where: str, argument: str = "config") -> None:
@@ -120,7 +149,7 @@ def forward_weight(
 ) -> Float[Array, "*shape"]:
     """The forward weight ``W̃`` of ``config.method`` (no custom gradient), in the kernel's dtype.
 
-    For ``"sste"`` it is ``β·soft_threshold_24(W)``, the product taken in float32 and rounded once;
+    For ``"sste"`` it is ``β·soft_threshold_nm(W, n, m)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
 
     >>> import jax, sste_jax
@@ -137,13 +166,13 @@ def forward_weight(
         return kernel
     if config.method == "tsrste":
         return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
-    if _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
+    if config.is_24 and _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
         from sste_jax.kernels import _dispatch
 
         return _dispatch.pallas_forward_weight(kernel, beta, config.method)
     if config.method in ("ste", "srste"):
-        return hard_threshold_24(kernel, axis)
-    s = soft_threshold_24(kernel.astype(jnp.float32), axis)  # one rounding, eager and jitted alike
+        return hard_threshold_nm(kernel, config.n, config.m, axis)
+    s = soft_threshold_nm(kernel.astype(jnp.float32), config.n, config.m, axis)  # one rounding, eager and jitted alike
     return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
 
 
@@ -195,11 +224,6 @@ def check_mvue_tokens(tokens: int) -> None:
         )
 
 
-def srste_term(kernel: jax.Array, decay: float, axis: int = 0) -> jax.Array:
-    """SR-STE's gradient term ``decay·(1 − mask_24(W))⊙W``: decays the pruned weights."""
-    return decay * jnp.where(mask_24(kernel, axis), jnp.zeros((), kernel.dtype), kernel)
-
-
 def _product(a, b, contract, fp8_format):
     """``a·b`` over the given axes, in FP8 when ``fp8_format`` is set (float32 result), else as is."""
     if fp8_format is not None:
@@ -242,6 +266,8 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     if config.mvue:
         check_mvue_tokens(g_TxO.shape[0])
     fmt = _fp8.BACKWARD if config.fp8 else None
+    if config.fp8_fp16_grad:
+        g_TxO = _fp8.to_float16(g_TxO)
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
     if config.mvue and _resolve_backend(config) == "pallas":
         from sste_jax.kernels import _dispatch
@@ -256,9 +282,7 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     else:
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
-        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay)
-    if config.method == "tsrste":
-        dw_IxO = dw_IxO + config.masked_decay * jnp.where(mask, jnp.zeros((), kernel_IxO.dtype), kernel_IxO)
+        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay, n=config.n, m=config.m)
     return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None
 
 
@@ -298,7 +322,7 @@ def sparse_dense(
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
     if config.sparse:
-        check_groupable(kernel, 0)
+        check_groupable(kernel, 0, config.m)
     check_mask(kernel, config, mask)
     check_beta(beta)
     x_TxI = x.reshape(-1, x.shape[-1])

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight
-from sste_jax._sparsity import mask_24
+from sste_jax._sparsity import mask_nm
 
 if TYPE_CHECKING:
     from flax import nnx
@@ -107,7 +107,7 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
 
 
 class FlipState(NamedTuple):
-    """The previous step's `mask_24` of every layer, ``jnp.packbits`` of the flattened mask.
+    """The previous step's hard mask (`mask_nm` of its layer's N:M) of every layer, ``jnp.packbits`` of it.
 
     >>> import jax, sste_jax
     >>> state = sste_jax.init_flip_state({"fc": sste_jax.SparseWeight(jax.random.normal(jax.random.key(0), (64, 4)))})
@@ -119,7 +119,7 @@ class FlipState(NamedTuple):
 
 
 def _packed_mask(w: SparseWeight) -> UInt8[Array, " packed"]:
-    return jnp.packbits(mask_24(w.kernel, w.axis).ravel())
+    return jnp.packbits(mask_nm(w.kernel, w.config.n, w.config.m, w.axis).ravel())
 
 
 def init_flip_state(weights: Mapping[str, SparseWeight]) -> FlipState:

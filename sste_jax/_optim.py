@@ -4,11 +4,11 @@ The rules are in ``docs/algorithm.md#beta-and-the-optimizer`` and ``docs/algorit
 
 * `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
-  selected kernels. It is the optimizer-side twin of ``SparsityConfig(method="srste")``, whose
-  backward pass already adds the same term: use one or the other (`sste_jax.nnx.sparse_kernel_mask`
-  refuses ``"srste"`` layers), typically ``method="ste"`` layers plus this transform.
+  selected kernels: the term ``SparsityConfig(method="srste")`` layers add in their backward pass,
+  for ``method="ste"`` layers (select them with ``sparse_kernel_mask(model, methods=("ste",))``).
 * `add_masked_decay(mask, decay, refresh_every)`: T-SR-STE's ``α·(1 − M)⊙W`` with ``M`` the
   `transposable_mask_24` of ``W``, recomputed every ``refresh_every`` steps and kept in the state.
+  Chain it after the gradient clipping, as T-SR-STE's authors do.
 
 >>> import jax.numpy as jnp, optax, sste_jax
 >>> params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.5)}}
@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Int
 
-from sste_jax._sparsity import mask_24, transposable_mask_24
+from sste_jax._decay import masked_decay_term, srste_term
+from sste_jax._sparsity import transposable_mask_24
 
 __all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "MaskedDecayState"]
 
@@ -116,8 +117,7 @@ def _srste_term(decay: float) -> optax.GradientTransformation:
 
         def add(g, w):
             _check_kernel(w)
-            pruned = jnp.where(mask_24(w), jnp.zeros((), w.dtype), w)
-            return (g + decay * pruned).astype(g.dtype)
+            return (g + srste_term(w, decay)).astype(g.dtype)
 
         return jax.tree.map(add, updates, params), state
 
@@ -129,8 +129,8 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
 
     ``mask`` is a boolean pytree like the params, or a callable returning one (as in
     ``optax.masked``), e.g. ``sste_jax.nnx.sparse_kernel_mask(model)``. Chain it before the
-    optimizer: ``optax.chain(add_srste_decay(mask), optax.adamw(...))``. Do not combine it with
-    ``SparsityConfig(method="srste")`` layers, which add the same term in their backward pass.
+    optimizer: ``optax.chain(add_srste_decay(mask), optax.adamw(...))``. Select ``method="ste"``
+    layers only: ``SparsityConfig(method="srste")`` layers add the same term in their backward pass.
 
     >>> import jax.numpy as jnp, optax, sste_jax
     >>> params = {"kernel": jnp.array([[4.0], [3.0], [2.0], [1.0]])}
@@ -158,7 +158,7 @@ class MaskedDecayState(NamedTuple):
     masks: Any  # Bool[Array, "in out"] per selected kernel
 
 
-def _masked_decay_term(decay: float, refresh_every: int) -> optax.GradientTransformation:
+def _masked_decay_term(decay: optax.ScalarOrSchedule, refresh_every: int) -> optax.GradientTransformation:
     def init_fn(params):
         def placeholder(w):
             _check_kernel(w)
@@ -175,8 +175,10 @@ def _masked_decay_term(decay: float, refresh_every: int) -> optax.GradientTransf
             lambda: state.masks,
         )
 
+        alpha = decay(state.count) if callable(decay) else decay
+
         def add(g, w, m: Bool[Array, "in out"]):
-            return (g + decay * jnp.where(m, jnp.zeros((), w.dtype), w)).astype(g.dtype)
+            return (g + masked_decay_term(w, m, alpha)).astype(g.dtype)
 
         updates = jax.tree.map(add, updates, params, masks)
         return updates, MaskedDecayState(optax.safe_increment(state.count), masks)
@@ -185,12 +187,16 @@ def _masked_decay_term(decay: float, refresh_every: int) -> optax.GradientTransf
 
 
 def add_masked_decay(
-    mask: Any, decay: float = 6e-5, refresh_every: int = 40
+    mask: Any, decay: optax.ScalarOrSchedule = 6e-5, refresh_every: int = 40
 ) -> optax.GradientTransformationExtraArgs:
     """Adds T-SR-STE's masked decay ``decay·(1 − M)⊙W`` to the gradient of the kernels selected by ``mask``.
 
     ``M = transposable_mask_24(W)`` (2:4 along both axes), recomputed from the current weights at
-    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `MaskedDecayState` in between.
+    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `MaskedDecayState` in between:
+    the mask ``"tsrste"`` layers refreshed by `sste_jax.nnx.refresh_masks` after the same steps use.
+    ``decay`` may be a schedule of the step count (e.g. 0 during a dense finish). Chain it after
+    `optax.clip_by_global_norm` and before the optimizer, as T-SR-STE's authors:
+    ``optax.chain(optax.clip_by_global_norm(1.0), add_masked_decay(mask), optax.adamw(...))``.
     ``mask`` is as in `add_srste_decay`; the selected kernels need both dimensions divisible by 4.
 
     >>> import jax, jax.numpy as jnp, sste_jax
@@ -200,7 +206,7 @@ def add_masked_decay(
     >>> int((updates["kernel"] == 0).sum())  # the kept half of W gets no decay
     32
     """
-    if decay < 0:
+    if not callable(decay) and decay < 0:
         raise ValueError(f"decay must be >= 0, got {decay}")
     if not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, Real
 
-from sste_jax._linear import SparsityConfig, check_config, forward_weight, srste_term
+from sste_jax._decay import srste_term
+from sste_jax._linear import SparsityConfig, check_config, forward_weight
 from sste_jax._metrics import SparseWeight
 from sste_jax._optim import key_name
 from sste_jax._sparsity import initial_beta
@@ -134,16 +135,18 @@ def sparsity_spec(
             problems.append(f"{name}: not a floating array ({type(leaf).__name__} {dtype})")
         elif not -len(shape) <= axis < len(shape):
             problems.append(f"{name}: axis {axis} is out of range for shape {shape}")
-        elif shape[axis] % 4:
+        elif shape[axis] % config.m:
             problems.append(
-                f"{name}: length {shape[axis]} of axis {axis % len(shape)} in shape {shape} is not divisible by 4"
+                f"{name}: length {shape[axis]} of axis {axis % len(shape)} in shape {shape} is not divisible "
+                f"by {config.m}"
             )
         elif name in spec:
             problems.append(f"{name}: two leaves have this path name")
         else:
             axis %= len(shape)
             try:
-                b = initial_beta(leaf, axis, name, beta) if config.method == "sste" else jnp.ones((), jnp.float32)
+                b = (initial_beta(leaf, axis, name, beta, n=config.n, m=config.m) if config.method == "sste"
+                     else jnp.ones((), jnp.float32))
             except ValueError as e:
                 problems.append(str(e))
                 continue
@@ -170,7 +173,7 @@ def _sparsify_fwd(config, axis, kernel, beta):
 def _sparsify_bwd(config, axis, residuals, g):
     kernel, beta = residuals
     if config.method == "srste":
-        g = g + srste_term(kernel, config.srste_decay, axis)
+        g = g + srste_term(kernel, config.srste_decay, axis, n=config.n, m=config.m)
     return g, jnp.zeros_like(beta)
 
 

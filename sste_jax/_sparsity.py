@@ -1,7 +1,8 @@
-"""Pure 2:4 functions: pruning, masks, the frozen scale β, MVUE sampling and compression.
+"""Pure 2:4 functions: pruning, masks, the frozen scale β, MVUE sampling and compression; and their N:M
+generalisation (`mask_nm`, `soft_threshold_nm`, `hard_threshold_nm`, `fit_beta`'s ``n``, ``m``).
 
-Groups are 4 consecutive elements along ``axis`` (default 0, the contraction axis of a Flax
-``(in_features, out_features)`` kernel). Every function is jit- and vmap-able.
+Groups are 4 (N:M: ``m``) consecutive elements along ``axis`` (default 0, the contraction axis of a
+Flax ``(in_features, out_features)`` kernel). Every function is jit- and vmap-able.
 
 >>> import jax.numpy as jnp, sste_jax
 >>> w = jnp.array([[1.0], [-4.0], [3.0], [2.0]])
@@ -25,24 +26,37 @@ __all__ = [
     "compress_24",
     "decompress_24",
     "transposable_mask_24",
+    "mask_nm",
+    "soft_threshold_nm",
+    "hard_threshold_nm",
 ]
 
 _EPS = float(np.finfo(np.float32).eps)
 
 
-def check_groupable(x: jax.Array, axis: int) -> int:
-    """Validates ``x`` for grouping by 4 along ``axis``; returns the axis as a non-negative index."""
+def check_groupable(x: jax.Array, axis: int, m: int = 4) -> int:
+    """Validates ``x`` for grouping by ``m`` along ``axis``; returns the axis as a non-negative index."""
     check_axis(axis)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"2:4 functions need a floating-point array, got dtype {x.dtype} (shape {x.shape})")
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for an array of shape {x.shape}")
     axis %= x.ndim
-    if x.shape[axis] % 4:
+    if x.shape[axis] % m:
         raise ValueError(
-            f"2:4 groups need the length of axis {axis} to be divisible by 4; got shape {x.shape}"
+            f"{'2:4 groups' if m == 4 else f'N:M groups of {m}'} need the length of axis {axis} to be divisible "
+            f"by {m}; got shape {x.shape}"
         )
     return axis
+
+
+def check_nm(n, m) -> None:
+    """Raises unless ``n`` and ``m`` are ints with ``1 <= n < m`` (N of every M kept)."""
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
+            raise TypeError(f"N:M sparsity: {name} must be an int, got {v!r} ({type(v).__name__})")
+    if not 1 <= n < m:
+        raise ValueError(f"N:M sparsity keeps n of every m: need 1 <= n < m, got n={n}, m={m}")
 
 
 def check_axis(axis) -> None:
@@ -125,13 +139,75 @@ def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..
     return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
 
 
+def _member_last(x: jax.Array, axis: int, m: int) -> jax.Array:
+    """``x`` with ``axis`` split into groups of ``m``, the members last: ``(..., groups, m)``."""
+    moved = jnp.moveaxis(x, axis, -1)
+    return moved.reshape(moved.shape[:-1] + (moved.shape[-1] // m, m))
+
+
+def _member_back(grouped: jax.Array, axis: int) -> jax.Array:
+    """Inverse of `_member_last`."""
+    return jnp.moveaxis(grouped.reshape(grouped.shape[:-2] + (-1,)), -1, axis)
+
+
+def mask_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Bool[Array, "..."]:
+    """Hard top-``n``-by-magnitude mask per group of ``m``, exactly ``n`` ``True``; ties go to the higher
+    index. ``mask_nm(w, 2, 4)`` is `mask_24`.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.mask_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0]), n=1, m=4).tolist()
+    [False, True, False, False, False, False, False, True]
+    """
+    check_nm(n, m)
+    if (n, m) == (2, 4):
+        return mask_24(w, axis)
+    w = jnp.asarray(w)
+    axis = check_groupable(w, axis, m)
+    a = jnp.abs(_member_last(w, axis, m))
+    index = jnp.broadcast_to(jnp.arange(m), a.shape)
+    beaten = jnp.zeros(a.shape, jnp.int32)  # per member, how many members rank above it
+    for j in range(m):
+        aj = a[..., j : j + 1]
+        beaten = beaten + ((aj > a) | ((aj == a) & (j > index))).astype(jnp.int32)
+    return _member_back(beaten < n, axis)
+
+
+def soft_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Float[Array, "..."]:
+    """S-STE's continuous N:M pruning: ``sign(a)·max(|a| − t, 0)``, ``t`` the ``(n+1)``-th largest ``|a|``
+    of each group of ``m``. ``soft_threshold_nm(w, 2, 4)`` is `soft_threshold_24`.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.soft_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5]), n=1, m=4).tolist()  # t = 2
+    [0.0, -1.0, 0.0, 0.0]
+    """
+    check_nm(n, m)
+    if (n, m) == (2, 4):
+        return soft_threshold_24(w, axis)
+    w = jnp.asarray(w)
+    axis = check_groupable(w, axis, m)
+    t = jnp.sort(jnp.abs(_member_last(w, axis, m)), axis=-1)[..., m - n - 1 : m - n]
+    t = _member_back(jnp.broadcast_to(t, t.shape[:-1] + (m,)), axis)
+    return w - jnp.clip(w, -t, t)
+
+
+def hard_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Float[Array, "..."]:
+    """``w * mask_nm(w, n, m)``: the N:M forward weight of hard STE and SR-STE.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.hard_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.1, 0.2, 0.3, 0.4]), n=2, m=8).tolist()
+    [0.0, -3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    w = jnp.asarray(w)
+    return jnp.where(mask_nm(w, n, m, axis), w, jnp.zeros((), w.dtype))
+
+
 # Within this range of max|S(W)| the float32 dot products neither overflow nor lose S(W)'s mass to
 # underflow, and `fit_beta` computes them unscaled; outside it both operands are scaled by a power of 2.
 _BETA_RANGE = (2.0**-40, 2.0**40)
 
 
-def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
-    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32.
+def fit_beta(w: Float[Array, "..."], axis: int = 0, *, n: int = 2, m: int = 4) -> Float[Array, ""]:
+    """β minimising ``‖W − β·S(W)‖²``: ``<W, S(W)> / <S(W), S(W)>`` in float32, ``S`` = `soft_threshold_nm`.
 
     Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
     before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
@@ -142,14 +218,14 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
     1.5
     """
     w = jnp.asarray(w)
-    s = soft_threshold_24(w, axis)
+    s = soft_threshold_nm(w, n, m, axis)
     # S(W) rounded to W's dtype, as it is eagerly: under jit XLA may otherwise keep it in float32.
     info = jnp.finfo(s.dtype)
     s = jax.lax.reduce_precision(s.astype(jnp.float32), info.nexp, info.nmant)
     w = w.astype(jnp.float32)
-    m = jnp.max(jnp.abs(s))
-    _, exponent = jnp.frexp(m)
-    unscaled = (m >= _BETA_RANGE[0]) & (m <= _BETA_RANGE[1])
+    s_max = jnp.max(jnp.abs(s))
+    _, exponent = jnp.frexp(s_max)
+    unscaled = (s_max >= _BETA_RANGE[0]) & (s_max <= _BETA_RANGE[1])
     # 2**-exponent in two exact factors (one alone can leave float32's normal range); 1 in range.
     half = jnp.where(unscaled, 0, -exponent // 2)
     rest = jnp.where(unscaled, 0, -exponent - half)
@@ -160,7 +236,7 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0) -> Float[Array, ""]:
     return jnp.where(jnp.all(jnp.isfinite(w)), beta, jnp.float32(jnp.nan))
 
 
-def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
+def beta_problem(w: jax.Array, axis: int = 0, *, n: int = 2, m: int = 4) -> str | None:
     """Why `fit_beta` cannot fit a meaningful β to ``w`` (non-finite, all zero, S(W) = 0), or None.
 
     Only concrete arrays are checked; a traced ``w`` gives None.
@@ -173,12 +249,14 @@ def beta_problem(w: jax.Array, axis: int = 0) -> str | None:
         return f"{bad} of its {w.size} entries are NaN or infinite"
     if not bool(jnp.any(w != 0)):
         return "it is all zero"
-    if not bool(jnp.any(soft_threshold_24(w, axis) != 0)):
-        return "its soft threshold S(W) is all zero (in every group of 4 the three largest magnitudes tie)"
+    if not bool(jnp.any(soft_threshold_nm(w, n, m, axis) != 0)):
+        return (f"its soft threshold S(W) is all zero (in every group of {m} the {n + 1} largest magnitudes tie)")
     return None
 
 
-def initial_beta(w: jax.Array, axis: int, name: str, beta: Real[ArrayLike, ""] | None = None) -> jax.Array:
+def initial_beta(
+    w: jax.Array, axis: int, name: str, beta: Real[ArrayLike, ""] | None = None, *, n: int = 2, m: int = 4
+) -> jax.Array:
     """The frozen β of a layer or leaf ``name``: ``beta`` if given, else `fit_beta` of ``w``.
 
     Raises ValueError naming ``name`` when β cannot be fitted (see `beta_problem`) or ``beta`` is not a
@@ -189,15 +267,15 @@ def initial_beta(w: jax.Array, axis: int, name: str, beta: Real[ArrayLike, ""] |
         if value.shape != () or not (isinstance(value, jax.core.Tracer) or bool(jnp.isfinite(value))):
             raise ValueError(f"{name}: beta must be a finite scalar, got {beta!r}")
         return value
-    reason = beta_problem(w, axis)
+    reason = beta_problem(w, axis, n=n, m=m)
     if reason:
         raise ValueError(
             f"{name}: cannot fit S-STE's β to this kernel of shape {tuple(w.shape)}: {reason}; "
             "load the weights first, or pass beta=... explicitly"
         )
-    fitted = fit_beta(w, axis)
+    fitted = fit_beta(w, axis, n=n, m=m)
     if isinstance(fitted, jax.core.Tracer):
-        fitted = jnp.where(jnp.any(soft_threshold_24(w, axis) != 0), fitted, jnp.float32(jnp.nan))
+        fitted = jnp.where(jnp.any(soft_threshold_nm(w, n, m, axis) != 0), fitted, jnp.float32(jnp.nan))
     return fitted
 
 
@@ -376,12 +454,14 @@ def _valid_meta(meta: jax.Array) -> jax.Array:
 
 
 def _transposable_patterns() -> np.ndarray:
-    """The 90 4×4 0/1 patterns with exactly two ones in every row and every column."""
-    rows = [r for r in itertools.product((0, 1), repeat=4) if sum(r) == 2]
+    """The 90 4×4 0/1 patterns with exactly two ones in every row and every column, in T-SR-STE's
+    authors' order: descending lexicographic over the 16 entries of their PyTorch ``(out, in)``
+    weight block, read row by row. Our kernel is ``(in, out)``, so each pattern is stored transposed."""
+    rows = [r for r in itertools.product((1, 0), repeat=4) if sum(r) == 2]  # 1100, 1010, ..., 0011
     patterns = [
         np.array(p) for p in itertools.product(rows, repeat=4) if all(c == 2 for c in np.sum(p, axis=0))
     ]
-    return np.stack(patterns).astype(np.float32)
+    return np.stack(patterns).transpose(0, 2, 1).astype(np.float32)
 
 
 _PATTERNS = _transposable_patterns()
@@ -389,6 +469,9 @@ _PATTERNS = _transposable_patterns()
 
 def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols"]:
     """Per 4×4 block, the 2:4-in-both-directions pattern maximising ``Σ|w|·pattern`` (T-SR-STE).
+
+    Ties go to the first maximum in the authors' pattern order (for an ``(in, out)`` kernel, as their
+    ``(out, in)`` weight): an all-zero block keeps rows ``1100/1100/0011/0011``.
 
     >>> import jax, sste_jax
     >>> m = sste_jax.transposable_mask_24(jax.random.normal(jax.random.key(0), (8, 8)))
@@ -404,5 +487,5 @@ def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols
     blocks = jnp.abs(w.astype(jnp.float32)).reshape(r // 4, 4, c // 4, 4)
     patterns = jnp.asarray(_PATTERNS)
     scores = jnp.einsum("aibj,pij->abp", blocks, patterns, precision=jax.lax.Precision.HIGHEST)
-    best = patterns[jnp.argmax(scores, axis=-1)]  # (r/4, c/4, 4, 4)
+    best = patterns[jnp.argmax(scores, axis=-1)]  # the first maximum; (r/4, c/4, 4, 4)
     return best.transpose(0, 2, 1, 3).reshape(r, c) > 0

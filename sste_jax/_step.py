@@ -1,21 +1,24 @@
-"""STEP (Lu et al., 2023): dense Adam until the second-moment estimate settles, then frozen variance.
+"""STEP (Lu et al., 2023): dense AdamW until the sparse weights' second moment settles, then frozen variance.
 
-`scale_by_step` is Adam's scaling with an automatic switch. Each step it records
-``mean|v_t − v_{t−1}|`` over all parameters (raw, not bias-corrected ``v``); the switch happens at
-the first step ``t >= min_steps`` where the mean of the last ``window`` records is below
-``threshold``, or at ``t == max_steps``. From the step after the switch on, ``v`` (and its bias
-correction) stay frozen while the first moment keeps updating. The hard 2:4 STE forward of the
-second phase is the training loop's concern (``SparsityConfig(method="ste")`` layers once
-`step_switched` turns True).
+`scale_by_step` is Adam's scaling with the automatic switch of the authors' ``AdamW_STEP``. Each
+step ``t`` (1-based) it records ``Z_t = mean|v_t − v_{t−1}|`` over the **sparse weights** (raw,
+uncorrected ``v``; ``statistic="geometric"``: the geometric mean of the same), keeps the last
+``T_ω = int(1/(1 − b2))`` records (a partial window from step 1 on), and switches at the end of step
+``t`` when ``t > max_steps``, or when the window's mean is below ``threshold`` (default ``eps``) and
+``t > min_steps``. From the next step on, each sparse weight updates with
+``m̂ / (sqrt(v_switch) + eps^0.75)``: ``v_switch`` is its uncorrected ``v`` frozen at the switch, ``m̂``
+keeps updating and bias-correcting. The other parameters stay Adam throughout. The hard 2:4 STE
+forward of the second phase is the training loop's concern (``SparsityConfig(method="ste")`` layers
+once `step_switched` turns True).
 
 >>> import jax.numpy as jnp, optax, sste_jax
 >>> params = {"w": jnp.ones((4, 4))}
->>> tx = sste_jax.step_adam(0.1, threshold=0.0, max_steps=2)
+>>> tx = sste_jax.step_adam(0.1, threshold=0.0, max_steps=1)
 >>> state = tx.init(params)
 >>> for _ in range(2):
 ...     _, state = tx.update(params, state)
->>> bool(sste_jax.step_switched(state))
-True
+>>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)
+(True, 2)
 """
 
 from typing import Any, NamedTuple
@@ -27,27 +30,38 @@ from jaxtyping import Array, Bool, Float, Int
 
 __all__ = ["StepState", "scale_by_step", "step_adam", "step_state", "step_switched", "step_v_change"]
 
+_STATISTICS = ("mean", "geometric")
+
 
 class StepState(NamedTuple):
-    """STEP's Adam moments, the window of ``mean|v_t − v_{t−1}|`` records and the switch.
+    """STEP's Adam moments, the window of ``Z_t`` records and the switch.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> state = sste_jax.scale_by_step(window=4).init({"w": jnp.ones(3)})
+    >>> state = sste_jax.scale_by_step(b2=0.75).init({"w": jnp.ones(3)})  # a window of 1/(1 − 0.75) = 4
     >>> type(state).__name__, state.diffs.shape, bool(state.switched)
     ('StepState', (4,), False)
     """
 
     count: Int[Array, ""]
     mu: Any
-    nu: Any
-    diffs: Float[Array, " window"]  # a ring buffer, slot ``(count − 1) % window``
+    nu: Any  # the sparse weights' entries stop updating at the switch: they are ``v_switch``
+    diffs: Float[Array, " window"]  # a ring buffer of ``Z_t``, slot ``(t − 1) % window``; frozen at the switch
     switched: Bool[Array, ""]
-    switch_step: Int[Array, ""]  # the step at which ``v`` was frozen; 0 before the switch
+    switch_step: Int[Array, ""]  # the step at whose end ``v`` was frozen; 0 before the switch
 
 
-def _check(name: str, value, low: int | float) -> None:
-    if not value >= low:
-        raise ValueError(f"scale_by_step: {name} must be >= {low}, got {value}")
+def _check_steps(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"scale_by_step: {name} must be None or an int >= 0, got {value!r}")
+
+
+def _flag_tree(sparse: Any, tree: Any) -> Any:
+    """True/False per leaf of ``tree``: the sparse weights (``sparse``: None for all, a boolean
+    pytree prefix of ``tree``, or a callable returning one, as in ``optax.masked``)."""
+    if sparse is None:
+        return jax.tree.map(lambda _: True, tree)
+    flags = sparse(tree) if callable(sparse) else sparse
+    return jax.tree.map(lambda f, sub: jax.tree.map(lambda _: bool(f), sub), flags, tree)
 
 
 def scale_by_step(
@@ -55,57 +69,89 @@ def scale_by_step(
     b2: float = 0.999,
     eps: float = 1e-8,
     *,
-    threshold: float = 1e-8,
-    window: int = 100,
-    min_steps: int = 100,
-    max_steps: int = 10_000,
+    sparse: Any = None,
+    threshold: float | None = None,
+    min_steps: int | None = None,
+    max_steps: int | None = None,
+    statistic: str = "mean",
 ) -> optax.GradientTransformation:
-    """Adam's ``m̂ / (sqrt(v̂) + eps)`` whose ``v`` freezes once it settles (see the module docstring).
+    """Adam's ``m̂ / (sqrt(v̂) + eps)`` with STEP's switch to frozen variance (see the module docstring).
+
+    Args:
+      b1, b2, eps: Adam's; the window is ``int(1/(1 − b2))`` records.
+      sparse: which leaves are the sparse weights (None: all), e.g.
+        ``sste_jax.nnx.sparse_kernel_mask(model)``: the statistic and the frozen variance apply to them only.
+      threshold: the switch threshold on the window's mean (None: ``eps``, as the authors).
+      min_steps, max_steps: ``T_min`` and ``T_max`` (None: no bound); the authors suggest 10% and 50%
+        of the run.
+      statistic: ``"mean"`` (the authors' option 1) or ``"geometric"`` (option 2,
+        ``exp(mean(log|v_t − v_{t−1}|))``).
 
     >>> import jax.numpy as jnp, optax, sste_jax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = optax.chain(sste_jax.scale_by_step(max_steps=3), optax.scale(-0.1))
+    >>> tx = optax.chain(sste_jax.scale_by_step(threshold=0.0, max_steps=3), optax.scale(-0.1))
     >>> state = tx.init(params)
-    >>> for _ in range(3):
+    >>> for _ in range(4):
     ...     updates, state = tx.update(params, state)
-    >>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)
-    (True, 3)
+    >>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)  # at the end of step 4 > 3
+    (True, 4)
     """
-    _check("window", window, 1)
-    _check("min_steps", min_steps, 1)
-    _check("max_steps", max_steps, 1)
-    _check("threshold", threshold, 0.0)
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"scale_by_step: b2 must be in [0, 1), got {b2}")
+    if not eps >= 0.0:
+        raise ValueError(f"scale_by_step: eps must be >= 0, got {eps}")
+    if threshold is not None and not threshold >= 0.0:
+        raise ValueError(f"scale_by_step: threshold must be >= 0, got {threshold}")
+    _check_steps("min_steps", min_steps)
+    _check_steps("max_steps", max_steps)
+    if statistic not in _STATISTICS:
+        raise ValueError(f"scale_by_step: statistic must be one of {_STATISTICS}, got {statistic!r}")
+    window = max(1, int(1 / (1 - b2)))
+    threshold = eps if threshold is None else threshold
+    frozen_eps = eps**0.75
 
     def init_fn(params):
+        if not any(jax.tree.leaves(_flag_tree(sparse, params))):
+            raise ValueError("scale_by_step: `sparse` selects no parameter; STEP's statistic needs the sparse weights")
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         return StepState(
             count=jnp.zeros((), jnp.int32),
             mu=zeros,
             nu=zeros,
-            diffs=jnp.full((window,), jnp.inf, jnp.float32),
+            diffs=jnp.zeros((window,), jnp.float32),
             switched=jnp.zeros((), bool),
             switch_step=jnp.zeros((), jnp.int32),
         )
 
     def update_fn(updates, state, params=None):
         del params
+        flags = _flag_tree(sparse, updates)
         count = state.count + 1
         mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, updates)
         fresh = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g), state.nu, updates)
-        leaves = [jnp.abs(n - v).ravel() for n, v in zip(jax.tree.leaves(fresh), jax.tree.leaves(state.nu))]
-        diff = jnp.mean(jnp.concatenate(leaves)) if leaves else jnp.zeros((), jnp.float32)
-        diffs = state.diffs.at[(count - 1) % window].set(diff)
-        settled = (count >= min_steps) & (jnp.mean(diffs) < threshold)  # inf until the window is full
-        switched = state.switched | settled | (count >= max_steps)
-        switch_step = jnp.where(state.switched, state.switch_step, jnp.where(switched, count, 0))
-        # v is updated through the switching step itself, frozen from the next one on
-        nu = jax.tree.map(lambda old, new: jnp.where(state.switched, old, new), state.nu, fresh)
-        nu_count = jnp.where(state.switched, state.switch_step, count)
+        changes = [jnp.abs(n - v).ravel() for n, v, f in
+                   zip(jax.tree.leaves(fresh), jax.tree.leaves(state.nu), jax.tree.leaves(flags)) if f]
+        change = jnp.concatenate(changes)
+        z = jnp.mean(change) if statistic == "mean" else jnp.exp(jnp.mean(jnp.log(change)))
+        diffs = jnp.where(state.switched, state.diffs, state.diffs.at[(count - 1) % window].set(z))
+        mean_z = jnp.sum(diffs) / jnp.minimum(count, window).astype(jnp.float32)
+        fire = jnp.zeros((), bool) if max_steps is None else count > max_steps
+        settled = mean_z < threshold
+        fire = fire | (settled if min_steps is None else settled & (count > min_steps))
+        switched = state.switched | fire
+        switch_step = jnp.where(state.switched, state.switch_step, jnp.where(fire, count, 0))
+        # a sparse weight's v updates through the switching step itself, frozen from the next one on
+        nu = jax.tree.map(lambda old, new, f: jnp.where(state.switched & f, old, new), state.nu, fresh, flags)
         mu_hat_scale = 1 / (1 - b1 ** count.astype(jnp.float32))
-        nu_hat_scale = 1 / (1 - b2 ** nu_count.astype(jnp.float32))
-        out = jax.tree.map(
-            lambda g, m, v: (m * mu_hat_scale / (jnp.sqrt(v * nu_hat_scale) + eps)).astype(g.dtype), updates, mu, nu
-        )
+        nu_hat_scale = 1 / (1 - b2 ** count.astype(jnp.float32))
+
+        def scale(g, m, v, f):
+            adam = m * mu_hat_scale / (jnp.sqrt(v * nu_hat_scale) + eps)
+            if f:
+                adam = jnp.where(state.switched, m * mu_hat_scale / (jnp.sqrt(v) + frozen_eps), adam)
+            return adam.astype(g.dtype)
+
+        out = jax.tree.map(scale, updates, mu, nu, flags)
         return out, StepState(count, mu, nu, diffs, switched, switch_step)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -118,8 +164,8 @@ def step_adam(
     eps: float = 1e-8,
     **switch,
 ) -> optax.GradientTransformation:
-    """STEP's optimizer: `scale_by_step` (``threshold``, ``window``, ``min_steps``, ``max_steps``) then
-    the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
+    """STEP's optimizer: `scale_by_step` (``sparse``, ``threshold``, ``min_steps``, ``max_steps``,
+    ``statistic``) then the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> tx = sste_jax.step_adam(1e-3, min_steps=10, max_steps=100)
@@ -151,6 +197,9 @@ def step_switched(opt_state: Any) -> Bool[Array, ""]:
     >>> params = {"w": jnp.ones(3)}
     >>> tx = sste_jax.step_adam(1e-3, max_steps=1)
     >>> _, state = tx.update(params, tx.init(params))
+    >>> bool(sste_jax.step_switched(state))  # the switch needs step t > max_steps
+    False
+    >>> _, state = tx.update(params, state)
     >>> bool(sste_jax.step_switched(state))
     True
     """
@@ -158,14 +207,20 @@ def step_switched(opt_state: Any) -> Bool[Array, ""]:
 
 
 def step_v_change(opt_state: Any) -> Float[Array, ""]:
-    """The statistic the switch compares with ``threshold``: the mean of the last ``window`` records
-    of ``mean|v_t − v_{t−1}|`` (``inf`` until ``window`` steps have run). Log it to choose a threshold.
+    """The statistic the switch compares with ``threshold``: the mean of the window of ``Z_t`` records
+    (a partial window early on; frozen at the switch; 0 before the first step). Log it to choose a threshold.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = sste_jax.step_adam(1e-3, window=2)
+    >>> tx = sste_jax.step_adam(1e-3, b2=0.5)  # a window of int(1/(1 − b2)) = 2 records
     >>> state = tx.init(params)
-    >>> float(sste_jax.step_v_change(state))  # no full window yet
-    inf
+    >>> float(sste_jax.step_v_change(state))  # no record yet
+    0.0
+    >>> for _ in range(2):
+    ...     _, state = tx.update(params, state)
+    >>> float(sste_jax.step_v_change(state))  # v: 0 → 0.5 → 0.75, so Z_1 = 0.5 and Z_2 = 0.25
+    0.375
     """
-    return jnp.mean(step_state(opt_state).diffs)
+    state = step_state(opt_state)
+    records = jnp.where(state.switched, state.switch_step, state.count)
+    return jnp.sum(state.diffs) / jnp.maximum(jnp.minimum(records, state.diffs.shape[0]), 1).astype(jnp.float32)

@@ -2,10 +2,13 @@
 
 A training state is any pytree: ``nnx.state(model)`` (β included), ``nnx.state(optimizer)``, the
 step, a typed PRNG key (stored as its key data), a `FlipState`. Saves are atomic (orbax writes a
-temporary directory and renames it) and never replace an existing step; every array's CRC32 is
-stored with it and checked at restore. A missing, truncated, corrupt or mismatched checkpoint
-raises `FileNotFoundError` / `CheckpointError` naming the path and what is wrong, and is never
-written to; `restore_latest` falls back to the newest checkpoint that verifies. A failed write
+temporary directory and renames it) and never replace an existing step; every array's checksum
+(see `fingerprint`) is stored with it and checked at restore. Arrays sharded over several
+processes are saved by every process together (each writes its shards, as orbax does) and may be
+restored on another process count or sharding: the checksum does not depend on the layout. A
+missing, truncated, corrupt or mismatched checkpoint raises `FileNotFoundError` / `CheckpointError`
+naming the path and what is wrong, and is never written to; `restore_latest` falls back to the
+newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
 Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
 the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
@@ -36,16 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from flax import nnx
-from flax.nnx.nn.dtypes import promote_dtype
-from jaxtyping import Array, Float, Shaped, UInt8
 
-from sste_jax._linear import SparsityConfig, forward_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
 from sste_jax._params import ParamSparsity
-from sste_jax._sparsity import _valid_meta, compress_24, decompress_24
+from sste_jax._sparsity import _valid_meta
+from sste_jax.linen import SparsityBeta
+from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
 
 __all__ = [
     "CheckpointError",
@@ -55,6 +56,7 @@ __all__ = [
     "restore_checkpoint",
     "restore_latest",
     "checkpoint_steps",
+    "fingerprint",
     "Packed24",
     "CompressedLinear",
     "compress_layers",
@@ -106,7 +108,7 @@ class CheckpointWriteError(OSError):
     """
 
 
-_CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's CRC32
+_CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's checksum
 _CHECKSUM_FILE = "checksums.json"
 _EXPORT_FILE = "sste_export.json"  # an export's checksums and per-layer settings
 _DELETING = ".sste-deleting-"  # a step being rotated away is renamed to this prefix first
@@ -172,33 +174,85 @@ def _check_narrowing(name: str, leaf) -> None:
         )
 
 
-def _crc32(array) -> int:
+def _crc32(array) -> int:  # the checksum of checkpoints written before `fingerprint`
     return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
 
 
+def _as_words(a: jax.Array) -> jax.Array:
+    """The bits of ``a`` as uint32 words, one per element (two per 64-bit element)."""
+    if a.dtype == jnp.bool_:
+        return a.astype(jnp.uint32)
+    size = a.dtype.itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(a, jnp.uint32)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(a, jnp.uint32)
+    return jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+@jax.jit
+def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    def one(a):
+        words = _as_words(a).reshape(-1)
+        index = jax.lax.iota(jnp.uint32, words.size)
+        weighted = jnp.sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)), dtype=jnp.uint32)
+        mixed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))), dtype=jnp.uint32)
+        return jnp.stack([weighted, mixed])
+
+    return {name: one(a) for name, a in flat.items()}
+
+
+def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
+    """``{name: 16 hex digits}``: a 64-bit checksum of each array's values, the same for any sharding.
+
+    Two sums modulo 2**32 over the elements' bits: one weighted by an odd number per position (a
+    change of any one element, e.g. one flipped bit, always changes it), one of a mixing hash of
+    (bits, position) (other damage passes both with probability ~2**-64). Sums commute, so the
+    result does not depend on how the array is split over devices or processes, and it is computed
+    where the array lives (one jitted call; every process calls it for sharded arrays).
+
+    >>> import jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> a = jnp.arange(4.0)
+    >>> checkpoint.fingerprint({"a": a}) == checkpoint.fingerprint({"a": a.at[3].set(3.0000002)})
+    False
+    """
+    arrays = {n: jnp.asarray(a) for n, a in arrays.items()}  # host leaves as JAX stores them
+    sums = jax.device_get(_fingerprints(arrays))
+    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in sums.items()}
+
+
 def _checksums(flat: dict[str, Any]) -> dict:
-    """``{"algorithm": "crc32", "arrays": {name: crc}}`` of the stored arrays (one host read each)."""
-    arrays = {}
-    for name, a in flat.items():
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            continue  # another process holds part of it: not checked
-        if isinstance(a, np.ndarray | np.generic) and jax.dtypes.canonicalize_dtype(a.dtype) != a.dtype:
-            a = np.asarray(a).astype(jax.dtypes.canonicalize_dtype(a.dtype))  # as JAX will store it
-        arrays[name] = _crc32(a)
-    return {"algorithm": "crc32", "arrays": arrays}
+    """``{"algorithm": "fingerprint64", "arrays": {name: checksum}}`` of the stored arrays."""
+    return {"algorithm": "fingerprint64", "arrays": fingerprint(flat)}
 
 
 def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict[str, Any]) -> None:
-    """Raises `CheckpointError` naming the first array whose bytes do not match its stored CRC32."""
+    """Raises `CheckpointError` naming the first array whose values do not match its stored checksum."""
     if checksums is None:
         return  # written before checksums existed
-    if checksums.get("algorithm") != "crc32" or not isinstance(checksums.get("arrays"), dict):
+    algorithm = checksums.get("algorithm")
+    if algorithm not in ("fingerprint64", "crc32") or not isinstance(checksums.get("arrays"), dict):
         raise CheckpointError(f"checkpoint {path}: its checksum file is malformed")
-    for name, want in checksums["arrays"].items():
-        if name in restored and _crc32(restored[name]) != want:
+    wanted = {n: v for n, v in checksums["arrays"].items() if n in restored}
+    if algorithm == "crc32":
+        found = {n: _crc32(restored[n]) for n in wanted}
+    else:
+        found = fingerprint({n: restored[n] for n in wanted})
+    for name, want in wanted.items():
+        if found[name] != want:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: array {name!r} does not match its stored checksum "
-                f"(crc32 {_crc32(restored[name]):#010x}, stored {want:#010x})"
+                f"({algorithm} {found[name]}, stored {want})"
             )
 
 
@@ -211,7 +265,8 @@ def _sparse_layers(tree) -> dict[str, dict]:
     ``"beta"``: the layer has a ``beta`` leaf in ``tree`` (an NNX `SparseLinear` state, a Linen
     ``"sparsity"`` collection, a `ParamSparsity`); ``"config"`` (the `SparsityConfig` as a dict) only
     for the layers of NNX modules held in ``tree`` itself, or the compared fields from the metadata of
-    a `SparsityBeta` variable (an ``nnx.State``); bare β arrays carry neither.
+    a `SparsityBeta` variable (an ``nnx.State``) or box (a Linen ``"sparsity"`` collection); bare β
+    arrays carry neither.
     """
     layers: dict[str, dict] = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -223,11 +278,13 @@ def _sparse_layers(tree) -> dict[str, dict]:
         if is_spec(leaf):  # a parameter-path spec entry carries its config
             layers.setdefault(_path_name(path), {"beta": True})["config"] = dataclasses.asdict(leaf.config)
     is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
-        meta = leaf.get_metadata() if is_variable(leaf) else {}
+    is_box = lambda x: isinstance(x, SparsityBeta)  # noqa: E731
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_variable(x) or is_box(x))[0]:
+        meta = leaf.get_metadata() if is_variable(leaf) else dataclasses.asdict(leaf) if is_box(leaf) else {}
         head, _, last = _path_name(path).rpartition("/")
-        if last == "beta" and "sparse_method" in meta:  # a SparseLinear's β names its layer's method
+        if last == "beta" and "sparse_method" in meta:  # a sparse layer's β names its layer's method
             config = {"method": meta["sparse_method"], "mvue": meta["sparse_mvue"], "fp8": meta["sparse_fp8"]}
+            config.update({f: meta[f"sparse_{f}"] for f in ("n", "m") if f"sparse_{f}" in meta})
             decay = {"srste": "srste_decay", "tsrste": "masked_decay"}.get(meta["sparse_method"])
             if decay:
                 config[decay] = meta["sparse_decay"]
@@ -243,9 +300,9 @@ def _sparse_layers(tree) -> dict[str, dict]:
 
 
 def _compared(config: dict) -> dict:
-    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, and the decay
+    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, ``n``, ``m`` and the decay
     its method uses. ``backend`` and ``matmul`` (how the same product is computed) may change."""
-    fields = ["method", "mvue", "fp8"]
+    fields = ["method", "mvue", "fp8", "n", "m"]
     fields += {"srste": ["srste_decay"], "tsrste": ["masked_decay"]}.get(config.get("method"), [])
     return {f: config[f] for f in fields if f in config}
 
@@ -400,8 +457,9 @@ def _is_write_failure(e: BaseException) -> bool:
 
 
 def _write_failed(e: Exception, what: str, partial: list[pathlib.Path]) -> None:
-    """Removes the ``partial`` folders of a failed write; raises `CheckpointWriteError` for I/O failures."""
-    for p in partial:
+    """Removes the ``partial`` folders of a failed write (process 0); raises `CheckpointWriteError` for
+    I/O failures."""
+    for p in partial if jax.process_index() == 0 else []:
         shutil.rmtree(p, ignore_errors=True)
     if _is_write_failure(e):
         errno = getattr(e, "errno", None)
@@ -411,6 +469,14 @@ def _write_failed(e: Exception, what: str, partial: list[pathlib.Path]) -> None:
         message = f"{what} failed, partial files removed: {_first_line(e)}"
         raise (CheckpointWriteError(errno, message) if errno else CheckpointWriteError(message)) from e
     raise e
+
+
+def _sync(name: str) -> None:
+    """Waits for every process (a no-op for one): folders change only on process 0, between barriers."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
@@ -427,7 +493,8 @@ def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
 def save_checkpoint(
     directory: str | os.PathLike, step: int, state: Any, *, max_to_keep: int | None = None
 ) -> pathlib.Path:
-    """Saves ``state`` as ``directory/<step>``, atomically, with a CRC32 per array; returns that path.
+    """Saves ``state`` as ``directory/<step>``, atomically, with a checksum per array (`fingerprint`);
+    returns that path.
 
     Raises `FileExistsError` if ``step`` is not newer than every checkpoint already there (nothing
     is overwritten). ``max_to_keep`` deletes the oldest checkpoints beyond that count. Leaves are
@@ -440,8 +507,9 @@ def save_checkpoint(
     path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
     in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`; for an
     ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
-    carries as metadata; for a parameter-path spec, each `ParamSparsity`'s config. Limit: β leaves
-    saved as bare arrays (a Linen ``"sparsity"`` collection) record only which layers are sparse.
+    carries as metadata (NNX) or in its `sste_jax.linen.SparsityBeta` box (Linen); for a
+    parameter-path spec, each `ParamSparsity`'s config. β leaves saved as bare arrays (e.g. after
+    ``nn.unbox``) record only which layers are sparse.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
@@ -480,40 +548,31 @@ def save_checkpoint(
     finally:
         manager.close()
     if max_to_keep is not None:
-        _rotate(directory, int(max_to_keep))
+        if jax.process_index() == 0:
+            _rotate(directory, int(max_to_keep))
+        _sync(f"rotated {directory}")
     return directory / str(step)
 
 
-def _verify_store(path: pathlib.Path, store: pathlib.Path) -> None:
-    """Reads every stored value of an OCDBT array store, so truncation fails here, by key, not in orbax."""
-    if not (store / "manifest.ocdbt").is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
-    key = None
-    try:
-        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{store}/"}).result()
-        for key in kvstore.list().result():
-            kvstore.read(key).result()
-    except Exception as e:
-        where = f"reading {key.decode()!r} failed" if key is not None else "its index is unreadable"
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {where} ({_first_line(e)})") from None
-
-
 def _quietly(path: pathlib.Path, what: str, read):
-    """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed).
+    """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed)."""
+    try:
+        return read()
+    except Exception as e:
+        message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
+    raise CheckpointError(message)
 
-    When one array read fails, orbax abandons the coroutines of the others; they are finalised here
-    (their "exception ignored" reports muted) instead of surfacing later as unrelated warnings.
-    """
+
+def _close_quietly(manager: ocp.CheckpointManager | ocp.Checkpointer) -> None:
+    """Closes ``manager``. When one array read failed, orbax abandoned the coroutines of the others;
+    they are finalised here (their "exception ignored" reports muted) instead of surfacing later as
+    unrelated warnings."""
     hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
     try:
-        try:
-            return read()
-        except Exception as e:
-            message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
+        manager.close()
         gc.collect()
     finally:
         sys.unraisablehook = hook
-    raise CheckpointError(message)
 
 
 def _restore_from(
@@ -522,7 +581,8 @@ def _restore_from(
     """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
     shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
     flat, like, treedef = _flatten(target)
-    _verify_store(path, store)
+    if not (store / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
     metadata = _quietly(path, "reading its metadata", read_metadata)
     if getattr(metadata, "tree", None) is None:
         raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
@@ -556,7 +616,7 @@ def restore_checkpoint(
     ``target`` is a state of the right structure, e.g. freshly built; its arrays' shardings are
     used for the restored arrays. Raises `FileNotFoundError` when there is no such checkpoint and
     `CheckpointError` when it is incomplete, truncated, corrupt (an array's bytes do not match
-    their stored CRC32) or does not match ``target``; `CheckpointConfigError` (before reading any
+    their stored checksum) or does not match ``target``; `CheckpointConfigError` (before reading any
     array) when a layer is sparse in one but not the other, or, where both the checkpoint and
     ``target`` hold the modules (see `save_checkpoint`), a layer's ``method``, ``mvue``, ``fp8`` or
     the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
@@ -597,7 +657,7 @@ def restore_checkpoint(
             checksums,
         )
     finally:
-        manager.close()
+        _close_quietly(manager)
 
 
 def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: bool = True) -> tuple[int, Any]:
@@ -635,139 +695,6 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
     raise CheckpointError(f"no checkpoint in {directory} restores:\n  " + "\n  ".join(failures))
 
 
-class Packed24(nnx.Variable):
-    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param.
-
-    >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> compressed = checkpoint.compress_layers(model)
-    >>> isinstance(compressed.layers[0].meta, checkpoint.Packed24), compressed.layers[0].meta[...].dtype
-    (True, dtype('uint8'))
-    """
-
-
-class CompressedLinear(nnx.Module):
-    """Inference layer holding ``W̃`` as `compress_24` values + metadata: half the weight bytes, plus
-    one uint8 per group of 4. Its output equals the sparse layer's bit for bit (same product, same
-    forward weight after `decompress_24`).
-
-    >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> x = jnp.ones((2, 8))
-    >>> y = model(x)
-    >>> layer = checkpoint.compress_layers(model).layers[0]
-    >>> type(layer).__name__, layer.values[...].shape, bool(jnp.array_equal(layer(x), y))
-    ('CompressedLinear', (4, 4), True)
-    """
-
-    def __init__(
-        self,
-        values: Shaped[Array, "half out"],
-        meta: UInt8[Array, "groups out"],
-        bias: Float[Array, " out"] | None = None,
-        *,
-        fp8: bool = False,
-        dtype: Any = None,
-        promote_dtype: Any = promote_dtype,
-    ):
-        self.values = Packed24(values)
-        self.meta = Packed24(meta)
-        self.bias = nnx.Param(bias) if bias is not None else None
-        self.fp8, self.dtype, self.promote_dtype = fp8, dtype, promote_dtype
-
-    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
-        kernel = decompress_24(self.values[...], self.meta[...])
-        bias = self.bias[...] if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
-        y = sparse_dense(x, kernel, 1.0, config=SparsityConfig(method="dense", fp8=self.fp8))
-        if bias is not None:
-            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-        return y
-
-
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = model
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
-def _bias(layer) -> jax.Array | None:
-    return layer.bias[...] if getattr(layer, "bias", None) is not None else None
-
-
-def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
-    """An ``nnx.Linear`` like ``layer`` (same dtypes, precision, bias) holding ``kernel``."""
-    linear = nnx.Linear(
-        layer.in_features,
-        layer.out_features,
-        use_bias=layer.bias is not None,
-        dtype=layer.dtype,
-        param_dtype=layer.param_dtype,
-        precision=layer.precision,
-        promote_dtype=layer.promote_dtype,
-        rngs=nnx.Rngs(0),
-    )
-    linear.kernel[...] = kernel
-    if layer.bias is not None:
-        linear.bias[...] = layer.bias[...]
-    return linear
-
-
-def densify_layers(model: nnx.Module) -> nnx.Module:
-    """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
-    baked in); returns ``model``. The result needs nothing from sste_jax to run.
-
-    >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> x = jnp.ones((2, 8))
-    >>> y = model(x)
-    >>> dense = checkpoint.densify_layers(model)
-    >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
-    ('Linear', True)
-    """
-    for path, layer in sparse_modules(model):
-        w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
-        _replace(model, path, _dense_linear(layer, w_tilde))
-    return model
-
-
-def compress_layers(model: nnx.Module) -> nnx.Module:
-    """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
-    ``method="dense"`` by an ``nnx.Linear``); returns ``model``.
-
-    >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> type(checkpoint.compress_layers(model).layers[0]).__name__
-    'CompressedLinear'
-    """
-    for path, layer in sparse_modules(model):
-        w_tilde = forward_weight(layer.kernel[...], layer.beta[...], layer.config)
-        if layer.config.sparse:
-            new = CompressedLinear(
-                *compress_24(w_tilde),
-                _bias(layer),
-                fp8=layer.config.fp8,
-                dtype=layer.dtype,
-                promote_dtype=layer.promote_dtype,
-            )
-        else:
-            new = _dense_linear(layer, w_tilde)
-        _replace(model, path, new)
-    return model
-
-
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.StandardCheckpointHandler())
 
@@ -784,8 +711,8 @@ def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathli
     """Saves an inference copy of ``model`` (2:4 layers compressed by `compress_layers`) with orbax.
 
     ``directory`` must not exist (nothing is overwritten); ``model`` itself is left unchanged. The
-    export is written to a temporary sibling folder and renamed into place, with each array's CRC32
-    and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
+    export is written to a temporary sibling folder and renamed into place, with each array's
+    checksum (`fingerprint`) and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
     `load_compressed`. A failed write raises `CheckpointWriteError` and leaves nothing behind.
 
     >>> import tempfile, jax.numpy as jnp
@@ -846,14 +773,17 @@ def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Modu
     settings = info["layers"] if info is not None else {}
     target = compress_layers(nnx.clone(model))
     checkpointer = _checkpointer()
-    state = _restore_from(
-        directory,
-        directory,
-        lambda: checkpointer.metadata(directory).item_metadata,
-        lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
-        nnx.state(target),
-        info["checksums"] if info is not None else None,
-    )
+    try:
+        state = _restore_from(
+            directory,
+            directory,
+            lambda: checkpointer.metadata(directory).item_metadata,
+            lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
+            nnx.state(target),
+            info["checksums"] if info is not None else None,
+        )
+    finally:
+        _close_quietly(checkpointer)
     nnx.update(target, state)
     for name, layer in _compressed_layers(target).items():
         if not bool(jnp.all(_valid_meta(layer.meta[...]))):

@@ -3,8 +3,11 @@
 Both keep ``nn.Dense``'s parameters (``kernel``, ``bias``) and put the frozen β in the
 ``"sparsity"`` collection: it is created (fitted to the kernel) only while that collection is
 mutable, i.e. at ``init`` or by `fit_sparsity` for weights loaded from a dense checkpoint, and is
-read-only in ``apply``. MVUE keys come from the ``"sparsity"`` rng stream
-(``rngs={"sparsity": key}`` in ``apply``; Flax folds in each module's path, so layers differ).
+read-only in ``apply``. Each β is boxed in `SparsityBeta` (Flax's ``AxisMetadata``, like
+``nn.Partitioned``): ``apply`` unboxes it, ``nn.unbox(variables)`` gives bare arrays, and the box
+names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what it holds. MVUE keys
+come from the ``"sparsity"`` rng stream (``rngs={"sparsity": key}`` in ``apply``; Flax folds in
+each module's path, so layers differ).
 
 >>> import jax, jax.numpy as jnp
 >>> layer = SparseDense(4)
@@ -20,14 +23,58 @@ from typing import Any, no_type_check
 
 import jax.numpy as jnp
 from flax import linen as nn
+from flax import struct
 from jaxtyping import Array, ArrayLike, Float, Real
 
-from sste_jax._linear import SparsityConfig, check_config, sparse_dense
+from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._sparsity import initial_beta
 
-__all__ = ["SparseDense", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
+__all__ = [
+    "SparseDense",
+    "SparsityBeta",
+    "sparsify_dense",
+    "fit_sparsity",
+    "all_dense",
+    "feed_forward",
+    "sparse_kernel_mask",
+]
 
 Where = Callable[[tuple[str, ...], nn.Dense], bool]
+
+
+class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
+    """A Linen layer's β (``value``) with what the layer trains: ``sparse_method``, ``sparse_mvue``,
+    ``sparse_fp8``, ``sparse_decay`` (the SR-STE or T-SR-STE decay, else 0).
+
+    >>> import jax, jax.numpy as jnp
+    >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> box = variables["sparsity"]["beta"]
+    >>> box.sparse_method, nn.unbox(variables)["sparsity"]["beta"].shape
+    ('sste', ())
+    """
+
+    value: Any
+    sparse_method: str = struct.field(pytree_node=False)
+    sparse_mvue: bool = struct.field(pytree_node=False)
+    sparse_fp8: bool = struct.field(pytree_node=False)
+    sparse_decay: float = struct.field(pytree_node=False)
+
+    def unbox(self) -> Any:
+        return self.value
+
+    def replace_boxed(self, val: Any) -> "SparsityBeta":
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict[Any, Any]) -> "SparsityBeta":
+        return self  # a scalar: nn.scan/vmap stack it without axis names
+
+    def remove_axis(self, index: int, params: dict[Any, Any]) -> "SparsityBeta":
+        return self
+
+    @classmethod
+    def of(cls, value, config: SparsityConfig) -> "SparsityBeta":
+        decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
+        return cls(value, config.method, bool(config.mvue), bool(config.fp8), float(decay))
 
 
 def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
@@ -35,8 +82,9 @@ def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:
     check_config(config, name)
     if config.method == "tsrste":
         raise ValueError(f"{name}: method='tsrste' keeps a refreshed mask; use sste_jax.nnx.SparseLinear for it")
-    if config.sparse and in_features % 4:
-        raise ValueError(f"{name}: the contraction length {in_features} is not divisible by 4, cannot be 2:4 sparse")
+    if config.sparse and in_features % config.m:
+        raise ValueError(f"{name}: the contraction length {in_features} is not divisible by {config.m}, "
+                         f"cannot be {config.n}:{config.m} sparse")
     if module.dot_general is not None or module.dot_general_cls is not None:
         raise ValueError(f"{name}: a custom dot_general cannot be combined with the sparse product")
     if module.precision is not None:
@@ -54,10 +102,10 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
     bias = module.param("bias", module.bias_init, (module.features,), module.param_dtype) if module.use_bias else None
     name = "/".join(module.path) or type(module).__name__
     if config.method == "sste":
-        initial = lambda: initial_beta(kernel, 0, name, fixed_beta)  # noqa: E731
+        initial = lambda: initial_beta(kernel, 0, name, fixed_beta, n=config.n, m=config.m)  # noqa: E731
     else:
         initial = lambda: jnp.ones((), jnp.float32)  # noqa: E731
-    beta = module.variable("sparsity", "beta", initial)
+    beta = module.variable("sparsity", "beta", lambda: SparsityBeta.of(initial(), config))
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     key = module.make_rng("sparsity") if config.mvue else None
     y = sparse_dense(inputs, kernel, beta.value, key, config)
@@ -79,7 +127,7 @@ class SparseDense(nn.Dense):
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> from sste_jax.linen import SparseDense
     >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
-    >>> bool(variables["sparsity"]["beta"] == sste_jax.fit_beta(variables["params"]["kernel"]))
+    >>> bool(variables["sparsity"]["beta"].value == sste_jax.fit_beta(variables["params"]["kernel"]))
     True
     """
 
@@ -89,6 +137,24 @@ class SparseDense(nn.Dense):
     @nn.compact
     def __call__(self, inputs: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
         return _sparse_call(self, inputs, self.config, self.beta)
+
+    def forward_weight(self) -> Float[Array, "in out"]:
+        """The forward weight ``W̃`` (β·S(W) for ``"sste"``) of the bound layer, for inspection and export:
+        ``layer.apply(variables, method="forward_weight")``.
+
+        >>> import jax, jax.numpy as jnp
+        >>> layer = SparseDense(4)
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 8)))
+        >>> layer.apply(variables, method="forward_weight").shape
+        (8, 4)
+        """
+        kernel, beta = self.get_variable("params", "kernel"), self.get_variable("sparsity", "beta")
+        if kernel is None or beta is None:
+            missing = [n for n, v in (("params/kernel", kernel), ("sparsity/beta", beta)) if v is None]
+            raise ValueError(
+                f"{'/'.join(self.path) or 'SparseDense'}: the variables lack {missing}; pass the ones init made"
+            )
+        return forward_weight(kernel, nn.unbox(beta), self.config)  # β as init made it: a SparsityBeta box
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
@@ -173,7 +239,7 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
     >>> dense_params = model.init(jax.random.key(0), x)["params"]  # e.g. from a dense checkpoint
     >>> with sparsify_dense(where=all_dense):
     ...     variables = fit_sparsity(model, dense_params, x)
-    >>> sorted(variables), bool(variables["sparsity"]["beta"] > 0)
+    >>> sorted(variables), bool(variables["sparsity"]["beta"].value > 0)
     (['params', 'sparsity'], True)
     """
     _, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["sparsity"], **kwargs)
@@ -183,7 +249,8 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
 def sparse_kernel_mask(variables: Any) -> Any:
     """A boolean tree like ``variables["params"]``: True at the kernels of layers with a β in ``"sparsity"``.
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` on params.
+    Use it as the ``mask`` of `sste_jax.add_srste_decay` (for ``"ste"`` layers: ``"srste"`` layers add
+    that term themselves) or `sste_jax.add_masked_decay` on params.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from sste_jax.linen import SparseDense, sparse_kernel_mask

@@ -6,6 +6,11 @@ moment (``docs/algorithm.md#beta-and-the-optimizer``). β lives in a `SparsityBe
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
 under any other filter).
 
+For inference, `densify_layers` and `compress_layers` swap each sparse layer, in place, for an
+``nnx.Linear`` holding its forward weight or a `CompressedLinear` holding it packed by
+`sste_jax.compress_24`; both ask the layer (``layer.forward_weight()``), so every method, T-SR-STE's
+masked layers included, converts.
+
 MVUE (``SparsityConfig(mvue=True)``) draws its key from an ``nnx.Rngs`` stream forked per layer
 (the ``"sparsity"`` stream, else ``"default"``): every call advances the layer's counter, so keys
 differ across layers and steps, are reproducible from the seed, and live in ``nnx.state(model)``
@@ -31,10 +36,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, ArrayLike, Float, Real
+from flax.nnx.nn.dtypes import promote_dtype
+from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
-from sste_jax._sparsity import fit_beta, initial_beta, transposable_mask_24
+from sste_jax._metrics import sparse_modules
+from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
     "SparsityBeta",
@@ -46,6 +53,11 @@ __all__ = [
     "sparse_kernel_mask",
     "refresh_masks",
     "refit_beta",
+    "Packed24",
+    "CompressedLinear",
+    "compress_layers",
+    "densify_layers",
+    "decompress_layers",
 ]
 
 Path = tuple[Any, ...]
@@ -56,7 +68,8 @@ class SparsityBeta(nnx.Variable):
     """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``.
 
     Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
-    ``sparse_decay``), so that a checkpoint of a model's state knows its layers' methods.
+    ``sparse_decay``, ``sparse_n``, ``sparse_m``), so that a checkpoint of a model's state knows its
+    layers' methods.
 
     >>> from flax import nnx
     >>> import sste_jax
@@ -72,7 +85,7 @@ class SparsityBeta(nnx.Variable):
 def _beta_variable(value, config: SparsityConfig) -> SparsityBeta:
     decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
     return SparsityBeta(value, sparse_method=config.method, sparse_mvue=bool(config.mvue),
-                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay))
+                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay), sparse_n=config.n, sparse_m=config.m)
 
 
 class SparsityMask(nnx.Variable):
@@ -97,7 +110,7 @@ def _initial_beta(kernel: jax.Array, config: SparsityConfig, name: str, beta=Non
     """``beta`` or `fit_beta` of the kernel for ``"sste"`` (raising if it cannot be fitted); 1.0 for the
     other methods, which ignore β."""
     if config.method == "sste":
-        return initial_beta(kernel, 0, name, beta)
+        return initial_beta(kernel, 0, name, beta, n=config.n, m=config.m)
     return jnp.ones((), jnp.float32)
 
 
@@ -174,9 +187,9 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
     """Why ``layer`` cannot become a `SparseLinear` with ``config``, or None."""
     if not isinstance(layer, SparseLinear) and type(layer) is not nnx.Linear:
         return f"{type(layer).__name__} subclasses nnx.Linear; only plain nnx.Linear layers are swapped"
-    if config.sparse and layer.in_features % 4:
+    if config.sparse and layer.in_features % config.m:
         shape = layer.kernel.shape
-        return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by 4"
+        return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by {config.m}"
     if config.method == "tsrste" and layer.out_features % 4:
         shape = layer.kernel.shape
         return f"a transposable mask needs out_features={layer.out_features} (kernel {shape}) divisible by 4 too"
@@ -325,12 +338,14 @@ def sparsify(
     return model
 
 
-def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
-    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers.
+def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[str, ...] | None = None) -> Any:
+    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers
+    (of those whose ``config.method`` is in ``methods``, if given).
 
-    Use it as the ``mask`` of `sste_jax.add_srste_decay` / `sste_jax.add_masked_decay` with
-    ``nnx.Optimizer(model, tx, wrt=wrt)``. Raises for ``method="srste"`` layers, whose backward pass
-    already adds SR-STE's decay (so it cannot be added twice).
+    Use it as the ``mask`` of `sste_jax.add_masked_decay` (``methods=("tsrste",)``), of
+    `sste_jax.add_srste_decay` (``methods=("ste",)``: ``"srste"`` layers add that term themselves), of
+    `sste_jax.scale_by_step`'s ``sparse``, or of a per-layer learning rate, with
+    ``nnx.Optimizer(model, tx, wrt=wrt)``.
 
     >>> from flax import nnx
     >>> import sste_jax
@@ -340,14 +355,8 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param) -> Any:
     >>> bool(mask["layers"][0]["kernel"]), bool(mask["layers"][1]["kernel"])
     (True, False)
     """
-    sparse = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, SparseLinear)}
-    decaying = [_path_str(path) for path, node in sparse.items() if node.config.method in ("srste", "tsrste")]
-    if decaying:
-        raise ValueError(
-            f"layers {decaying} use method='srste' or 'tsrste', which already add their decay in the backward "
-            "pass; use method='ste' layers with the optax transform, or drop the transform"
-        )
-    sparse_paths = set(sparse)
+    sparse_paths = {path for path, node in nnx.iter_graph(model)
+                    if isinstance(node, SparseLinear) and (methods is None or node.config.method in methods)}
     flat = nnx.to_flat_state(nnx.state(model, wrt))
     return nnx.from_flat_state(
         [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
@@ -380,8 +389,9 @@ def refresh_masks(model: nnx.Module) -> int:
     return len(layers)
 
 
-def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_beta) -> int:
-    """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta`); returns the count.
+def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] | None = None) -> int:
+    """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta` with the layer's N:M);
+    returns the count.
 
     β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for
     ablations: another rule at initialisation, or recomputing β during training (the documented failure mode).
@@ -395,5 +405,156 @@ def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] = fit_b
     """
     layers = _layers(model, "sste")
     for layer in layers:
-        layer.beta[...] = jnp.asarray(rule(layer.kernel[...]), jnp.float32)
+        kernel, config = layer.kernel[...], layer.config
+        value = fit_beta(kernel, n=config.n, m=config.m) if rule is None else rule(kernel)
+        layer.beta[...] = jnp.asarray(value, jnp.float32)
     return len(layers)
+
+
+class Packed24(nnx.Variable):
+    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param.
+
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> layer = sparse_nnx.compress_layers(model).layers[0]
+    >>> isinstance(layer.meta, sparse_nnx.Packed24), layer.meta[...].dtype, isinstance(layer.meta, nnx.Param)
+    (True, dtype('uint8'), False)
+    """
+
+
+class CompressedLinear(nnx.Module):
+    """Inference layer holding ``W̃`` as `sste_jax.compress_24` values + metadata: half the weight
+    bytes, plus one uint8 per group of 4. It decompresses once per call (a jitted model folds that
+    into the compiled program) and its output equals the sparse layer's bit for bit (same product,
+    same forward weight).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))
+    >>> layer = CompressedLinear(*sste_jax.compress_24(w))
+    >>> bool(jnp.array_equal(layer(jnp.ones((2, 8))), jnp.ones((2, 8)) @ w)), layer.forward_weight().shape
+    (True, (8, 4))
+    """
+
+    def __init__(
+        self,
+        values: Shaped[Array, "half out"],
+        meta: UInt8[Array, "groups out"],
+        bias: Float[Array, " out"] | None = None,
+        *,
+        fp8: bool = False,
+        dtype: Any = None,
+        promote_dtype: Any = promote_dtype,
+    ):
+        self.values = Packed24(values)
+        self.meta = Packed24(meta)
+        self.bias = nnx.Param(bias) if bias is not None else None
+        self.fp8, self.dtype, self.promote_dtype = fp8, dtype, promote_dtype
+
+    def forward_weight(self) -> Float[Array, "in out"]:
+        """The dense forward weight ``W̃`` (`sste_jax.decompress_24` of the stored data)."""
+        return decompress_24(self.values[...], self.meta[...])
+
+    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
+        kernel = self.forward_weight()
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+        y = sparse_dense(x, kernel, 1.0, config=SparsityConfig(method="dense", fp8=self.fp8))
+        if bias is not None:
+            y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+
+def _dense_linear(layer, kernel: jax.Array) -> nnx.Linear:
+    """An ``nnx.Linear`` like ``layer`` (same dtypes, bias) holding ``kernel``."""
+    linear = nnx.Linear(
+        *kernel.shape,
+        use_bias=layer.bias is not None,
+        dtype=layer.dtype,
+        param_dtype=getattr(layer, "param_dtype", kernel.dtype),
+        precision=getattr(layer, "precision", None),
+        promote_dtype=layer.promote_dtype,
+        rngs=nnx.Rngs(0),
+    )
+    linear.kernel[...] = kernel
+    if layer.bias is not None:
+        linear.bias[...] = layer.bias[...]
+    return linear
+
+
+def _forward_weights(model: nnx.Module) -> list[tuple[Path, nnx.Module, jax.Array]]:
+    """``(path, layer, W̃)`` of every sparse layer, each ``W̃`` from the layer's own ``forward_weight()``
+    (so a layer that keeps a mask, e.g. T-SR-STE's, applies it); raises naming a layer that has none."""
+    out = []
+    for path, layer in sparse_modules(model):
+        if not callable(getattr(layer, "forward_weight", None)):
+            raise TypeError(f"{_path_str(path)}: {type(layer).__name__} has no forward_weight() to export")
+        out.append((path, layer, layer.forward_weight()))
+    return out
+
+
+def densify_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
+    baked in); returns ``model``. The result needs nothing from sste_jax to run.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> dense = sparse_nnx.densify_layers(model)
+    >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
+    ('Linear', True)
+    """
+    for path, layer, w_tilde in _forward_weights(model):
+        _set_child(model, path, _dense_linear(layer, w_tilde))
+    return model
+
+
+def compress_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
+    ``method="dense"`` by an ``nnx.Linear``); returns ``model``.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> compressed = sparse_nnx.compress_layers(model)
+    >>> type(compressed.layers[0]).__name__, bool(jnp.array_equal(compressed(x), y))
+    ('CompressedLinear', True)
+    """
+    for path, layer, w_tilde in _forward_weights(model):
+        if layer.config.sparse:
+            bias = layer.bias[...] if layer.bias is not None else None
+            new = CompressedLinear(
+                *compress_24(w_tilde), bias, fp8=layer.config.fp8, dtype=layer.dtype, promote_dtype=layer.promote_dtype
+            )
+        else:
+            new = _dense_linear(layer, w_tilde)
+        _set_child(model, path, new)
+    return model
+
+
+def decompress_layers(model: nnx.Module) -> nnx.Module:
+    """Replaces, in place, every `CompressedLinear` (except FP8 ones, whose product is FP8) by an
+    ``nnx.Linear`` holding its decompressed weight; returns ``model``. Call it once on a served model
+    (e.g. inside a jitted generation function, before its decoding loop) so the weights are
+    decompressed once, not on every call; the outputs are the same, bit for bit.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = sparse_nnx.compress_layers(nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> served = sparse_nnx.decompress_layers(model)
+    >>> type(served.layers[0]).__name__, bool(jnp.array_equal(served(x), y))
+    ('Linear', True)
+    """
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, CompressedLinear) and not node.fp8:
+            _set_child(model, path, _dense_linear(node, node.forward_weight()))
+    return model

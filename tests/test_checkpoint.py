@@ -405,3 +405,30 @@ def test_parameter_path_specs_record_their_configs(tmp_path):
         checkpoint.CheckpointConfigError, match="spec/mlp/kernel: method='sste' in the checkpoint, 'ste'"
     ):
         checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": ste_spec})
+
+
+def test_linen_variables_record_each_layers_method_and_refuse_a_differently_sparsified_target(tmp_path):
+    from flax import linen as nn
+
+    from sste_jax import linen as sparse_linen
+
+    x_BxI = jnp.ones((2, 8))
+
+    def variables(config, seed):
+        return sparse_linen.SparseDense(4, config=config).init(jax.random.key(seed), x_BxI)
+
+    sste = variables(SparsityConfig(mvue=True), 0)
+    checkpoint.save_checkpoint(tmp_path, 1, sste)
+    record = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
+    assert record["sparsity"]["config"] == {"method": "sste", "mvue": True, "fp8": False}
+    restored = checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=True), 1))
+    assert type(restored["sparsity"]["beta"]) is sparse_linen.SparsityBeta
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(sste)):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    with pytest.raises(checkpoint.CheckpointConfigError, match="method='sste' in the checkpoint, 'ste' in the target"):
+        checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(method="ste", mvue=True), 1))
+    with pytest.raises(checkpoint.CheckpointConfigError, match="mvue=True in the checkpoint, False in the target"):
+        checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(), 1))
+    bare = nn.unbox(variables(SparsityConfig(method="ste"), 1))  # bare arrays: which layers are sparse only
+    assert np.asarray(checkpoint.restore_checkpoint(tmp_path, bare)["sparsity"]["beta"]).tobytes() == np.asarray(
+        sste["sparsity"]["beta"].value).tobytes()

@@ -17,8 +17,14 @@ def _modules(package) -> list[str]:
     )
 
 
+# modules whose examples need an optional extra (``serving``: PyTorch and the file formats)
+_NEEDS = {"sste_jax.serving": ("torch", "safetensors", "compressed_tensors")}
+
+
 @pytest.mark.parametrize("name", _modules(sste_jax) + _modules(experiments))
 def test_module_doctests(name):
+    for package in _NEEDS.get(name, ()):
+        pytest.importorskip(package)
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} doctest examples failed"
 

@@ -40,7 +40,8 @@ def _equal(a, b) -> bool:
 
 def test_a_flipped_byte_is_caught_by_the_checksum_naming_the_array(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _state(1))
-    assert json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["algorithm"] == "crc32"
+    stored = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())
+    assert stored["algorithm"] == "fingerprint64"
     assert _equal(checkpoint.restore_checkpoint(tmp_path, _state(0)), _state(1))
     _flip_a_data_byte(tmp_path / "1")
     with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {tmp_path / '1'} is corrupt: array 'w'"):
@@ -51,7 +52,7 @@ def test_a_tampered_checksum_file_is_an_error(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _state(1))
     file = tmp_path / "1" / "sste_checksums" / "checksums.json"
     sums = json.loads(file.read_text())
-    sums["arrays"]["b"] ^= 1
+    sums["arrays"]["b"] = sums["arrays"]["b"][:-1] + ("0" if sums["arrays"]["b"][-1] != "0" else "1")
     file.write_text(json.dumps(sums))
     with pytest.raises(checkpoint.CheckpointError, match="array 'b' does not match its stored checksum"):
         checkpoint.restore_checkpoint(tmp_path, _state(0))
@@ -212,3 +213,46 @@ def test_checkpoints_and_exports_written_before_checksums_still_load(tmp_path):
     os.remove(tmp_path / "e" / "sste_export.json")
     loaded = checkpoint.load_compressed(tmp_path / "e", _net(1))
     assert type(loaded.mlp.layers[0]) is checkpoint.CompressedLinear
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float8_e4m3fn", "int32", "uint8", "bool", "uint32"])
+def test_every_single_bit_flip_changes_the_fingerprint(dtype):
+    values = jax.random.normal(jax.random.key(1), (2, 3)) * 7
+    a = np.asarray(values > 0 if dtype == "bool" else values.astype(dtype))
+    bits = a.view(np.uint8) if a.dtype != np.bool_ else a.astype(np.uint8)
+    flips = []
+    for byte in range(bits.size):
+        for bit in range(1 if a.dtype == np.bool_ else 8):
+            damaged = bits.copy().reshape(-1)
+            damaged[byte] ^= np.uint8(1 << bit)
+            flips.append(
+                damaged.view(a.dtype).reshape(a.shape) if a.dtype != np.bool_ else damaged.astype(bool).reshape(a.shape)
+            )
+    names = {f"f{i}": f for i, f in enumerate(flips)}
+    sums = checkpoint.fingerprint({"clean": a, **names})
+    assert all(sums[n] != sums["clean"] for n in names)
+    assert len(set(sums.values())) == len(flips) + 1  # distinct damages give distinct sums here, too
+
+
+def test_the_fingerprint_does_not_depend_on_the_sharding():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    w = jax.random.normal(jax.random.key(0), (64, 32))
+    mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    layouts = [jax.device_put(w, NamedSharding(mesh, spec)) for spec in (P("a", "b"), P(None, "a"), P())]
+    want = checkpoint.fingerprint({"w": np.asarray(w)})
+    assert all(checkpoint.fingerprint({"w": x}) == want for x in layouts)
+    assert checkpoint.fingerprint({"w": w.T})["w"] != want["w"]  # same values, other positions
+
+
+def test_checkpoints_with_crc32_checksums_still_verify(tmp_path):
+    checkpoint.save_checkpoint(tmp_path, 1, _state(1))
+    file = tmp_path / "1" / "sste_checksums" / "checksums.json"
+    record = json.loads(file.read_text())
+    record.update(algorithm="crc32", arrays={n: checkpoint._crc32(np.asarray(a)) for n, a in _state(1).items()})
+    file.write_text(json.dumps(record))
+    assert _equal(checkpoint.restore_checkpoint(tmp_path, _state(0)), _state(1))
+    _flip_a_data_byte(tmp_path / "1")
+    with pytest.raises(checkpoint.CheckpointError, match="array 'w' does not match its stored checksum"):
+        checkpoint.restore_checkpoint(tmp_path, _state(0))

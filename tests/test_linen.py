@@ -57,7 +57,8 @@ def test_sparse_dense_has_dense_param_tree_and_frozen_beta():
     dense_vars = nn.Dense(4).init(jax.random.key(0), x_BxI)
     variables = sparse_linen.SparseDense(4).init(jax.random.key(0), x_BxI)
     chex.assert_trees_all_equal(variables["params"], dense_vars["params"])
-    beta = variables["sparsity"]["beta"]
+    beta = variables["sparsity"]["beta"].value  # a SparsityBeta box naming the layer's method
+    assert variables["sparsity"]["beta"].sparse_method == "sste"
     assert np.asarray(beta).tobytes() == np.asarray(sste_jax.fit_beta(variables["params"]["kernel"])).tobytes()
     y = sparse_linen.SparseDense(4).apply(variables, x_BxI)
     want = sste_jax.sparse_dense(x_BxI, variables["params"]["kernel"], beta) + variables["params"]["bias"][None]
@@ -85,7 +86,7 @@ def test_sparsify_dense_intercepts_the_feed_forward_layers_of_an_unmodified_mode
     for block in ("block_0", "block_1"):
         for name in ("fc", "proj"):
             layer = baked[block]["mlp"][name]
-            beta = variables["sparsity"][block]["mlp"][name]["beta"]
+            beta = nn.unbox(variables["sparsity"][block]["mlp"][name]["beta"])
             assert np.asarray(beta).tobytes() == np.asarray(sste_jax.fit_beta(layer["kernel"])).tobytes()
             layer["kernel"] = sste_jax.forward_weight(layer["kernel"], beta, SparsityConfig())
     dense_apply = jax.jit(model.apply)
@@ -131,7 +132,7 @@ def test_training_an_intercepted_model_keeps_beta_and_24():
     for block in ("block_0", "block_1"):
         for name in ("fc", "proj"):
             kernel = variables["params"][block]["mlp"][name]["kernel"]
-            beta = variables["sparsity"][block]["mlp"][name]["beta"]
+            beta = nn.unbox(variables["sparsity"][block]["mlp"][name]["beta"])
             assert _is_24(sste_jax.forward_weight(kernel, beta, SparsityConfig()))
     mask = sparse_linen.sparse_kernel_mask(variables)
     assert mask["block_0"]["mlp"]["fc"]["kernel"] and not mask["block_0"]["proj"]["kernel"]
@@ -161,16 +162,16 @@ def test_init_refuses_a_kernel_whose_beta_cannot_be_fitted():
     with pytest.raises(ValueError, match=r"SparseDense.*all zero.*load the weights first, or pass beta"):
         layer.init(jax.random.key(0), x)
     assert float(sparse_linen.SparseDense(4, kernel_init=nn.initializers.zeros, beta=1.5).init(
-        jax.random.key(0), x)["sparsity"]["beta"]) == 1.5
+        jax.random.key(0), x)["sparsity"]["beta"].value) == 1.5
     # Traced init cannot raise: β is NaN, never a silent 1.0.
-    assert np.isnan(float(jax.jit(layer.init)(jax.random.key(0), x)["sparsity"]["beta"]))
+    assert np.isnan(float(jax.jit(layer.init)(jax.random.key(0), x)["sparsity"]["beta"].value))
     model = nn.Sequential([nn.Dense(8, kernel_init=nn.initializers.zeros), nn.Dense(4)])
     with sparse_linen.sparsify_dense(where=sparse_linen.all_dense):
         with pytest.raises(ValueError, match="layers_0.*all zero"):
             model.init(jax.random.key(0), x)
     with sparse_linen.sparsify_dense(where=sparse_linen.all_dense, beta=1.25):
         v = model.init(jax.random.key(0), x)
-    assert float(v["sparsity"]["layers_0"]["beta"]) == 1.25
+    assert float(v["sparsity"]["layers_0"]["beta"].value) == 1.25
 
 
 def test_fit_sparsity_refuses_non_finite_weights():

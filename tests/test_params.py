@@ -131,7 +131,7 @@ def test_matches_layer_path_on_dense_model(method):
         variables = fit_sparsity(model, params, x_BxD)
     for layer in ("fc1", "fc2"):
         s = spec[f"{layer}/kernel"]
-        np.testing.assert_array_equal(s.beta, variables["sparsity"][layer]["beta"])
+        np.testing.assert_array_equal(s.beta, nn.unbox(variables["sparsity"][layer]["beta"]))
         np.testing.assert_array_equal(
             sste_jax.apply_sparsity(params, spec)[layer]["kernel"],
             sste_jax.forward_weight(params[layer]["kernel"], s.beta, config),

@@ -191,3 +191,19 @@ def test_nnx_model_with_group_splitting_sharding_names_the_layer():
     _shard_kernels(model, _mesh((8,), ("fsdp",)), P("fsdp", None))
     with pytest.raises(ValueError, match=r"layer 'fc1'.*\(16, 64\).*\(2, 64\)"):
         sste_jax.check_sharding(sste_jax.sparse_weights(model))
+
+
+def test_mvue_on_a_sharded_gradient_equals_the_unsharded_and_differs_across_shards():
+    # The MVUE key is one replicated value per layer and step; each random draw is indexed by its
+    # position in the global array, so the samples do not depend on the sharding, and identical rows
+    # on different data shards are sampled independently.
+    row = jax.random.normal(jax.random.key(3), (1, 64))
+    g_TxO = jnp.tile(row, (32, 1))  # every token has the same gradient row
+    key = jax.random.key(7)
+    sample = jax.jit(lambda k, g: sste_jax.mvue_24(k, g, axis=0))
+    want = np.asarray(sample(key, g_TxO))
+    mesh = _mesh((8,), ("data",))
+    sharded = sample(key, jax.device_put(g_TxO, NamedSharding(mesh, P("data", None))))
+    np.testing.assert_array_equal(np.asarray(sharded), want)
+    shards = [np.asarray(s.data) for s in sharded.addressable_shards]
+    assert len(shards) == 8 and not any(np.array_equal(shards[0], s) for s in shards[1:])

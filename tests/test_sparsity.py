@@ -203,10 +203,35 @@ def test_transposable_mask_matches_brute_force(dtype):
             best = max((block * p).sum() for p in patterns)
             np.testing.assert_allclose((block * m[r : r + 4, c : c + 4]).sum(), best, rtol=1e-12)
 
-def test_transposable_mask_with_ties():
-    w = np.ones((4, 4), np.float32)
-    m = np.asarray(sste_jax.transposable_mask_24(jnp.asarray(w)))
-    assert (m.sum(0) == 2).all() and (m.sum(1) == 2).all()
+
+def ref_transposable_authors(w):
+    """T-SR-STE's authors' choice per 4x4 block of an (in, out) kernel: their weight is (out, in), their
+    90 patterns run in descending order of the 16 entries read row by row (as a 16-bit number), and
+    the first maximum of the score wins."""
+    codes = [c for c in range(2**16 - 1, -1, -1)
+             if ((p := np.array([(c >> (15 - k)) & 1 for k in range(16)]).reshape(4, 4)).sum(0) == 2).all()
+             and (p.sum(1) == 2).all()]
+    pats = [np.array([(c >> (15 - k)) & 1 for k in range(16)]).reshape(4, 4) for c in codes]
+    assert len(pats) == 90
+    theirs = np.abs(np.asarray(w, np.float64)).T  # (out, in)
+    out = np.zeros(theirs.shape, bool)
+    for r in range(0, theirs.shape[0], 4):
+        for c in range(0, theirs.shape[1], 4):
+            scores = [(theirs[r : r + 4, c : c + 4] * p).sum() for p in pats]
+            out[r : r + 4, c : c + 4] = pats[scores.index(max(scores))] > 0
+    return out.T
+
+
+def test_transposable_mask_ties_follow_the_authors_order():
+    # small integers: every score is exact, so ties are real ties; 512 blocks with many of them
+    w = np.random.default_rng(11).integers(0, 3, (64, 128)).astype(np.float32)
+    w *= np.random.default_rng(12).choice([-1.0, 1.0], w.shape).astype(np.float32)
+    got = np.asarray(sste_jax.transposable_mask_24(jnp.asarray(w)))
+    np.testing.assert_array_equal(got, ref_transposable_authors(w))
+    # the kernel's orientation matters on ties (their rows are our columns)
+    assert not np.array_equal(got, ref_transposable_authors(w.T).T)
+    zero = np.asarray(sste_jax.transposable_mask_24(jnp.zeros((4, 4), jnp.float32)))
+    np.testing.assert_array_equal(zero.astype(int), [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
 
 # ---------------------------------------------------------------- layout convention
 
@@ -598,3 +623,71 @@ def test_decompress_validates_meta_bytes():
         np.testing.assert_array_equal(out[:4], want[:4])
     np.testing.assert_array_equal(np.asarray(jax.jit(sste_jax.decompress_24)(values, meta)),
                                   np.asarray(sste_jax.hard_threshold_24(w)))
+
+
+# ---------------------------------------------------------------- N:M
+
+
+def ref_nm(w, n, m, axis):
+    """Per group of m consecutive entries along axis: the top-n mask (ties: higher index) and the soft
+    threshold by the (n+1)-th largest magnitude, in w's dtype (one rounding of |a| − t, as the rule)."""
+    moved = np.moveaxis(np.asarray(w), axis, -1)
+    mask, soft = np.zeros(moved.shape, bool), np.zeros(moved.shape, moved.dtype)
+    for idx in np.ndindex(moved.shape[:-1]):
+        for g in range(moved.shape[-1] // m):
+            a = moved[idx][g * m : (g + 1) * m]
+            order = sorted(range(m), key=lambda k: (abs(a[k]), k), reverse=True)
+            for k in order[:n]:
+                mask[idx + (g * m + k,)] = True
+            t = sorted(np.abs(a), reverse=True)[n]
+            soft[idx][g * m : (g + 1) * m] = np.sign(a) * np.maximum(np.abs(a) - t, np.zeros((), a.dtype))
+    return np.moveaxis(mask, -1, axis), np.moveaxis(soft, -1, axis)
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 8), (1, 2), (3, 8), (4, 8)])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_nm_mask_and_soft_threshold_match_reference(n, m, axis):
+    w = _rand((16, 8), np.float32, seed=21)
+    w[:, 0] = np.round(w[:, 0])  # integers: ties inside groups along both axes
+    w[0, :] = np.round(w[0, :])
+    mask = np.asarray(sste_jax.mask_nm(jnp.asarray(w), n, m, axis))
+    soft = np.asarray(sste_jax.soft_threshold_nm(jnp.asarray(w), n, m, axis))
+    ref_mask, ref_soft = ref_nm(w, n, m, axis)
+    np.testing.assert_array_equal(mask, ref_mask)
+    np.testing.assert_array_equal(soft, ref_soft)
+    hard = np.asarray(sste_jax.hard_threshold_nm(jnp.asarray(w), n, m, axis))
+    np.testing.assert_array_equal(hard, np.where(ref_mask, w, 0.0))
+    counts = np.moveaxis(mask, axis, -1).reshape(-1, m).sum(-1)
+    assert (counts == n).all()
+
+
+def test_nm_24_is_the_24_functions():
+    w = jnp.asarray(_rand((8, 12), np.float32, seed=22))
+    np.testing.assert_array_equal(sste_jax.mask_nm(w, 2, 4), sste_jax.mask_24(w))
+    np.testing.assert_array_equal(sste_jax.soft_threshold_nm(w, 2, 4), sste_jax.soft_threshold_24(w))
+    assert float(sste_jax.fit_beta(w, n=2, m=4)) == float(sste_jax.fit_beta(w))
+
+
+@pytest.mark.parametrize("n,m", [(1, 4), (2, 8)])
+def test_nm_fit_beta_is_the_least_squares_scale(n, m):
+    w = _rand((16, 8), np.float32, seed=23)
+    s = ref_nm(w, n, m, 0)[1].astype(np.float64)
+    want = (w.astype(np.float64) * s).sum() / (s * s).sum()
+    assert float(sste_jax.fit_beta(jnp.asarray(w), n=n, m=m)) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.outside_annotations
+def test_nm_bad_input():
+    w = jnp.ones((12, 4), jnp.float32)
+    with pytest.raises(
+        ValueError, match=r"N:M groups of 8 need the length of axis 0 to be divisible by 8; got shape \(12, 4\)"
+    ):
+        sste_jax.mask_nm(w, 2, 8)
+    with pytest.raises(ValueError, match="need 1 <= n < m, got n=4, m=4"):
+        sste_jax.soft_threshold_nm(w, 4, 4)
+    with pytest.raises(ValueError, match="need 1 <= n < m, got n=0, m=4"):
+        sste_jax.mask_nm(w, 0, 4)
+    with pytest.raises(TypeError, match="m must be an int, got 4.0"):
+        sste_jax.mask_nm(w, 2, 4.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        sste_jax.mask_nm(jnp.ones((8, 4), jnp.int32), 1, 8)

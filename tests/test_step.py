@@ -1,4 +1,5 @@
 import doctest
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,14 +13,14 @@ from sste_jax._step import StepState, scale_by_step
 
 
 def _run(tx, grads):
-    """Feeds the gradients in order; returns the updates and states after each step."""
-    params = {"w": jnp.zeros_like(grads[0])}
-    state = tx.init(params)
+    """Feeds the gradients (dicts of arrays, or arrays for a single leaf ``w``) in order."""
+    grads = [g if isinstance(g, dict) else {"w": g} for g in grads]
+    state = tx.init(jax.tree.map(jnp.zeros_like, grads[0]))
     update = jax.jit(tx.update)
     outs, states = [], []
     for g in grads:
-        u, state = update({"w": g}, state)
-        outs.append(u["w"])
+        u, state = update(g, state)
+        outs.append(u)
         states.append(state)
     return outs, states
 
@@ -30,39 +31,92 @@ def _switch_step(states) -> int:
     return flags.index(True) + 1 if any(flags) else -1
 
 
-def test_switches_when_constructed_v_settles():
-    # b2=0 makes v_t = g_t²: |Δv| is 4, then 3 while g alternates 2, 1, ..., then 0 from step 11 on
-    g = [2.0 if t % 2 else 1.0 for t in range(1, 11)] + [1.0] * 10
-    grads = [jnp.full((3, 4), x) for x in g]
-    _, states = _run(scale_by_step(b2=0.0, threshold=0.5, window=3, min_steps=1, max_steps=1000), grads)
-    assert _switch_step(states) == 13  # the first window of three zero records: steps 11, 12, 13
-    assert int(states[-1].switch_step) == 13
+def _reference(grads, sparse, b1, b2, eps, t_min, t_max, option):
+    """The authors' AdamW_STEP (lr 1, no weight decay) in NumPy, float64: the update added to each
+    parameter per step and the step at whose end it switched (-1 if never)."""
+    t_omega = int(1 / (1 - b2))
+    m = {k: np.zeros_like(v, np.float64) for k, v in grads[0].items()}
+    v = {k: np.zeros_like(x) for k, x in m.items()}
+    frozen, window, mode, switched_at, deltas = {}, [], "dense", -1, []
+    for t, g in enumerate(grads, start=1):
+        changes, delta = [], {}
+        for k in g:
+            gk = np.asarray(g[k], np.float64)
+            last = v[k].copy()
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            if k in sparse and mode == "dense":
+                changes.append((v[k] - last).ravel())
+            if k in sparse and mode == "sparse":
+                denom = np.sqrt(frozen[k]) + math.sqrt(eps) * math.sqrt(math.sqrt(eps))
+            else:
+                denom = np.sqrt(v[k]) / math.sqrt(1 - b2**t) + eps
+            delta[k] = -(m[k] / (1 - b1**t)) / denom
+        deltas.append(delta)
+        if mode == "dense":
+            c = np.abs(np.concatenate(changes))
+            window.append(c.mean() if option == 1 else np.exp(np.mean(np.log(c))))
+            window = window[-t_omega:]
+            if t > t_max or (np.mean(window) < eps and t > t_min):
+                mode, switched_at = "sparse", t
+                frozen = {k: v[k].copy() for k in sparse}
+    return deltas, switched_at
 
 
-def test_switch_step_matches_analytic_v_with_constant_gradient():
-    # constant g: v_t = g²(1 − b2^t), so |Δv_t| = g²(1 − b2) b2^(t−1)
-    b2, window, threshold, g = 0.9, 4, 1e-3, 1.5
-    t = np.arange(1, 200)
-    dv = g**2 * (1 - b2) * b2 ** (t - 1)
-    means = np.array([dv[max(0, i - window + 1): i + 1].mean() if i + 1 >= window else np.inf for i in range(len(t))])
-    expected = int(t[np.argmax(means < threshold)])
-    grads = [jnp.full((8,), g)] * 120
-    _, states = _run(scale_by_step(b2=b2, threshold=threshold, window=window, min_steps=1, max_steps=1000), grads)
-    assert 10 < expected < 120
-    assert _switch_step(states) == expected
+def _settling_grads(steps, key):
+    """Sparse weight ``w``: gradients whose scale shrinks geometrically (v settles); dense leaf
+    ``emb``: large noisy gradients (its v never settles)."""
+    kw, ke = jax.random.split(key)
+    w = np.asarray(jax.random.normal(kw, (steps, 8, 4))) * (0.7 ** np.arange(steps))[:, None, None]
+    e = 3.0 * np.asarray(jax.random.normal(ke, (steps, 6)))
+    return [{"w": w[i].astype(np.float32), "emb": e[i].astype(np.float32)} for i in range(steps)]
 
 
-def test_min_steps_delays_a_settled_switch():
-    grads = [jnp.ones((4,))] * 30  # b2=0: |Δv| is 1 at step 1, then 0
-    _, states = _run(scale_by_step(b2=0.0, threshold=0.1, window=2, min_steps=20, max_steps=1000), grads)
-    assert _switch_step(states) == 20
+@pytest.mark.parametrize("statistic,option", [("mean", 1), ("geometric", 2)])
+def test_matches_the_authors_optimizer_through_the_switch(statistic, option):
+    b1, b2, eps, t_min, t_max, steps = 0.9, 0.9, 3e-3, 5, 40, 45
+    grads = _settling_grads(steps, jax.random.key(0))
+    ref, ref_switch = _reference(grads, {"w"}, b1, b2, eps, t_min, t_max, option)
+    tx = scale_by_step(b1, b2, eps, sparse={"w": True, "emb": False}, min_steps=t_min, max_steps=t_max,
+                       statistic=statistic)
+    outs, states = _run(tx, grads)
+    assert t_min < ref_switch < steps - 5  # the threshold fires, well before T_max, with steps to compare after
+    assert _switch_step(states) == ref_switch
+    for ours, theirs in zip(outs, ref):
+        for k in ("w", "emb"):
+            np.testing.assert_allclose(-np.asarray(ours[k]), theirs[k], rtol=2e-5, atol=1e-7)
 
 
-def test_max_steps_fallback():
-    key = jax.random.key(0)
-    grads = list(jax.random.normal(key, (40, 16)))  # noisy: never below a zero threshold
-    _, states = _run(scale_by_step(threshold=0.0, window=5, min_steps=1, max_steps=25), grads)
-    assert _switch_step(states) == 25
+def test_window_is_int_of_one_over_one_minus_b2():
+    # the authors' int(1/(1 − b2)) truncates the float: 0.95 gives 19, not 20
+    assert scale_by_step(b2=0.9).init({"w": jnp.zeros(2)}).diffs.shape == (10,)
+    assert scale_by_step(b2=0.95).init({"w": jnp.zeros(2)}).diffs.shape == (19,)
+
+
+def test_statistic_counts_the_sparse_weights_only():
+    grads = _settling_grads(45, jax.random.key(1))
+    kw = {"b1": 0.9, "b2": 0.9, "eps": 3e-3, "min_steps": 5, "max_steps": 1000}
+    _, sparse_only = _run(scale_by_step(sparse={"w": True, "emb": False}, **kw), grads)
+    _, everything = _run(scale_by_step(**kw), grads)
+    assert 5 < _switch_step(sparse_only) < 45
+    assert _switch_step(everything) == -1  # the noisy dense leaf keeps the mean of all |Δv| high
+
+
+def test_partial_window_and_strict_min_steps():
+    # b2 = 0.5: window 2. g = 1 then 0: v = 0.5, 0.25, ...; Z = 0.5, 0.25, 0.125, ...
+    grads = [jnp.ones((4,))] + [jnp.zeros((4,))] * 9
+    _, states = _run(scale_by_step(b2=0.5, threshold=0.4, min_steps=1), grads)
+    # step 1: the one-record window 0.5 is not below 0.4; step 2: mean(0.5, 0.25) = 0.375 < 0.4 and 2 > 1
+    assert _switch_step(states) == 2
+    np.testing.assert_allclose(float(sste_jax.step_v_change(states[0])), 0.5)
+    _, states = _run(scale_by_step(b2=0.5, threshold=0.4, min_steps=2), grads)
+    assert _switch_step(states) == 3  # t > T_min is strict
+
+
+def test_max_steps_is_strict():
+    grads = list(jax.random.normal(jax.random.key(0), (40, 16)))  # noisy: never below a zero threshold
+    _, states = _run(scale_by_step(threshold=0.0, min_steps=1, max_steps=25), grads)
+    assert _switch_step(states) == 26
 
 
 def test_matches_adam_before_the_switch():
@@ -70,29 +124,26 @@ def test_matches_adam_before_the_switch():
     outs, states = _run(scale_by_step(b1=0.9, b2=0.99, threshold=0.0, max_steps=100), grads)
     ref, _ = _run(optax.scale_by_adam(b1=0.9, b2=0.99), grads)
     assert not bool(sste_jax.step_switched(states[-1]))
-    np.testing.assert_allclose(np.stack(outs), np.stack(ref), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.stack([o["w"] for o in outs]), np.stack([r["w"] for r in ref]), rtol=1e-5, atol=1e-7)
 
 
-def test_variance_is_frozen_after_the_switch():
+def test_variance_is_frozen_uncorrected_after_the_switch():
     b1, b2, eps, k = 0.9, 0.99, 1e-8, 10
     key1, key2 = jax.random.split(jax.random.key(2))
     grads = list(jax.random.normal(key1, (k, 6))) + list(100.0 * jax.random.normal(key2, (5, 6)))
-    outs, states = _run(scale_by_step(b1, b2, eps, threshold=0.0, min_steps=1, max_steps=k), grads)
+    outs, states = _run(scale_by_step(b1, b2, eps, threshold=0.0, max_steps=k - 1), grads)
     assert _switch_step(states) == k
     nu_k = states[k - 1].nu["w"]
     for i in range(k, len(grads)):
         np.testing.assert_array_equal(states[i].nu["w"], nu_k)
-        t = i + 1
-        m_hat = states[i].mu["w"] / (1 - b1**t)
-        v_hat = nu_k / (1 - b2**k)  # the bias correction is frozen with v
-        np.testing.assert_allclose(outs[i], m_hat / (jnp.sqrt(v_hat) + eps), rtol=1e-5)
-    # the huge late gradients would have moved a live v by orders of magnitude
+        m_hat = states[i].mu["w"] / (1 - b1 ** (i + 1))
+        np.testing.assert_allclose(outs[i]["w"], m_hat / (jnp.sqrt(nu_k) + eps**0.75), rtol=1e-5)
     assert float(jnp.max(states[-1].mu["w"] ** 2)) > 100 * float(jnp.max(nu_k))
 
 
 def test_step_adam_with_freeze_beta_and_helper():
     params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.3)}}
-    tx = sste_jax.freeze_beta(sste_jax.step_adam(0.1, threshold=0.0, min_steps=1, max_steps=3))
+    tx = sste_jax.freeze_beta(sste_jax.step_adam(0.1, threshold=0.0, max_steps=2))
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update(params, state, params)
@@ -102,10 +153,27 @@ def test_step_adam_with_freeze_beta_and_helper():
         sste_jax.step_switched(optax.adam(0.1).init(params))
 
 
-@pytest.mark.parametrize("kw", [{"window": 0}, {"min_steps": 0}, {"max_steps": 0}, {"threshold": -1.0}])
+def test_sparse_mask_inside_freeze_beta():
+    params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.3)}, "emb": jnp.ones((3,))}
+    sparse = {"fc": {"kernel": True, "beta": False}, "emb": False}
+    tx = sste_jax.freeze_beta(sste_jax.step_adam(0.1, sparse=sparse, threshold=0.0, max_steps=1))
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = tx.update(params, state, params)
+    assert bool(sste_jax.step_switched(state))
+
+
+@pytest.mark.outside_annotations
+@pytest.mark.parametrize("kw", [{"min_steps": -1}, {"max_steps": 1.5}, {"threshold": -1.0}, {"b2": 1.0},
+                                {"statistic": "median"}])
 def test_bad_settings_raise(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         scale_by_step(**kw)
+
+
+def test_a_mask_selecting_nothing_raises():
+    with pytest.raises(ValueError, match="selects no parameter"):
+        scale_by_step(sparse={"w": False}).init({"w": jnp.zeros(2)})
 
 
 def test_state_is_a_namedtuple_with_switched():

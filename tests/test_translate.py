@@ -15,7 +15,7 @@ from experiments.translation.seq2seq import PAD
 
 METHODS = ("dense", "srste", "step", "sste")
 SPARSE = ("srste", "step", "sste")
-FORCE_SWITCH = ("switch_threshold=0", "switch_min=0.125", "switch_max=0.25")  # STEP switches after step 2 of 8
+FORCE_SWITCH = ("switch_threshold=0", "switch_min=0.125", "switch_max=0.125")  # t > 1: STEP switches after step 2 of 8
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,12 @@ evaluation); the run's identity is a `Run`. `fit` then:
   with a warning naming it): batches are a function of the step, and the checkpoint holds the
   parameters, the layers' state (β, masks, MVUE key counters), the optimizer and the flip masks.
 
+Several processes (`experiments.common.distributed`) run the same loop on one global mesh: the
+state is sharded, each process feeds its own rows of every batch, process 0 alone writes
+``run.json`` and the metrics, and every process writes its shards of each checkpoint. A signal
+to any process stops all of them at the same step: it is noted at once and acted on at the next
+logging step, where the processes agree (one small collective) to save and stop together.
+
 Records: see `experiments.common.records`.
 """
 
@@ -44,6 +50,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import sste_jax
+from experiments.common import distributed
 from experiments.common.config import Config, differing_fields, identity_hash
 from experiments.common.recipes import Recipe, get_recipe, make_optimizer
 from experiments.common.records import append_record, keep_until, read_records
@@ -167,9 +174,15 @@ def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> dict:
             "flip": sste_jax.init_flip_state(sste_jax.sparse_weights(model)), "step": jnp.zeros((), jnp.int32)}
 
 
+@jax.jit(static_argnums=0)
+def _sparsity_stats(graphdef, variables):
+    return sste_jax.sparsity_stats(sste_jax.sparse_weights(nnx.merge(graphdef, variables)))
+
+
 def layer_stats(model: nnx.Module) -> dict[str, float]:
-    """Per sparse layer: β, zero fraction and relative error of the forward weights; their means."""
-    stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.sparse_weights(model)))
+    """Per sparse layer: β, zero fraction and relative error of the forward weights; their means.
+    One jitted computation (so sharded weights on several processes reduce in one program)."""
+    stats = sste_jax.to_host(_sparsity_stats(*nnx.split(model)))
     for name in ("beta", "zero_fraction"):
         values = [v for k, v in stats.items() if k.startswith(name + "/")]
         stats[f"{name}_mean"] = float(np.mean(values)) if values else float("nan")
@@ -243,9 +256,10 @@ def _finite(record: dict) -> bool:
 
 
 def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *, resume: bool = False,
-        until: int | None = None, progress: bool = True) -> dict:
+        until: int | None = None, progress: bool = True, mesh: jax.sharding.Mesh | None = None) -> dict:
     """Trains ``model`` (built and sparsified for ``run``) for ``run.config.optim.steps`` steps, or up
-    to ``until``, in ``workdir``; returns the final training state. See the module docstring."""
+    to ``until``, in ``workdir``; returns the final training state, laid on ``mesh`` (default:
+    `distributed.make_mesh`). See the module docstring."""
     cfg, loop = run.config, run.config.loop
     steps = cfg.optim.steps
     if until is not None and not 1 <= until:
@@ -253,8 +267,10 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     workdir = pathlib.Path(workdir)
     ckpt_dir, metrics_path = workdir / "ckpt", workdir / "metrics.jsonl"
     _check_workdir(workdir, run, resume)
+    main, several = distributed.is_main(), jax.process_count() > 1
+    distributed.barrier("checked the work directory")  # before process 0 writes into it
     workdir.mkdir(parents=True, exist_ok=True)
-    if not (workdir / "run.json").exists():
+    if main and not (workdir / "run.json").exists():
         info = {"identity": run.identity(), "hash": identity_hash(run.identity()), "git_commit": _git_commit()}
         tmp = workdir / "run.json.tmp"
         tmp.write_text(json.dumps(info, indent=1) + "\n")
@@ -264,20 +280,25 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     schedule = Schedule(model, recipe, steps)
     tx = make_optimizer(cfg.optim, model, recipe, run.sparse_lr_scale)
     train_step = make_train_step(task.loss_fn, schedule, tx)
-    state = initial_state(model, tx)
+    mesh = mesh if mesh is not None else distributed.make_mesh()
+    state = distributed.place(initial_state(model, tx), mesh)
+    sste_jax.check_sharding(sste_jax.sparse_weights(schedule.model(state)))
     if resume and checkpoint.checkpoint_steps(ckpt_dir):
         with warnings.catch_warnings(record=True) as skipped:
             warnings.simplefilter("always")
             restored, state = checkpoint.restore_latest(ckpt_dir, state)
         for w in skipped:
             print(f"warning: {w.message}", file=sys.stderr)
-        for newer in (p for p in ckpt_dir.iterdir() if p.name.isdigit() and int(p.name) > restored):
+        distributed.barrier("restored")  # every process read the newer steps before they move
+        for newer in (p for p in ckpt_dir.iterdir() if main and p.name.isdigit() and int(p.name) > restored):
             newer.rename(newer.with_name(f"{newer.name}.damaged"))  # kept for inspection, never restored
             print(f"warning: moved the damaged checkpoint {newer} to {newer.name}.damaged", file=sys.stderr)
     start = int(state["step"])
     if start >= steps and metrics_path.exists() and any(r.get("kind") == "final" for r in read_records(metrics_path)):
         return state
-    keep_until(metrics_path, start)
+    if main:
+        keep_until(metrics_path, start)
+    record = append_record if main else lambda path, rec: None  # process 0 writes the metrics
     tag = {"method": run.method, "seed": run.seed}
     stop = steps if until is None else min(steps, until)
 
@@ -288,48 +309,55 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         """Writes the train record of the pending steps; raises NonFiniteError if it is not finite."""
         logged = jax.device_get(pending)
         now = time.perf_counter()
-        record = {
+        train = {
             **tag,
             "step": step,
             "kind": "train",
             **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]},
             "steps_per_s": len(logged) / max(now - clock["tick"] - clock["paused"], 1e-9),
         }
-        append_record(metrics_path, record)
+        record(metrics_path, train)
         pending.clear()
-        clock.update(tick=now, paused=0.0, last_train=record)
-        if not _finite(record):
+        clock.update(tick=now, paused=0.0, last_train=train)
+        if not _finite(train):
             kept = checkpoint.checkpoint_steps(ckpt_dir)
             raise NonFiniteError(
-                f"{workdir}: step {step}: train_loss={record['train_loss']}, grad_norm={record['grad_norm']}. "
+                f"{workdir}: step {step}: train_loss={train['train_loss']}, grad_norm={train['grad_norm']}. "
                 f"Stopped without saving; the newest checkpoint ({kept[-1] if kept else 'none'}) holds the last "
                 f"finite state. Lower the learning rate or check the data, then --resume.")
-        return record
+        return train
 
     def evaluate(step):
         began = time.perf_counter()
         current = schedule.model(state)
-        record = {**tag, "step": step, "kind": "eval", **task.evaluate(current), **layer_stats(current)}
+        ev = {**tag, "step": step, "kind": "eval", **task.evaluate(current), **layer_stats(current)}
         if task.eval_dense_w and recipe.config.method == "sste":
-            record.update({f"{k}_dense_w": v for k, v in task.evaluate(schedule.model(state, dense_w=True)).items()})
-        append_record(metrics_path, record)
+            ev.update({f"{k}_dense_w": v for k, v in task.evaluate(schedule.model(state, dense_w=True)).items()})
+        record(metrics_path, ev)
         clock["paused"] += time.perf_counter() - began
-        return record
+        return ev
 
     pending: list = []
     clock = {"tick": time.perf_counter(), "paused": 0.0, "last_train": {}}
     began, last_eval, last_saved = time.perf_counter(), {}, start
-    bar = tqdm(total=stop, initial=start, disable=not progress, desc=f"{run.method} s{run.seed}", dynamic_ncols=True)
+    bar = tqdm(total=stop, initial=start, disable=not (progress and main), desc=f"{run.method} s{run.seed}",
+               dynamic_ncols=True)
+    signalled: list[str] = []  # several processes: a signal is noted here and acted on at the next log step
+
+    def note(signum, frame):
+        signalled.append(signal.Signals(signum).name)
+
     try:
-        with _signals(_interrupt):
+        with _signals(note if several else _interrupt):
             for step in range(start + 1, stop + 1):
-                state, metrics = train_step(state, *task.batch_at(step - 1))
+                state, metrics = train_step(state, *distributed.global_batch(mesh, task.batch_at(step - 1)))
                 pending.append(metrics)
                 bar.update()
                 is_ckpt = step % loop.ckpt_every == 0 or step == stop
                 if step % loop.log_every == 0 or is_ckpt or step == stop:
-                    record = flush(step)
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}")
+                    bar.set_postfix(loss=f"{flush(step)['train_loss']:.3f}")
+                    if several and distributed.any_process(bool(signalled)):
+                        raise KeyboardInterrupt(signalled[0] if signalled else "another process was signalled")
                 if step % loop.eval_every == 0 or step == steps:
                     last_eval = evaluate(step)
                 if is_ckpt:
@@ -351,7 +379,7 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     bar.close()
     if stop == steps:
         final_model = schedule.model(state)
-        append_record(metrics_path, {
+        record(metrics_path, {
             **tag, "step": steps, "kind": "final", "steps": steps,
             "train_loss": clock["last_train"].get("train_loss", float("nan")),
             **{k: v for k, v in last_eval.items() if k not in ("method", "seed", "step", "kind")},

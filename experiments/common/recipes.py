@@ -35,18 +35,22 @@ class Recipe:
       optimizer: ``"adamw"``, or ``"step"``: `sste_jax.scale_by_step` in place of Adam's scaling, whose
         switch turns the layers into ``then`` from the next step on.
       then: STEP's second-phase layers (hard 2:4 STE).
-      dense_finish: the last fraction of the steps is trained with dense layers (T-SR-STE's "DF").
+      dense_finish: the last fraction of the steps is trained with dense layers (T-SR-STE's "DF": its
+        authors' last 1/6, steps 250k to 300k).
       mask_refresh: ``"tsrste"``: steps between `sste_jax.nnx.refresh_masks` (40, as its authors).
       beta_rule: ``"sste"`` β at sparsification: ``"mse"`` (`fit_beta`, the method), ``"l1"`` (match
         ``Σ|W|``) or ``"none"`` (1.0); the last two are ablations (the paper's Table 2).
       refit_beta_every: > 0 recomputes β with ``beta_rule`` every so many steps: the failure mode the
         paper warns of, as an ablation (Figure 4).
-      switch_min, switch_max, switch_window: STEP's ``min_steps``, ``max_steps`` and ``window`` as
-        fractions of the run's steps.
-      switch_threshold: STEP's threshold on the windowed ``mean|v_t − v_{t−1}|``. The default is from
-        a pilot of the ``small`` LM config (`sste_jax.step_v_change`, logged as ``step_v_change``,
-        falls from 5.5e-8 to a plateau of ~2.2e-8 by step ~250 of 800); other tasks need their own
-        (``--recipe switch_threshold=...``).
+      switch_min, switch_max: STEP's ``min_steps`` and ``max_steps`` (``T_min``, ``T_max``) as fractions
+        of the run's steps; its window is ``int(1/(1 − b2))`` steps, as its authors'.
+      switch_threshold: STEP's threshold on the windowed ``mean|v_t − v_{t−1}|`` of the sparse
+        kernels. The default came from a pilot of the ``small`` LM config with the older statistic
+        (over every parameter, a full window: `sste_jax.step_v_change`, logged as ``step_v_change``,
+        fell from 5.5e-8 to a plateau of ~2.2e-8 by step ~250 of 800); it has not been re-piloted for
+        the sparse-kernel statistic. Other tasks need their own (``--recipe switch_threshold=...``).
+      switch_statistic: ``"mean"`` or ``"geometric"`` (the authors' option 2).
+      n, m: the N:M pattern of ``config`` and ``then`` (``--recipe n=1 m=4``); default 2:4.
     """
 
     config: sste_jax.SparsityConfig
@@ -58,10 +62,16 @@ class Recipe:
     refit_beta_every: int = 0
     switch_min: float = 0.1
     switch_max: float = 0.5
-    switch_window: float = 0.05
     switch_threshold: float = 3e-8
+    switch_statistic: str = "mean"
+    n: int = 2
+    m: int = 4
 
     def __post_init__(self):
+        for name in ("config", "then"):
+            layers = getattr(self, name)
+            if layers is not None and (layers.n, layers.m) != (self.n, self.m):
+                object.__setattr__(self, name, dataclasses.replace(layers, n=self.n, m=self.m))
         if self.optimizer not in ("adamw", "step"):
             raise ValueError(f"optimizer must be 'adamw' or 'step', got {self.optimizer!r}")
         if (self.optimizer == "step") != (self.then is not None):
@@ -92,12 +102,12 @@ METHODS: dict[str, Recipe] = {
     "ste": Recipe(sste_jax.SparsityConfig(method="ste")),
     "srste": Recipe(sste_jax.SparsityConfig(method="srste")),
     "tsrste": Recipe(sste_jax.SparsityConfig(method="tsrste")),
-    "tsrste_df": Recipe(sste_jax.SparsityConfig(method="tsrste"), dense_finish=0.1),
+    "tsrste_df": Recipe(sste_jax.SparsityConfig(method="tsrste"), dense_finish=1 / 6),  # 250k of 300k sparse
     "step": Recipe(DENSE, optimizer="step", then=sste_jax.SparsityConfig(method="ste")),
     "sste": Recipe(_SSTE),
     "sste_mvue": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True)),
     "sste_fp8": Recipe(sste_jax.SparsityConfig(method="sste", fp8=True)),
-    "sste_mvue_fp8": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True, fp8=True)),
+    "sste_mvue_fp8": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True, fp8=True)),  # the paper's S-STE
     # ablations (Table 2: β; Figure 4: β recomputed; the period is the experiment's "epoch")
     "sste_beta_none": Recipe(_SSTE, beta_rule="none"),
     "sste_beta_l1": Recipe(_SSTE, beta_rule="l1"),
@@ -120,27 +130,44 @@ def sparsify(model: nnx.Module, recipe: Recipe, where=sparse_nnx.feed_forward, *
     return model
 
 
-def _switch(recipe: Recipe, steps: int) -> dict:
-    """STEP's switch settings in steps (the recipe holds fractions of the run)."""
-    fractions = {"min_steps": recipe.switch_min, "max_steps": recipe.switch_max, "window": recipe.switch_window}
-    return {**{k: max(1, int(round(f * steps))) for k, f in fractions.items()}, "threshold": recipe.switch_threshold}
+def _switch(recipe: Recipe, steps: int, model: nnx.Module) -> dict:
+    """STEP's switch settings in steps (the recipe holds fractions of the run), over the sparse kernels."""
+    fractions = {"min_steps": recipe.switch_min, "max_steps": recipe.switch_max}
+    return {**{k: round(f * steps) for k, f in fractions.items()}, "threshold": recipe.switch_threshold,
+            "statistic": recipe.switch_statistic, "sparse": sparse_nnx.sparse_kernel_mask(model)}
+
+
+def dense_finish_from(recipe: Recipe, steps: int) -> int | None:
+    """The first step (1-based) of ``recipe``'s dense finish in a run of ``steps``, or None."""
+    return steps - round(recipe.dense_finish * steps) + 1 if recipe.dense_finish else None
+
+
+def _masked_decay(recipe: Recipe, steps: int, model: nnx.Module) -> optax.GradientTransformation:
+    """T-SR-STE's masked decay on the ``"tsrste"`` kernels, off during the dense finish."""
+    alpha, start = recipe.config.masked_decay, dense_finish_from(recipe, steps)
+    decay = alpha if start is None else lambda count: jnp.where(count + 1 < start, alpha, 0.0)
+    return sste_jax.add_masked_decay(sparse_nnx.sparse_kernel_mask(model, methods=("tsrste",)), decay,
+                                     recipe.mask_refresh)
 
 
 def make_optimizer(
     cfg: OptimConfig, model: nnx.Module, recipe: Recipe, scale: float = 1.0
 ) -> optax.GradientTransformation:
-    """AdamW (decay on >=2-D params only) or STEP, warmup + cosine, clip, in `freeze_beta`; ``scale``
-    multiplies the sparse kernels' learning rate (the β-matched dense control)."""
+    """AdamW (decay on >=2-D params only) or STEP, warmup + cosine, clip, in `freeze_beta`; T-SR-STE's
+    masked decay joins the clipped gradient before AdamW, as its authors'; ``scale`` multiplies the
+    sparse kernels' learning rate (the β-matched dense control)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), end_value=cfg.min_lr
     )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     if recipe.optimizer == "step":
-        inner = [sste_jax.scale_by_step(cfg.b1, cfg.b2, **_switch(recipe, cfg.steps)),
+        inner = [sste_jax.scale_by_step(cfg.b1, cfg.b2, **_switch(recipe, cfg.steps, model)),
                  optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.scale_by_learning_rate(schedule)]
     else:
         inner = [optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)]
     parts = [optax.clip_by_global_norm(cfg.clip), *inner]
+    if recipe.config.method == "tsrste":
+        parts.insert(1, _masked_decay(recipe, cfg.steps, model))
     if scale != 1.0:
         parts.append(optax.masked(optax.scale(scale), sparse_nnx.sparse_kernel_mask(model)))
     return sste_jax.freeze_beta(optax.chain(*parts))

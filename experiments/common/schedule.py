@@ -8,7 +8,7 @@ recomputation ablation).
 >>> model = sparsify(GPT(256, 1, 2, 32, 16, rngs=nnx.Rngs(0)), METHODS["tsrste_df"], seed=0)
 >>> schedule = Schedule(model, METHODS["tsrste_df"], steps=100)
 >>> schedule.names, schedule.dense_finish_from
-(('tsrste', 'dense'), 91)
+(('tsrste', 'dense'), 84)
 """
 
 from collections.abc import Callable
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 import sste_jax
-from experiments.common.recipes import BETA_RULES, DENSE, Recipe
+from experiments.common.recipes import BETA_RULES, DENSE, Recipe, dense_finish_from
 from sste_jax import nnx as sparse_nnx
 
 
@@ -59,7 +59,7 @@ class Schedule:
         self.graphdefs = (first,) if second is None else (first, _graph_with_layers(model, second))
         self.names = (recipe.config.method,) + (() if second is None else (second.method,))
         self.dense_w = _graph_with_layers(model, DENSE)
-        self.dense_finish_from = (steps - int(round(recipe.dense_finish * steps)) + 1) if recipe.dense_finish else None
+        self.dense_finish_from = dense_finish_from(recipe, steps)
 
     def phase(self, step, opt_state) -> jax.Array:
         """0 or 1: the graph that trains step ``step + 1`` (traced or concrete)."""

@@ -9,7 +9,10 @@ reference. ``--sparse-lr-scale beta`` multiplies the sparse layers' learning rat
 S-STE would fit at initialisation (the β-matched dense control). ``--init-from DIR`` starts from the
 weights of a dense run's last checkpoint, sparsified now (β fitted to them). The loop is
 `experiments.common.loop.fit`: Ctrl-C or SIGTERM saves a checkpoint, ``--resume`` continues
-bit-identically, and a work directory holding other settings is refused.
+bit-identically, and a work directory holding other settings is refused. Several processes
+(``--num-processes``/``--coordinator``/``--process-id`` or the environment, see
+`experiments.common.distributed`; ``python -m experiments.launch`` starts them locally) train one
+model on a global mesh.
 """
 
 import argparse
@@ -24,7 +27,7 @@ import optax
 from flax import nnx
 
 import sste_jax
-from experiments.common import cli, loop
+from experiments.common import cli, distributed, loop
 from experiments.common.config import Config
 from experiments.common.recipes import make_optimizer, sparsify
 from experiments.lm import data
@@ -99,8 +102,8 @@ def _dense_weights(init_from: pathlib.Path, run: loop.Run, vocab_size: int):
 
 
 def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = None, cache_dir=None,
-          progress: bool = True) -> dict:
-    """Trains ``run`` in ``workdir`` (`loop.fit`) and returns the final training state."""
+          progress: bool = True, mesh=None) -> dict:
+    """Trains ``run`` in ``workdir`` (`loop.fit`, on ``mesh``) and returns the final training state."""
     cfg = run.config
     corpus = data.load_corpus(cfg.data.corpus, cache_dir)
     tokenizer = data.get_tokenizer(cfg.data.tokenizer)
@@ -109,7 +112,7 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
     weights = _dense_weights(pathlib.Path(init_from), run, tokenizer.vocab_size) if init_from else None
     model = build_model(run, tokenizer.vocab_size, weights)
     task = make_task(cfg, run.seed, train_tokens, val_tokens)
-    return loop.fit(run, workdir, task, model, resume=resume, until=until, progress=progress)
+    return loop.fit(run, workdir, task, model, resume=resume, until=until, progress=progress, mesh=mesh)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,12 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sparsify", default="ffn", choices=sorted(WHERE))
     p.add_argument("--sparse-lr-scale", default="1.0", help="LR factor of the sparse layers, or 'beta'")
     p.add_argument("--init-from", help="workdir of a dense run whose last checkpoint to start from")
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     try:
+        distributed.initialize_from(args)
+        mesh = distributed.make_mesh(distributed.parse_mesh(args.mesh))
         cfg = get_config(args.config, args.set)
         recipe = cli.parse_recipe(args.recipe)
         if args.sparse_lr_scale == "beta":
@@ -137,7 +143,8 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     cli.train_or_exit(lambda: train(run, args.workdir, resume=args.resume, until=args.until,
-                                cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet))
+                                cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet,
+                                mesh=mesh))
 
 
 if __name__ == "__main__":

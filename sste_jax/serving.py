@@ -1,0 +1,315 @@
+"""From a trained 2:4 model to the files inference engines read, and back.
+
+The export is a Hugging Face style folder: ``model.safetensors`` and ``config.json`` whose
+``quantization_config`` names the ``compressed-tensors`` method with a ``sparsity_config`` of
+format ``"sparse-24-bitmask"``, the layout vLLM's sparse kernels and ``transformers`` (through the
+``compressed-tensors`` package) read. 2:4 weights are stored as their kept values (half the bytes)
+plus a bitmask (one bit per weight); every other weight is stored dense. The writer and reader of
+the format are ``compressed-tensors``' own (`Sparse24BitMaskTensor`) and ``safetensors``; they need
+PyTorch (CPU is enough): ``pip install -e ".[serving]"``.
+
+The library side knows no model: `inference_weights` gives a model's weights by parameter path (each
+sparse layer's forward weight ``W̃ = β·S(W)`` asked from the layer, so the export is β-free), and a
+mapping ``{path: Target(name, transpose)}`` says where each goes. Flax kernels are ``(in, out)``;
+PyTorch ``Linear`` weights are ``(out, in)`` with the 2:4 groups along ``in``, the last axis, which
+is what the bitmask format packs: pass ``transpose=True`` for them. `load_safetensors` reads a
+folder back into ``{path: array}`` in our layout, bit for bit, and `import_weights` puts them into
+an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers.
+
+>>> import tempfile, jax, jax.numpy as jnp, numpy as np
+>>> from flax import nnx
+>>> from sste_jax import nnx as sparse_nnx, serving
+>>> class MLP(nnx.Module):
+...     def __init__(self, rngs):
+...         self.fc1, self.fc2 = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 8, rngs=rngs)
+...     def __call__(self, x):
+...         return self.fc2(jax.nn.relu(self.fc1(x)))
+>>> model = sparse_nnx.sparsify(MLP(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+>>> weights, sparse = serving.inference_weights(model)
+>>> targets = {p: serving.Target(p.replace("/kernel", ".weight").replace("/", "."), transpose=p.endswith("kernel"))
+...            for p in weights}
+>>> d = serving.save_safetensors(tempfile.mkdtemp() + "/mlp", weights, targets, sparse=sparse)
+>>> back = serving.load_safetensors(d, targets)
+>>> all(np.array_equal(back[p], weights[p]) for p in weights)
+True
+>>> served = serving.import_weights(MLP(nnx.Rngs(1)), back, sparse=sparse)
+>>> x = jnp.ones((2, 8))
+>>> bool(jnp.array_equal(served(x), model(x))), type(served.fc1).__name__
+(True, 'CompressedLinear')
+"""
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array
+
+from sste_jax._metrics import sparse_modules
+from sste_jax._sparsity import compress_24
+from sste_jax.nnx import CompressedLinear, _set_child
+
+__all__ = [
+    "Target",
+    "inference_weights",
+    "save_safetensors",
+    "load_safetensors",
+    "import_weights",
+    "SAFETENSORS_FILE",
+    "DTYPES",
+]
+
+SAFETENSORS_FILE = "model.safetensors"
+DTYPES = ("float32", "bfloat16", "float16")
+_PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores for one 2:4 weight
+
+
+class Target(NamedTuple):
+    """Where one parameter goes: the tensor ``name`` in the file, and whether our array is written
+    transposed (``True`` for a Flax ``(in, out)`` kernel stored as a PyTorch ``(out, in)`` weight).
+
+    >>> from sste_jax import serving
+    >>> serving.Target("model.fc1.weight", transpose=True)
+    Target(name='model.fc1.weight', transpose=True)
+    """
+
+    name: str
+    transpose: bool = False
+
+
+def _needs_torch():
+    try:
+        import compressed_tensors  # noqa: F401
+        import safetensors  # noqa: F401
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"sste_jax.serving needs torch, safetensors and compressed-tensors ({e}): pip install -e '.[serving]'"
+        ) from None
+    return torch
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def inference_weights(model: nnx.Module) -> tuple[dict[str, Array], frozenset[str]]:
+    """``({path: array}, sparse paths)``: every ``nnx.Param`` of ``model`` by ``/``-joined path, with the
+    kernel of each sparse layer replaced by the layer's ``forward_weight()`` (β·S(W) for S-STE, the
+    masked weight for T-SR-STE), and the paths of those kernels whose forward weight is 2:4.
+    `sste_jax.nnx.CompressedLinear` layers (a served model) give their decompressed weight.
+
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx, serving
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> weights, sparse = serving.inference_weights(model)
+    >>> sorted(weights), sorted(sparse)
+    (['layers/0/bias', 'layers/0/kernel'], ['layers/0/kernel'])
+    >>> bool((weights["layers/0/kernel"] == model.layers[0].forward_weight()).all())  # β·S(W), not W
+    True
+    """
+    weights = {_path_str(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sparse = set()
+    for path, layer in sparse_modules(model):
+        weights[_path_str((*path, "kernel"))] = layer.forward_weight()
+        if layer.config.sparse:
+            sparse.add(_path_str((*path, "kernel")))
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, CompressedLinear):
+            weights[_path_str((*path, "kernel"))] = node.forward_weight()
+            sparse.add(_path_str((*path, "kernel")))
+    return weights, frozenset(sparse)
+
+
+def _check_targets(paths: Iterable[str], targets: Mapping[str, Target]) -> None:
+    missing = sorted(set(paths) - set(targets))
+    if missing:
+        raise ValueError(f"no target name for the weights {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    names = [t.name for t in targets.values()]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"target names used twice: {twice[:8]}")
+    packed = [n for n in names if n.rsplit(".", 1)[-1] in _PACKED]
+    if packed:
+        raise ValueError(f"target names {packed[:8]} end in a name the 2:4 format uses for its own tensors {_PACKED}")
+
+
+def _check_24(name: str, w_OxI: np.ndarray) -> None:
+    """Raises unless the ``(out, in)`` weight has at most 2 non-zeros in each group of 4 along ``in``."""
+    if w_OxI.ndim != 2 or w_OxI.shape[1] % 4:
+        raise ValueError(f"2:4 weight {name!r} must be 2-D with its last axis divisible by 4, got shape {w_OxI.shape}")
+    counts = (w_OxI.reshape(w_OxI.shape[0], -1, 4) != 0).sum(-1)
+    if counts.max(initial=0) > 2:
+        row, group = np.argwhere(counts > 2)[0]
+        raise ValueError(
+            f"weight {name!r} is not 2:4 along its contraction axis: group {group} of row {row} has "
+            f"{counts[row, group]} non-zeros (write a Flax (in, out) kernel with transpose=True)"
+        )
+
+
+def save_safetensors(
+    directory: str | os.PathLike,
+    weights: Mapping[str, Any],
+    targets: Mapping[str, Target],
+    *,
+    sparse: Iterable[str] = (),
+    dtype: str = "float32",
+    config: Mapping[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes ``weights`` to ``directory/model.safetensors`` and ``directory/config.json``.
+
+    Args:
+      weights: ``{path: array}``, e.g. from `inference_weights`.
+      targets: ``{path: Target}`` for every path of ``weights``.
+      sparse: the paths stored as "sparse-24-bitmask" (each must be 2:4 along its contraction axis,
+        the last axis once written: raises naming the weight otherwise).
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``, for every floating-point weight.
+      config: the model's own ``config.json`` fields (architecture, sizes); the
+        ``quantization_config`` of the 2:4 weights is added to it.
+
+    ``directory`` must not exist (nothing is overwritten). Returns it.
+
+    >>> import tempfile, jax, sste_jax
+    >>> from sste_jax import serving
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))  # 2:4, (in, out)
+    >>> targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    >>> d = serving.save_safetensors(tempfile.mkdtemp() + "/fc", {"fc/kernel": w}, targets, sparse=["fc/kernel"])
+    >>> sorted(p.name for p in d.iterdir())
+    ['config.json', 'model.safetensors']
+    """
+    torch = _needs_torch()
+    from compressed_tensors.compressors import ModelCompressor, Sparse24BitMaskTensor
+    from compressed_tensors.config import Sparse24BitMaskConfig
+    from safetensors.torch import save_file
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use one of {DTYPES}")
+    directory = pathlib.Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"cannot export to {directory}: it already exists")
+    sparse = set(sparse)
+    unknown = sorted(sparse - set(weights))
+    if unknown:
+        raise ValueError(f"sparse paths {unknown[:8]} are not among the weights")
+    _check_targets(weights, targets)
+    torch_dtype = getattr(torch, dtype)
+    tensors, modules, kept = {}, [], 0
+    for path, array in weights.items():
+        a = np.asarray(jax.device_get(array))
+        a = a.T if targets[path].transpose else a
+        t = torch.from_numpy(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a))
+        t = t.to(torch_dtype) if t.is_floating_point() else t
+        name = targets[path].name
+        if path in sparse:
+            _check_24(name, a)
+            tensors.update(Sparse24BitMaskTensor.from_dense(t).dict(name_prefix=name))
+            modules.append(name.removesuffix(".weight"))
+            kept += int(np.count_nonzero(a))
+        else:
+            tensors[name] = t
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({**dict(config or {}), "torch_dtype": dtype}, indent=2))
+    if modules:
+        total = sum(int(np.size(weights[p])) for p in sparse)
+        sparsity = Sparse24BitMaskConfig(targets=sorted(modules), global_sparsity=1 - kept / total)
+        ModelCompressor(sparsity_config=sparsity).update_config(str(directory))
+    return directory
+
+
+def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]) -> dict[str, np.ndarray]:
+    """``{path: array}`` of an export (our layout, float32/bfloat16/float16 as stored), 2:4 weights
+    decompressed by ``compressed-tensors``: the inverse of `save_safetensors`. Raises naming every
+    target missing from the file and every tensor of the file no target names.
+
+    >>> import tempfile, jax, numpy as np, sste_jax
+    >>> from sste_jax import serving
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))
+    >>> targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    >>> d = serving.save_safetensors(tempfile.mkdtemp() + "/fc", {"fc/kernel": w}, targets, sparse=["fc/kernel"])
+    >>> back = serving.load_safetensors(d, targets)
+    >>> back["fc/kernel"].shape, bool(np.array_equal(back["fc/kernel"], w))  # our (in, out) layout, exact
+    ((8, 4), True)
+    """
+    torch = _needs_torch()
+    from compressed_tensors.compressors import Sparse24BitMaskTensor
+    from safetensors.torch import load_file
+
+    file = pathlib.Path(directory) / SAFETENSORS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"no {SAFETENSORS_FILE} in {directory}")
+    stored = load_file(str(file))
+    dense: dict[str, Any] = {}
+    for name in list(stored):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "bitmask":
+            parts = {k: stored.pop(f"{prefix}.{k}") for k in _PACKED}
+            dense[f"{prefix}.weight"] = Sparse24BitMaskTensor.from_compressed_data(**parts).decompress()
+    dense.update({k: v for k, v in stored.items() if k.rsplit(".", 1)[-1] not in _PACKED})
+    by_name = {t.name: path for path, t in targets.items()}
+    missing = sorted(set(by_name) - set(dense))
+    extra = sorted(set(dense) - set(by_name))
+    if missing or extra:
+        raise ValueError(f"{file}: tensors missing {missing[:8]}, not mapped {extra[:8]}")
+    out = {}
+    for name, path in by_name.items():
+        t = dense[name]
+        a = t.view(torch.int16).numpy().view(jnp.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
+        out[path] = np.ascontiguousarray(a.T if targets[path].transpose else a)
+    return out
+
+
+def import_weights(model: nnx.Module, weights: Mapping[str, Any], *, sparse: Iterable[str] = ()) -> nnx.Module:
+    """Puts ``weights`` (``{path: array}``, e.g. from `load_safetensors`) into ``model`` in place; returns it.
+
+    ``model`` is a freshly built model of the same architecture (dense or sparsified, any weights).
+    The layer of each ``sparse`` kernel becomes a `sste_jax.nnx.CompressedLinear` holding that 2:4
+    weight compressed (decompressed once per call: its output equals the exported model's); every
+    other path must be an ``nnx.Param`` of ``model`` of the same shape (raises naming each mismatch).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx, serving
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> weights, sparse = serving.inference_weights(model)
+    >>> served = serving.import_weights(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(1))), weights, sparse=sparse)
+    >>> x = jnp.ones((2, 8))
+    >>> type(served.layers[0]).__name__, bool(jnp.array_equal(served(x), model(x)))
+    ('CompressedLinear', True)
+    """
+    sparse = set(sparse)
+    params = {_path_str(path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    layers = {_path_str(path): (path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
+    problems = []
+    for path, array in weights.items():
+        if path in sparse:
+            layer = layers.get(path.removesuffix("/kernel"))
+            if not path.endswith("/kernel") or layer is None or not isinstance(layer[1], nnx.Linear):
+                problems.append(f"{path}: not the kernel of an nnx.Linear layer of the model")
+            elif tuple(layer[1].kernel.shape) != np.shape(array):
+                problems.append(f"{path}: shape {np.shape(array)} in the weights, {layer[1].kernel.shape} in the model")
+        elif path not in params:
+            problems.append(f"{path}: not a parameter of the model")
+        elif tuple(params[path].shape) != np.shape(array):
+            problems.append(f"{path}: shape {np.shape(array)} in the weights, {params[path].shape} in the model")
+    absent = sorted(p for p in params if p not in weights)
+    problems += [f"{p}: a parameter of the model with no weight" for p in absent]
+    if problems:
+        raise ValueError("the weights do not fit the model:\n  " + "\n  ".join(problems[:12]))
+    for path, array in weights.items():
+        if path in sparse:
+            layer_path, layer = layers[path.removesuffix("/kernel")]
+            bias = jnp.asarray(weights[f"{path[: -len('kernel')]}bias"]) if layer.bias is not None else None
+            fp8 = bool(getattr(getattr(layer, "config", None), "fp8", False))
+            new = CompressedLinear(
+                *compress_24(jnp.asarray(array)), bias, fp8=fp8, dtype=layer.dtype, promote_dtype=layer.promote_dtype
+            )
+            _set_child(model, layer_path, new)
+        elif not any(path == f"{s[: -len('kernel')]}bias" for s in sparse):
+            params[path][...] = jnp.asarray(array, params[path].dtype)
+    return model

@@ -1,0 +1,209 @@
+"""Export to safetensors + compressed-tensors, checked by the real clients (transformers on PyTorch CPU),
+import back, and sampling that gives the same tokens for the same weights."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from experiments import export_hf
+from experiments.common import recipes
+from experiments.lm import data
+from experiments.lm import sample as lm_sample
+from experiments.lm import train as lm_train
+from experiments.lm.configs import get_config
+from experiments.lm.model import GPT
+from sste_jax import SparsityConfig, serving
+from sste_jax import nnx as sparse_nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("compressed_tensors")
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _trained_like(method: str = "sste", seed: int = 0) -> GPT:
+    """A small GPT sparsified with ``method`` whose weights moved after sparsification (β no longer fits,
+    a T-SR-STE mask is no longer the top-2), as after training."""
+    model = recipes.sparsify(GPT(256, 2, 2, 32, 16, rngs=nnx.Rngs(seed)), recipes.METHODS[method], seed=seed)
+    for i, (_, v) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        noise = jax.random.normal(jax.random.key(100 + i), v.shape) * 0.02
+        v[...] = v[...] * 1.3 + noise
+    return model
+
+
+def _ids(batch=3, length=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(1, 256, (batch, length)), jnp.int32)
+
+
+def _export(tmp_path, model, dtype="float32"):
+    return export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf", dtype)
+
+
+def _hf_logits(directory, ids, dtype=None):
+    dtype = torch.float32 if dtype is None else dtype
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    with torch.no_grad():
+        return hf, hf(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+@pytest.mark.parametrize("method", ["sste", "tsrste"])
+def test_transformers_loads_the_export_and_gives_our_logits(tmp_path, method):
+    model = _trained_like(method)
+    ids = _ids()
+    ours = np.asarray(model(ids)).reshape(*ids.shape, -1)
+    out = _export(tmp_path, model)
+    config = json.loads((out / "config.json").read_text())
+    sparsity = config["quantization_config"]["sparsity_config"]
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert sparsity["format"] == "sparse-24-bitmask" and sparsity["sparsity_structure"] == "2:4"
+    assert sparsity["targets"] == [f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")]
+    hf, theirs = _hf_logits(out, ids)
+    assert type(hf).__name__ == export_hf.ARCHITECTURE
+    w = hf.transformer.h[1].mlp.c_proj.weight.detach().numpy()  # (out, in), decompressed by compressed-tensors
+    np.testing.assert_array_equal(w, np.asarray(model.blocks[1].mlp.c_proj.forward_weight()).T)
+    # Float32 round-off: the same sums in another order; each logit is O(1) after 2 blocks of width 32-128.
+    scale = np.abs(ours).max()
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=64 * EPS32 * scale)
+    assert not np.array_equal(theirs, np.zeros_like(theirs))
+
+
+def test_the_24_weights_take_half_the_bytes_plus_a_bitmask(tmp_path):
+    from safetensors import safe_open
+
+    model = _trained_like()
+    out = _export(tmp_path, model)
+    with safe_open(str(out / serving.SAFETENSORS_FILE), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    name = "transformer.h.0.mlp.c_fc"
+    assert f"{name}.weight" not in stored
+    dense = model.blocks[0].mlp.c_fc.kernel
+    values, bitmask = stored[f"{name}.compressed"], stored[f"{name}.bitmask"]
+    assert values.element_size() * values.numel() == dense.nbytes // 2
+    assert bitmask.numel() == dense.size // 8 and bitmask.dtype == torch.uint8  # one bit per weight
+    assert stored["transformer.h.0.attn.c_attn.weight"].shape == (96, 32)  # dense layers stay dense
+
+
+def test_bfloat16_export_loads_in_transformers(tmp_path):
+    model = _trained_like()
+    out = _export(tmp_path, model, "bfloat16")
+    hf, _ = _hf_logits(out, _ids(1, 4), torch.bfloat16)
+    w = hf.transformer.h[0].mlp.c_fc.weight.detach().float().numpy()
+    want = np.asarray(model.blocks[0].mlp.c_fc.forward_weight().astype(jnp.bfloat16).astype(jnp.float32)).T
+    np.testing.assert_array_equal(w, want)
+
+
+def test_exported_tokenizer_round_trips_the_byte_tokenizer(tmp_path):
+    out = _export(tmp_path, _trained_like())
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = data.get_tokenizer("byte")
+    for text in ["ROMEO:\nBut soft!", "naïve café — 東京 🙂", "\t  spaces  \x01\x7f"]:
+        assert tok.encode(text) == ours.encode(text)
+        assert tok.decode(ours.encode(text)) == text
+    assert tok.eos_token_id == ours.eot_id
+
+
+def test_exported_gpt2_tokenizer_gives_our_bpe_ids(tmp_path):
+    ours = data.get_tokenizer("gpt2")
+    export_hf.save_tokenizer(tmp_path, ours)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in ["ROMEO:\nBut soft! what light through yonder window breaks?", "naïve café — 東京 🙂  x",
+                 "it's   they'll\t\n\n end  "]:
+        assert tok.encode(text) == ours.encode(text)
+        assert tok.decode(ours.encode(text)) == text
+    assert tok.eos_token_id == ours.eot_id
+
+
+@pytest.mark.parametrize("method", ["sste", "tsrste", "dense"])
+def test_import_back_is_exact(tmp_path, method):
+    model = _trained_like(method)
+    out = _export(tmp_path, model)
+    fresh = _trained_like(method, seed=5)
+    served = export_hf.import_hf(out, fresh)
+    ids = _ids()
+    assert np.asarray(served(ids)).tobytes() == np.asarray(model(ids)).tobytes()
+    kinds = {type(served.blocks[0].mlp.c_fc).__name__, type(served.blocks[0].attn.c_attn).__name__}
+    assert kinds == ({"CompressedLinear", "Linear"} if method != "dense" else {"SparseLinear", "Linear"})
+
+
+def test_serving_refuses_bad_input(tmp_path):
+    w = {"fc/kernel": jnp.ones((8, 4))}
+    targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    with pytest.raises(ValueError, match=r"'fc.weight' is not 2:4 along its contraction axis: group 0 of row 0 has 4"):
+        serving.save_safetensors(tmp_path / "a", w, targets, sparse={"fc/kernel"})
+    with pytest.raises(ValueError, match=r"no target name for the weights \['fc/kernel'\]"):
+        serving.save_safetensors(tmp_path / "b", w, {})
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        serving.save_safetensors(tmp_path / "c", w, targets, dtype="int8")
+    serving.save_safetensors(tmp_path / "d", w, targets)
+    with pytest.raises(FileExistsError, match="already exists"):
+        serving.save_safetensors(tmp_path / "d", w, targets)
+    with pytest.raises(ValueError, match=r"not mapped \['fc.weight'\]"):
+        serving.load_safetensors(tmp_path / "d", {"x": serving.Target("other.weight")})
+    model = sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(), sparse_nnx.all_linear)
+    weights, sparse = serving.inference_weights(model)
+    weights["b/kernel"] = jnp.ones((4, 8))
+    with pytest.raises(ValueError, match=r"b/kernel: shape \(4, 8\) in the weights, \(8, 8\) in the model"):
+        serving.import_weights(_Two(nnx.Rngs(1)), weights, sparse=sparse)
+
+
+class _Two(nnx.Module):
+    def __init__(self, rngs):
+        self.a, self.b = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(self.a(x))
+
+
+def test_kv_cache_decoding_matches_the_full_forward():
+    model = _trained_like()
+    prompt = _ids(2, 3)
+    tokens = lm_sample.generate(model, prompt, 8, temperature=0)  # greedy
+    seq = jnp.concatenate([prompt, tokens], axis=1)
+    logits = np.asarray(model(seq)).reshape(*seq.shape, -1)
+    np.testing.assert_array_equal(np.argmax(logits[:, 2:-1], -1), np.asarray(tokens))
+
+
+def test_same_weights_give_the_same_tokens(tmp_path):
+    model = _trained_like()
+    imported = export_hf.import_hf(_export(tmp_path, model), _trained_like(seed=9))
+    prompt = _ids(2, 4)
+    runs = {w: lm_sample.generate(lm_sample.with_weights(model, w), prompt, 10, temperature=0.9, top_k=20, seed=3)
+            for w in lm_sample.WEIGHTS}
+    runs["imported"] = lm_sample.generate(imported, prompt, 10, temperature=0.9, top_k=20, seed=3)
+    first = np.asarray(runs["trained"])
+    for name, tokens in runs.items():
+        np.testing.assert_array_equal(np.asarray(tokens), first, err_msg=name)
+    other_seed = lm_sample.generate(model, prompt, 10, temperature=0.9, top_k=20, seed=4)
+    assert not np.array_equal(np.asarray(other_seed), first)  # the seed matters
+
+
+def test_top_k_one_is_greedy_and_bad_settings_are_refused():
+    model = _trained_like()
+    prompt = _ids(1, 2)
+    np.testing.assert_array_equal(lm_sample.generate(model, prompt, 5, temperature=1.0, top_k=1, seed=0),
+                                  lm_sample.generate(model, prompt, 5, temperature=0))
+    with pytest.raises(ValueError, match="exceeds the model's context seq_len=16"):
+        lm_sample.generate(model, prompt, 15)
+    with pytest.raises(ValueError, match="top_k=300"):
+        lm_sample.generate(model, prompt, 2, top_k=300)
+    with pytest.raises(ValueError, match="temperature=-1"):
+        lm_sample.generate(model, prompt, 2, temperature=-1)
+
+
+def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
+    cfg = get_config("tiny", ["steps=2", "warmup=1", "ckpt_every=2", "eval_every=2", "log_every=1"])
+    lm_train.train(lm_train.make_run(cfg, "sste"), tmp_path / "run", progress=False)
+    export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    assert "GPTBigCodeForCausalLM" in capsys.readouterr().out
+    texts = []
+    for extra in (["--weights", "compressed"], ["--export", str(tmp_path / "hf")]):
+        lm_sample.main(["--workdir", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ab")
+    with pytest.raises(SystemExit, match="already exists"):
+        export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
