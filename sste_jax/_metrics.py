@@ -56,7 +56,7 @@ class SparseWeight:
     16
     """
 
-    kernel: Float[Array, "..."]
+    kernel: Float[Array, "..."] | jax.ShapeDtypeStruct  # a ShapeDtypeStruct: for `check_sharding` only
     beta: Real[ArrayLike, ""] = 1.0
     config: SparsityConfig = SparsityConfig()
     axis: int = 0
