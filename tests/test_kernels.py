@@ -68,6 +68,7 @@ def test_prune_compress_transposed_is_the_transpose(dtype):
     np.testing.assert_array_equal(_bits(w_tilde_t), _bits(sste_jax.decompress_24(out.values, out.meta).T))
 
 
+@pytest.mark.outside_annotations
 def test_prune_compress_rejects_bad_input():
     w = jnp.ones((6, 8))
     with pytest.raises(ValueError, match=r"\(6, 8\)"):
