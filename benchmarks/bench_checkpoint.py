@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from sste_jax import checkpoint

@@ -102,7 +102,9 @@ def bench_gpu(results):
         ref = (beta * sste_jax.soft_threshold_24(ws[0].astype(jnp.float32))).astype(jnp.bfloat16)  # rounded once
         same = bool((sste_jax.decompress_24(out.values, out.meta) == ref).all())
         xla_ref = jax.jit(sste_jax.forward_weight, static_argnums=2)(ws[0], beta, sste_jax.SparsityConfig())
-        results.setdefault("xla_forward_weight_vs_round_once_mismatch", {})[f"{k}x{n}"] = float(jnp.mean(xla_ref != ref))
+        results.setdefault("xla_forward_weight_vs_round_once_mismatch", {})[f"{k}x{n}"] = float(
+            jnp.mean(xla_ref != ref)
+        )
         meta_same = bool((out.meta == sste_jax.compress_24(ws[0])[1]).all())
         variants = {"xla": lambda w: xla_prune_compress(w, beta)}
         for bg, bn, warps in ((16, 256, 4), (8, 512, 4), (4, 1024, 4), (8, 1024, 8), (2, 2048, 8), (32, 256, 8)):
@@ -138,8 +140,17 @@ def bench_gpu(results):
                 print(f"mvue {k}x{n} {name}: FAILED {repr(e)[:200]}")
                 continue
             nb = mvue_bytes(k, n, 2)
-            rows.append({"op": "mvue_compress", "shape": [k, n], "variant": name, **t,
-                         "GBps": nb / t["median_s"] / 1e9, "frac_copy_bw": nb / t["median_s"] / bw, "bitexact": mv_same})
+            rows.append(
+                {
+                    "op": "mvue_compress",
+                    "shape": [k, n],
+                    "variant": name,
+                    **t,
+                    "GBps": nb / t["median_s"] / 1e9,
+                    "frac_copy_bw": nb / t["median_s"] / bw,
+                    "bitexact": mv_same,
+                }
+            )
             print(f"mvue  {k}x{n} {name:28s} {t['median_s'] * 1e6:9.1f} us  {nb / t['median_s'] / 1e9:7.0f} GB/s  "
                   f"{nb / t['median_s'] / bw:5.1%} of copy  (bit-exact vs mvue_24 {mv_same})")
     results["rows"] = rows

@@ -92,8 +92,8 @@ def main(argv=None) -> None:
         weights, _ = export_hf.hf_weights(model)
         serving.save_safetensors(tmp / "hf_dense_f32", weights, export_hf.targets(args.layers),
                                  config=export_hf.hf_config(model, tokenizer))
-        ffn_dense = sum(w.kernel.nbytes for _, w in
-                        ((p, l) for p, l in nnx.iter_graph(model) if type(l).__name__ == "SparseLinear"))
+        ffn_dense = sum(layer.kernel.nbytes for _, layer in nnx.iter_graph(model)
+                        if type(layer).__name__ == "SparseLinear")
 
         def hf_load(folder, dtype):
             return lambda: transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)

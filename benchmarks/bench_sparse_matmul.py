@@ -137,8 +137,12 @@ def bench_ffn(quick):
                 print(f"FFN {model} {cname:24s} FAILED {repr(e)[:300]}")
                 continue
             base = base or t["median_s"]
-            rows.append({"ffn": model, "d": d, "tokens": TOKENS, "config": cname, **t, "speedup_vs_dense": base / t["median_s"]})
-            print(f"FFN {model} fwd+bwd {cname:24s} {t['median_s'] * 1e3:8.3f} ms  x{base / t['median_s']:.3f} vs dense")
+            rows.append(
+                {"ffn": model, "d": d, "tokens": TOKENS, "config": cname, **t, "speedup_vs_dense": base / t["median_s"]}
+            )
+            print(
+                f"FFN {model} fwd+bwd {cname:24s} {t['median_s'] * 1e3:8.3f} ms  x{base / t['median_s']:.3f} vs dense"
+            )
     return rows
 
 
@@ -162,14 +166,14 @@ def _layer_norm(x, scale):
 
 
 def _gpt2_loss(params, betas, tokens_BxL, key, config, heads=12):
-    b, l = tokens_BxL.shape
+    b, seq = tokens_BxL.shape
     d = params["wte"].shape[1]
     bf = lambda t: t.astype(jnp.bfloat16)  # noqa: E731
-    x_NxD = bf(params["wte"][tokens_BxL].reshape(b * l, d) + jnp.tile(params["wpe"][:l], (b, 1)))
+    x_NxD = bf(params["wte"][tokens_BxL].reshape(b * seq, d) + jnp.tile(params["wpe"][:seq], (b, 1)))
     for i, (blk, beta) in enumerate(zip(params["blocks"], betas)):
         h = _layer_norm(x_NxD, blk["ln1"]) @ bf(blk["attn"])
-        q, k, v = (t.reshape(b, l, heads, d // heads) for t in jnp.split(h, 3, axis=-1))
-        a = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b * l, d)
+        q, k, v = (t.reshape(b, seq, heads, d // heads) for t in jnp.split(h, 3, axis=-1))
+        a = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b * seq, d)
         x_NxD = x_NxD + a @ bf(blk["attn_out"])
         h = _layer_norm(x_NxD, blk["ln2"])
         kf, kp = jax.random.split(jax.random.fold_in(key, i))
@@ -204,8 +208,13 @@ def bench_gpt2_step(configs):
             print(f"GPT-2 124M step {cname:18s} FAILED {repr(e)[:300]}")
             continue
         base = base or t["median_s"]
-        rows.append({"gpt2_124M_step": cname, "batch": [8, 1024], **t, "loss": loss, "speedup_vs_dense": base / t["median_s"]})
-        print(f"GPT-2 124M train step {cname:18s} {t['median_s'] * 1e3:8.2f} ms  x{base / t['median_s']:.3f} vs dense  (loss {loss:.3f})")
+        rows.append(
+            {"gpt2_124M_step": cname, "batch": [8, 1024], **t, "loss": loss, "speedup_vs_dense": base / t["median_s"]}
+        )
+        print(
+            f"GPT-2 124M train step {cname:18s} {t['median_s'] * 1e3:8.2f} ms  "
+            f"x{base / t['median_s']:.3f} vs dense  (loss {loss:.3f})"
+        )
     return rows
 
 

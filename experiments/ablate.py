@@ -203,7 +203,9 @@ def run_lm(p: argparse.ArgumentParser, args, names: list[str], command: str):
 
 def main(argv=None) -> dict[str, str]:
     """Runs the ablation; returns ``{set: Markdown text}`` (also written to ``<out>/<set>.md``)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--task", required=True, choices=sorted(DEFAULT_CONFIG))
     p.add_argument("--config", help="vision: tiny or small (default small); lm: any of experiments.lm.configs "
                                     "(default capacity)")

@@ -115,7 +115,9 @@ fig, axes = plt.subplots(1, 4, figsize=(13, 3.6), layout="constrained")
 vmax = float(jnp.max(jnp.abs(panels["β·S(W) (forward weight)"])))
 for ax, (title, a) in zip(axes, panels.items()):
     is_mask = title.startswith("mask")
-    im = ax.imshow(np.asarray(a), cmap="Greys" if is_mask else "RdBu_r", vmin=0 if is_mask else -vmax, vmax=1 if is_mask else vmax)
+    im = ax.imshow(
+        np.asarray(a), cmap="Greys" if is_mask else "RdBu_r", vmin=0 if is_mask else -vmax, vmax=1 if is_mask else vmax
+    )
     if not is_mask:
         values = im
     ax.set_title(title, fontsize=10)
@@ -206,8 +208,14 @@ with tempfile.TemporaryDirectory() as tmp:
 sparse_kernel_bytes = sum(w.kernel.nbytes for w in sste_jax.sparse_weights(model).values())
 packed = [sste_jax.compress_24(w.forward()) for w in sste_jax.sparse_weights(model).values()]
 packed_bytes = sum(v.nbytes + m.nbytes for v, m in packed)
-print(f"sparse kernels: {sparse_kernel_bytes:,} B dense -> {packed_bytes:,} B packed ({packed_bytes / sparse_kernel_bytes:.3f}x)")
-print(f"on disk: dense parameters {dense_bytes:,} B, compressed export {compressed_bytes:,} B ({compressed_bytes / dense_bytes:.2f}x)")
+print(
+    f"sparse kernels: {sparse_kernel_bytes:,} B dense -> {packed_bytes:,} B packed "
+    f"({packed_bytes / sparse_kernel_bytes:.3f}x)"
+)
+print(
+    f"on disk: dense parameters {dense_bytes:,} B, compressed export {compressed_bytes:,} B "
+    f"({compressed_bytes / dense_bytes:.2f}x)"
+)
 x = jax.random.normal(jax.random.key(3), (4, DIN))
 same = bool(jnp.all(restored(x) == model(x)))
 print("restored model reproduces the outputs exactly:", same)

@@ -78,8 +78,13 @@ print(f"scale={SCALE}: {N_LAYER} layers, d={D_MODEL}, seq={SEQ}, batch={BATCH}, 
 
 # %%
 x = jnp.linspace(-1.0, 1.0, 801)
-groups = jnp.stack([x, jnp.full_like(x, 0.6), jnp.full_like(x, -0.4), jnp.full_like(x, 0.2)])  # (4, N): groups along axis 0
-outputs = {"hard threshold (STE, SR-STE)": sste_jax.hard_threshold_24(groups), "soft threshold S(·) (S-STE)": sste_jax.soft_threshold_24(groups)}
+groups = jnp.stack(
+    [x, jnp.full_like(x, 0.6), jnp.full_like(x, -0.4), jnp.full_like(x, 0.2)]
+)  # (4, N): groups along axis 0
+outputs = {
+    "hard threshold (STE, SR-STE)": sste_jax.hard_threshold_24(groups),
+    "soft threshold S(·) (S-STE)": sste_jax.soft_threshold_24(groups),
+}
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True)
 for ax, (title, out) in zip(axes, outputs.items()):
     for row, label in [(0, "output for x"), (2, "output for −0.4")]:
@@ -116,7 +121,9 @@ plt.show()
 
 # %%
 def build_model(method: str) -> nnx.Module:
-    model = lm_model.GPT(vocab_size=256, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, seq_len=SEQ, rngs=nnx.Rngs(SEED))
+    model = lm_model.GPT(
+        vocab_size=256, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, seq_len=SEQ, rngs=nnx.Rngs(SEED)
+    )
     return sparse_nnx.sparsify(model, sste_jax.SparsityConfig(method=method), where=sparse_nnx.feed_forward)
 
 
@@ -233,13 +240,18 @@ lim = 1.1 * np.quantile(np.abs(np.concatenate([df1, df2])), 0.99)
 ax.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
 ax.axhline(0, color="grey", lw=0.5)
 ax.axvline(0, color="grey", lw=0.5)
-ax.set(xlim=(-lim, lim), ylim=(-lim, lim), xlabel="ΔF₂: weights updated, mask fixed", ylabel="ΔF₁: weights and mask updated")
+ax.set(
+    xlim=(-lim, lim),
+    ylim=(-lim, lim),
+    xlabel="ΔF₂: weights updated, mask fixed",
+    ylabel="ΔF₁: weights and mask updated",
+)
 bins = np.linspace(-lim, lim, 40)
 ax_top.hist(df2, bins=bins, color="C0")
 ax_right.hist(df1, bins=bins, color="C1", orientation="horizontal")
 ax_top.tick_params(labelbottom=False)
 ax_right.tick_params(labelleft=False)
-ax_top.set_title(f"STE, one point per step after warmup (colour: step)", fontsize=10)
+ax_top.set_title("STE, one point per step after warmup (colour: step)", fontsize=10)
 fig.savefig(OUT / "fig1_delta_f1_vs_f2.png", dpi=100, bbox_inches="tight")
 plt.show()
 wrong_way = np.mean((df2 < 0) & (df1 > 0))
@@ -265,8 +277,11 @@ for i, name in enumerate(names):
     descent = predicted < 0
     ratio = np.sort(actual[descent] / predicted[descent])
     ax2.step(ratio, np.arange(1, len(ratio) + 1) / len(ratio), where="post", color=f"C{i}", label=name)
-    print(f"{name:6s} fraction of the predicted descent obtained: median {np.median(ratio):.2f}, "
-          f"10%-90% range {np.quantile(ratio, 0.1):.2f} to {np.quantile(ratio, 0.9):.2f}; steps with the loss going up: {np.mean(actual > 0):.1%}")
+    print(
+        f"{name:6s} fraction of the predicted descent obtained: median {np.median(ratio):.2f}, "
+        f"10%-90% range {np.quantile(ratio, 0.1):.2f} to {np.quantile(ratio, 0.9):.2f}; "
+        f"steps with the loss going up: {np.mean(actual > 0):.1%}"
+    )
 lo = min(np.quantile(results[n]["predicted"][WARMUP:], 0.01) for n in names)
 ax1.plot([lo, 0], [lo, 0], "k--", lw=0.8, label="actual = predicted")
 ax1.set(xlim=(1.1 * lo, -0.05 * lo), ylim=(1.1 * lo, -0.3 * lo))
@@ -337,8 +352,9 @@ for name in results:
 #   weights). The longer runs of docs/results.md show where these ratios settle.
 # - **β.** With weight decay, β refitted every step stayed near its initial value here (1.48 to
 #   1.50), so refitting changed little; training with β = 1 instead ended with a clearly higher
-#   training loss (2.33 against 1.97 nats over the last 10 steps), because β also scales the forward weights and with them the effective
-#   step size. S-STE fits β once and freezes it, which makes this scale explicit and stable.
+#   training loss (2.33 against 1.97 nats over the last 10 steps), because β also scales the forward
+#   weights and with them the effective step size. S-STE fits β once and freezes it, which makes
+#   this scale explicit and stable.
 #
 # Small models, short runs: read these as measurements of the mechanisms, and use
 # `experiments.lm.compare` (and a GPU-sized model) for claims about final quality.

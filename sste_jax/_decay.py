@@ -20,7 +20,9 @@ from sste_jax._sparsity import mask_nm
 __all__ = ["srste_term", "masked_decay_term"]
 
 
-def masked_decay_term(w: Float[Array, "..."], mask: Bool[Array, "..."], decay: float | jax.Array) -> Float[Array, "..."]:
+def masked_decay_term(
+    w: Float[Array, "..."], mask: Bool[Array, "..."], decay: float | jax.Array
+) -> Float[Array, "..."]:
     """``decay·(1 − mask)⊙w`` in ``w``'s dtype: decays the weights ``mask`` prunes."""
     return (decay * jnp.where(mask, jnp.zeros((), w.dtype), w)).astype(w.dtype)
 

@@ -1,4 +1,4 @@
-"""FP8 products with per-tensor current scaling (SPEC §3).
+"""FP8 products with per-tensor current scaling (``docs/algorithm.md#fp8-products``).
 
 Each operand is scaled by ``s = FP8_MAX / amax(|t|)`` (``s = 1`` when ``amax = 0``), clipped to
 ``±FP8_MAX`` (an out-of-range e4m3fn cast is NaN), cast, multiplied with float32 accumulation and

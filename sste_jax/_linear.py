@@ -1,4 +1,4 @@
-"""The sparse linear transform ``x @ W̃`` as one ``jax.custom_vjp`` (SPEC §3).
+"""The sparse linear transform ``x @ W̃`` as one ``jax.custom_vjp`` (``docs/algorithm.md#sparse-linear-transform``).
 
 ``method`` picks the forward weight ``W̃`` and the dense weight's gradient rule; ``mvue`` sparsifies
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, Real
 
 from sste_jax import _fp8
 from sste_jax._decay import srste_term
@@ -65,13 +65,18 @@ class SparsityConfig:
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
       matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
         on Hopper's sparse tensor cores, bf16 or e4m3 forward; needs CUDA, see `sste_jax.kernels`).
+
+    >>> import sste_jax
+    >>> config = sste_jax.SparsityConfig(method="srste")
+    >>> config.sparse, config.srste_decay
+    (True, 0.0002)
     """
 
     method: Method = "sste"
-    mvue: bool = False
-    fp8: bool = False
-    srste_decay: float = 2e-4
-    masked_decay: float = 6e-5
+    mvue: bool | np.bool_ = False  # stored as bool
+    fp8: bool | np.bool_ = False  # stored as bool
+    srste_decay: numbers.Real = 2e-4
+    masked_decay: numbers.Real = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
     matmul: Literal["xla", "cusparselt"] = "xla"
     fp8_fp16_grad: bool = False
@@ -138,16 +143,22 @@ def check_config(config, where: str, argument: str = "config") -> None:
 
 
 def forward_weight(
-    kernel: Float[Array, "in out"],
-    beta: Float[Array, ""] | float,
+    kernel: Float[Array, "*shape"],
+    beta: Real[ArrayLike, ""],
     config: SparsityConfig,
     axis: int = 0,
-    mask: Bool[Array, "in out"] | None = None,
-) -> Float[Array, "in out"]:
+    mask: Bool[Array, "*shape"] | None = None,
+) -> Float[Array, "*shape"]:
     """The forward weight ``W̃`` of ``config.method`` (no custom gradient), in the kernel's dtype.
 
     For ``"sste"`` it is ``β·soft_threshold_nm(W, n, m)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
+
+    >>> import jax, sste_jax
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> w = sste_jax.forward_weight(kernel, 1.5, sste_jax.SparsityConfig(method="ste"))
+    >>> (w != 0).reshape(2, 4, 3).sum(1).tolist()
+    [[2, 2, 2], [2, 2, 2]]
     """
     check_config(config, "forward_weight")
     kernel = jnp.asarray(kernel)
@@ -174,7 +185,9 @@ def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None
             raise ValueError(f"a mask is only used by method='tsrste', got one for method={config.method!r}")
         return
     if mask is None:
-        raise ValueError("method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose")
+        raise ValueError(
+            "method='tsrste' needs its mask: pass mask=transposable_mask_24(kernel), refreshed as you choose"
+        )
     if mask.shape != kernel.shape or mask.dtype != jnp.bool_:
         raise ValueError(f"mask must be bool of the kernel's shape {kernel.shape}, got {mask.dtype} {mask.shape}")
 
@@ -281,7 +294,7 @@ _sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
 def sparse_dense(
     x: Float[Array, "*batch in"],
     kernel: Float[Array, "in out"],
-    beta: Float[Array, ""] | float,
+    beta: Real[ArrayLike, ""],
     key: PRNGKeyArray | None = None,
     config: SparsityConfig = SparsityConfig(),
     mask: Bool[Array, "in out"] | None = None,
@@ -296,6 +309,13 @@ def sparse_dense(
         acts in the backward pass only, which needs the token count divisible by 4.
       config: a `SparsityConfig`.
       mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> config = sste_jax.SparsityConfig(mvue=True)
+    >>> loss = lambda k: sste_jax.sparse_dense(jnp.ones((4, 8)), k, 1.5, jax.random.key(1), config).sum()
+    >>> jax.grad(loss)(kernel).shape
+    (8, 3)
     """
     check_config(config, "sparse_dense")
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)

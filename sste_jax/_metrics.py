@@ -1,4 +1,6 @@
-"""Training metrics of 2:4 sparse layers (SPEC §5): mask flip rate, β, zero fraction, relative error.
+"""Training metrics of 2:4 sparse layers: mask flip rate, β, zero fraction, relative error.
+
+The rules are in ``docs/algorithm.md#metrics``.
 
 Everything works on a flat mapping ``{layer name: SparseWeight}`` (a plain pytree, so it is jittable
 and shared by the layer and parameter paths); `sparse_weights` builds it from an NNX model. The
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, UInt8
+from jaxtyping import Array, ArrayLike, Bool, Float, Real, UInt8
 
 from sste_jax._linear import SparsityConfig, forward_weight
 from sste_jax._sparsity import mask_nm
@@ -46,10 +48,16 @@ __all__ = [
 @dataclasses.dataclass(frozen=True)
 class SparseWeight:
     """One sparse weight: the dense ``kernel``, its frozen ``beta``, the config, the grouped axis and
-    (``"tsrste"`` only) the forward ``mask``."""
+    (``"tsrste"`` only) the forward ``mask``.
 
-    kernel: Float[Array, "..."]
-    beta: Float[Array, ""] | float = 1.0
+    >>> import jax, sste_jax
+    >>> w = sste_jax.SparseWeight(jax.random.normal(jax.random.key(0), (8, 4)), beta=1.5)
+    >>> int((w.forward() != 0).sum())  # at most 2 of every 4 along axis 0
+    16
+    """
+
+    kernel: Float[Array, "..."] | jax.ShapeDtypeStruct  # a ShapeDtypeStruct: for `check_sharding` only
+    beta: Real[ArrayLike, ""] = 1.0
     config: SparsityConfig = SparsityConfig()
     axis: int = 0
     mask: Bool[Array, "..."] | None = None
@@ -81,7 +89,14 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
     """``{path: SparseWeight}`` for every sparse layer of an NNX model (see `sparse_modules`).
 
     Paths join attribute names and indices with ``/`` (``"blocks/0/mlp/fc1"``). Layers with
-    ``method="dense"`` are included: their top-2 flip rate is the reference of SPEC §8.
+    ``method="dense"`` are included: their top-2 flip rate is the reference rate (``docs/algorithm.md#metrics``).
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)), nnx.relu)
+    >>> list(sste_jax.sparse_weights(model))
+    ['layers/0']
     """
     return {
         "/".join(str(p) for p in path): SparseWeight(
@@ -92,17 +107,29 @@ def sparse_weights(model: "nnx.Module") -> dict[str, SparseWeight]:
 
 
 class FlipState(NamedTuple):
-    """The previous step's hard mask (`mask_nm` of its layer's N:M) of every layer, ``jnp.packbits`` of it."""
+    """The previous step's hard mask (`mask_nm` of its layer's N:M) of every layer, ``jnp.packbits`` of it.
 
-    masks: dict[str, UInt8[Array, "packed"]]
+    >>> import jax, sste_jax
+    >>> state = sste_jax.init_flip_state({"fc": sste_jax.SparseWeight(jax.random.normal(jax.random.key(0), (64, 4)))})
+    >>> state.masks["fc"].dtype, state.masks["fc"].shape  # 256 mask bits in 32 bytes
+    (dtype('uint8'), (32,))
+    """
+
+    masks: dict[str, UInt8[Array, " packed"]]
 
 
-def _packed_mask(w: SparseWeight) -> UInt8[Array, "packed"]:
+def _packed_mask(w: SparseWeight) -> UInt8[Array, " packed"]:
     return jnp.packbits(mask_nm(w.kernel, w.config.n, w.config.m, w.axis).ravel())
 
 
 def init_flip_state(weights: Mapping[str, SparseWeight]) -> FlipState:
-    """The masks of ``weights`` now (call it when the model is sparsified, or after loading)."""
+    """The masks of ``weights`` now (call it when the model is sparsified, or after loading).
+
+    >>> import jax, sste_jax
+    >>> weights = {"fc": sste_jax.SparseWeight(jax.random.normal(jax.random.key(0), (8, 4)))}
+    >>> list(sste_jax.init_flip_state(weights).masks)
+    ['fc']
+    """
     return FlipState({name: _packed_mask(w) for name, w in weights.items()})
 
 
@@ -113,6 +140,13 @@ def flip_rate(
 
     Returns ``({"flip_rate": r, "flip_rate/<name>": r_name, ...}, new_state)``; call it once per
     optimizer step with the updated weights. Jittable.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> before = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [3.0], [2.0], [1.0]]))}
+    >>> after = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [1.0], [2.0], [3.0]]))}
+    >>> rates, state = sste_jax.flip_rate(sste_jax.init_flip_state(before), after)
+    >>> sste_jax.to_host(rates)  # index 1 left the mask, index 3 joined: 2 of 4 entries flipped
+    {'flip_rate': 0.5, 'flip_rate/fc': 0.5}
     """
     if set(state.masks) != set(weights):
         raise ValueError(
@@ -135,7 +169,14 @@ def flip_rate(
 
 def sparsity_stats(weights: Mapping[str, SparseWeight]) -> dict[str, Float[Array, ""]]:
     """Per layer: ``beta/<name>``, ``zero_fraction/<name>`` (exact zeros in W̃) and
-    ``rel_error/<name>`` (``‖W − W̃‖ / ‖W‖``, 0 for an all-zero W). Jittable."""
+    ``rel_error/<name>`` (``‖W − W̃‖ / ‖W‖``, 0 for an all-zero W). Jittable.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> weights = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [3.0], [2.0], [1.0]]), beta=1.0)}
+    >>> stats = sste_jax.to_host(sste_jax.sparsity_stats(weights))
+    >>> stats["beta/fc"], stats["zero_fraction/fc"]
+    (1.0, 0.5)
+    """
     out = {}
     for name, w in weights.items():
         kernel = w.kernel.astype(jnp.float32)
@@ -150,7 +191,12 @@ def sparsity_stats(weights: Mapping[str, SparseWeight]) -> dict[str, Float[Array
 
 
 def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """One device-to-host transfer of a flat metrics dict; values become Python floats."""
+    """One device-to-host transfer of a flat metrics dict; values become Python floats.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.to_host({"loss": jnp.float32(0.5)})
+    {'loss': 0.5}
+    """
     return {name: float(value) for name, value in jax.device_get(dict(metrics)).items()}
 
 
@@ -160,6 +206,12 @@ def check_sharding(weights: Mapping[str, SparseWeight]) -> None:
     Works on placed arrays and on ``jax.ShapeDtypeStruct`` kernels carrying a ``sharding`` (to check
     a plan before placing anything): every shard's length along the grouped axis must be a multiple
     of 4. Call it on ``sparse_weights(model)`` after ``jax.device_put`` (or ``nnx.eval_shape``).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> mesh = jax.make_mesh((1,), ("fsdp",))
+    >>> kernel = jax.device_put(jnp.ones((8, 4)), jax.NamedSharding(mesh, jax.P("fsdp", None)))
+    >>> sste_jax.check_sharding({"fc": sste_jax.SparseWeight(kernel)}) is None  # shards of 8 rows: groups intact
+    True
     """
     for name, w in weights.items():
         sharding, shape = getattr(w.kernel, "sharding", None), w.kernel.shape

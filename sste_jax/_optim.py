@@ -1,4 +1,6 @@
-"""Optax transforms: `freeze_beta` (SPEC §4) and the baselines' extra gradient terms.
+"""Optax transforms: `freeze_beta` and the baselines' extra gradient terms.
+
+The rules are in ``docs/algorithm.md#beta-and-the-optimizer`` and ``docs/algorithm.md#baselines``.
 
 * `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
@@ -42,7 +44,12 @@ def key_name(key) -> Any:
 
 def is_beta(path: tuple[Any, ...], leaf: Any) -> bool:
     """The default β rule: the last key is ``"beta"`` (NNX `SparseLinear` states) or the first key is
-    ``"sparsity"`` (the Linen collection). ``path`` holds plain names (strings and indices)."""
+    ``"sparsity"`` (the Linen collection). ``path`` holds plain names (strings and indices).
+
+    >>> import sste_jax
+    >>> sste_jax.is_beta(("fc", "beta"), 1.5), sste_jax.is_beta(("fc", "kernel"), 1.5)
+    (True, False)
+    """
     return bool(path) and (path[-1] == "beta" or path[0] == "sparsity")
 
 
@@ -73,7 +80,7 @@ def _labels(params, is_frozen: Predicate):
 def freeze_beta(
     inner: optax.GradientTransformation, is_frozen: Predicate = is_beta
 ) -> optax.GradientTransformationExtraArgs:
-    """Wraps ``inner`` so that β leaves get a zero update and no optimizer state (SPEC §4).
+    """Wraps ``inner`` so that β leaves get a zero update and no optimizer state.
 
     Works for NNX states (``nnx.Optimizer(model, tx, wrt=...)`` with any filter: β leaves are the
     `SparsityBeta` variables, named ``beta``) and Linen variable dicts (the ``"sparsity"``
@@ -81,6 +88,13 @@ def freeze_beta(
     the other leaves). ``is_frozen(path, leaf)`` replaces the rule `is_beta`; ``path`` is a tuple of
     names. With typed NNX variables a `SparsityBeta` the rule misses, or a differently typed leaf
     the default rule would freeze, raises at ``init``.
+
+    >>> import jax.numpy as jnp, optax, sste_jax
+    >>> params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.5)}}
+    >>> tx = sste_jax.freeze_beta(optax.adamw(0.1))
+    >>> updates, _ = tx.update(params, tx.init(params), params)
+    >>> float(updates["fc"]["beta"])
+    0.0
     """
     return optax.multi_transform(
         {"frozen": optax.set_to_zero(), "train": inner}, lambda params: _labels(params, is_frozen)
@@ -117,6 +131,13 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
     ``optax.masked``), e.g. ``sste_jax.nnx.sparse_kernel_mask(model)``. Chain it before the
     optimizer: ``optax.chain(add_srste_decay(mask), optax.adamw(...))``. Select ``method="ste"``
     layers only: ``SparsityConfig(method="srste")`` layers add the same term in their backward pass.
+
+    >>> import jax.numpy as jnp, optax, sste_jax
+    >>> params = {"kernel": jnp.array([[4.0], [3.0], [2.0], [1.0]])}
+    >>> tx = sste_jax.add_srste_decay({"kernel": True}, decay=0.5)
+    >>> zero = {"kernel": jnp.zeros((4, 1))}
+    >>> tx.update(zero, tx.init(params), params)[0]["kernel"].ravel().tolist()  # decays the pruned 2 and 1
+    [0.0, 0.0, 1.0, 0.5]
     """
     if decay < 0:
         raise ValueError(f"decay must be >= 0, got {decay}")
@@ -124,7 +145,14 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
 
 
 class MaskedDecayState(NamedTuple):
-    """T-SR-STE: the step count and the current transposable masks of the selected kernels."""
+    """T-SR-STE: the step count and the current transposable masks of the selected kernels.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> tx = sste_jax.add_masked_decay({"kernel": True})
+    >>> state = tx.init({"kernel": jnp.ones((4, 4))})
+    >>> type(state.inner_state).__name__
+    'MaskedDecayState'
+    """
 
     count: Int[Array, ""]
     masks: Any  # Bool[Array, "in out"] per selected kernel
@@ -170,6 +198,13 @@ def add_masked_decay(
     `optax.clip_by_global_norm` and before the optimizer, as T-SR-STE's authors:
     ``optax.chain(optax.clip_by_global_norm(1.0), add_masked_decay(mask), optax.adamw(...))``.
     ``mask`` is as in `add_srste_decay`; the selected kernels need both dimensions divisible by 4.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
+    >>> tx = sste_jax.add_masked_decay({"kernel": True}, decay=1.0)
+    >>> updates, state = tx.update({"kernel": jnp.zeros((8, 8))}, tx.init(params), params)
+    >>> int((updates["kernel"] == 0).sum())  # the kept half of W gets no decay
+    32
     """
     if not callable(decay) and decay < 0:
         raise ValueError(f"decay must be >= 0, got {decay}")

@@ -2,10 +2,11 @@
 
 ``spec = sparsity_spec(params, where, config)`` picks the leaves to sparsify and, per leaf, its
 contraction axis and frozen β (fitted now); ``apply_sparsity(params, spec)`` returns the params with
-those leaves replaced by their forward weight ``W̃`` (SPEC §3), through a ``jax.custom_vjp`` whose
-gradient is straight through (SR-STE's decay added for ``"srste"``). The spec is a flat dict
-``{"a/b/kernel": ParamSparsity}``: a pytree whose only array leaves are the β's, named ``beta``, so
-`sste_jax.freeze_beta`, optax and `sste_jax.checkpoint` treat it like the layer path's β.
+those leaves replaced by their forward weight ``W̃`` (``docs/algorithm.md#sparse-linear-transform``),
+through a ``jax.custom_vjp`` whose gradient is straight through (SR-STE's decay added for
+``"srste"``). The spec is a flat dict ``{"a/b/kernel": ParamSparsity}``: a pytree whose only array
+leaves are the β's, named ``beta``, so `sste_jax.freeze_beta`, optax and `sste_jax.checkpoint` treat
+it like the layer path's β.
 
 MVUE (``mvue=True``), FP8 products and sparse matmul kernels act on the product ``x @ W̃`` itself;
 a parameter transform never sees its output gradient, so they need the layer path.
@@ -28,12 +29,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import ArrayLike, Real
 
 from sste_jax._decay import srste_term
 from sste_jax._linear import SparsityConfig, check_config, forward_weight
-from sste_jax._optim import key_name
 from sste_jax._metrics import SparseWeight
+from sste_jax._optim import key_name
 from sste_jax._sparsity import initial_beta
 
 __all__ = [
@@ -56,9 +57,16 @@ Where = Callable[[Path, Any], int | None]
 @dataclasses.dataclass(frozen=True)
 class ParamSparsity:
     """How one parameter leaf is sparsified: its frozen ``beta``, grouped ``axis`` (static), ``config``
-    and the ``shape`` of the leaf it was made for (checked by `apply_sparsity`; None: not checked)."""
+    and the ``shape`` of the leaf it was made for (checked by `apply_sparsity`; None: not checked).
 
-    beta: Float[Array, ""]
+    >>> import jax, sste_jax
+    >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    >>> s = sste_jax.sparsity_spec(params, where=sste_jax.select_kernels())["fc/kernel"]
+    >>> s.axis, s.config.method, s.shape
+    (0, 'sste', (16, 8))
+    """
+
+    beta: Any  # the frozen β, a float32 scalar; any leaf while a tree transform maps the spec
     axis: int
     config: SparsityConfig
     shape: tuple[int, ...] | None = None
@@ -91,7 +99,7 @@ def _check_config(config: SparsityConfig) -> None:
 
 
 def sparsity_spec(
-    params: Any, where: Where, config: SparsityConfig = SparsityConfig(), *, beta: float | None = None
+    params: Any, where: Where, config: SparsityConfig = SparsityConfig(), *, beta: Real[ArrayLike, ""] | None = None
 ) -> dict[str, ParamSparsity]:
     """The spec of the leaves of ``params`` that ``where`` selects, β fitted to their current values.
 
@@ -103,6 +111,13 @@ def sparsity_spec(
     range, its length along the axis is not divisible by 4 or its β cannot be fitted (all zero,
     non-finite); and if nothing is selected. Merge specs made with different
     configs with ``{**spec_a, **spec_b}``.
+
+    >>> import jax, sste_jax
+    >>> params = {"attn": {"kernel": jax.random.normal(jax.random.key(0), (16, 16))},
+    ...           "mlp": {"kernel": jax.random.normal(jax.random.key(1), (16, 64))}}
+    >>> spec = sste_jax.sparsity_spec(params, where=sste_jax.select_kernels(path="mlp"))
+    >>> list(spec), round(float(spec["mlp/kernel"].beta), 1)
+    (['mlp/kernel'], 1.5)
     """
     _check_config(config)
     spec, problems, paths = {}, [], []
@@ -122,7 +137,8 @@ def sparsity_spec(
             problems.append(f"{name}: axis {axis} is out of range for shape {shape}")
         elif shape[axis] % config.m:
             problems.append(
-                f"{name}: length {shape[axis]} of axis {axis % len(shape)} in shape {shape} is not divisible by {config.m}"
+                f"{name}: length {shape[axis]} of axis {axis % len(shape)} in shape {shape} is not divisible "
+                f"by {config.m}"
             )
         elif name in spec:
             problems.append(f"{name}: two leaves have this path name")
@@ -194,17 +210,34 @@ def _matched(params: Any, spec: Mapping[str, ParamSparsity], fn: Callable[[str, 
 
 
 def apply_sparsity(params: Any, spec: Mapping[str, ParamSparsity]) -> Any:
-    """``params`` with every spec'd leaf ``W`` replaced by its forward weight ``W̃`` (SPEC §3).
+    """``params`` with every spec'd leaf ``W`` replaced by its forward weight ``W̃``
+    (``docs/algorithm.md#sparse-linear-transform``).
 
     Differentiable: the gradient reaching ``W`` is ``∂L/∂W̃`` (plus ``λ·(1 − mask_24(W))⊙W`` for
     ``"srste"``) and β gets zero, so ``loss(apply_fn(apply_sparsity(params, spec), x))`` trains with
     S-STE. Other leaves pass through unchanged.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    >>> spec = sste_jax.sparsity_spec(params, where=sste_jax.select_kernels())
+    >>> loss = lambda p: jnp.sum(jnp.ones((2, 16)) @ sste_jax.apply_sparsity(p, spec)["fc"]["kernel"])
+    >>> grads = jax.grad(loss)(params)  # straight through: dense, no mask
+    >>> bool((grads["fc"]["kernel"] == 2.0).all())
+    True
     """
     return _matched(params, spec, lambda name, leaf, s: _sparsify(s.config, s.axis, leaf, s.beta))
 
 
 def spec_weights(params: Any, spec: Mapping[str, ParamSparsity]) -> dict[str, SparseWeight]:
-    """``{path: SparseWeight}`` of the spec'd leaves, for `sste_jax.flip_rate` / `sste_jax.sparsity_stats`."""
+    """``{path: SparseWeight}`` of the spec'd leaves, for `sste_jax.flip_rate` / `sste_jax.sparsity_stats`.
+
+    >>> import jax, sste_jax
+    >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    >>> spec = sste_jax.sparsity_spec(params, where=sste_jax.select_kernels())
+    >>> stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.spec_weights(params, spec)))
+    >>> stats["zero_fraction/fc/kernel"]
+    0.5
+    """
     weights = {}
 
     def collect(name, leaf, s):
@@ -222,6 +255,11 @@ def select_kernels(axis: int = 0, *, name: str = "kernel", ndim: int | None = 2,
     the feed-forward layers only. Flax ``(in, out)`` kernels: ``axis=0`` (the default; ``axis=-2``
     with ``ndim=3`` for scanned layers); PyTorch-style ``(out, in)`` kernels applied as ``x @ W.T``
     (e.g. Hugging Face's Flax GPT-2 ``c_fc``): ``axis=1``.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> where = sste_jax.select_kernels(axis=1, path="mlp")
+    >>> where(("mlp", "kernel"), jnp.ones((8, 16))), where(("attn", "kernel"), jnp.ones((8, 16)))
+    (1, None)
     """
     pattern = None if path is None else re.compile(path)
 
@@ -237,6 +275,11 @@ def select_paths(patterns: Mapping[str, int]) -> Where:
     """Selects leaves by path: the first regex of ``patterns`` that `re.search` finds in the ``"a/b/c"``
     path gives the leaf's axis; leaves matching none stay dense. For einsum kernels, whose
     contraction axis depends on the equation: ``{r"mlp/gating_einsum": einsum_axis("BTD,GDF->GBTF")}``.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> where = sste_jax.select_paths({r"mlp/gating": sste_jax.einsum_axis("BTD,GDF->GBTF")})
+    >>> where(("mlp", "gating"), jnp.ones((2, 16, 64))), where(("attn", "q"), jnp.ones((16, 16)))
+    (1, None)
     """
     compiled = [(re.compile(p), a) for p, a in patterns.items()]
 

@@ -15,7 +15,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray, Shaped, UInt8
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, Real, Shaped, UInt8
 
 __all__ = [
     "soft_threshold_24",
@@ -91,7 +91,13 @@ def _broadcast_group(t: jax.Array, axis: int, length: int) -> jax.Array:
 
 
 def soft_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
-    """S-STE's continuous 2:4 pruning: ``sign(a)·max(|a| − t, 0)``, t the 2nd-smallest ``|a|`` per group."""
+    """S-STE's continuous 2:4 pruning: ``sign(a)·max(|a| − t, 0)``, t the 2nd-smallest ``|a|`` per group.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> w = jnp.array([[0.5], [-2.0], [1.0], [0.25]])  # one group of 4 along axis 0
+    >>> sste_jax.soft_threshold_24(w).ravel().tolist()
+    [0.0, -1.5, 0.5, 0.0]
+    """
     w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     t = _threshold(*(jnp.abs(p) for p in _split(w, axis)))
@@ -111,14 +117,24 @@ def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
 
 
 def mask_24(w: Float[Array, "..."], axis: int = 0) -> Bool[Array, "..."]:
-    """Hard top-2-by-magnitude mask, exactly 2 ``True`` per group; ties go to the higher index."""
+    """Hard top-2-by-magnitude mask, exactly 2 ``True`` per group; ties go to the higher index.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.mask_24(jnp.array([1.0, -3.0, 2.0, 2.0])).tolist()  # the tie goes to index 3
+    [False, True, False, True]
+    """
     w = jnp.asarray(w)
     axis = check_groupable(w, axis)
     return _merge(_keep_flags(w, axis), axis)
 
 
 def hard_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..."]:
-    """``w * mask_24(w)``: the forward weight of hard STE and SR-STE."""
+    """``w * mask_24(w)``: the forward weight of hard STE and SR-STE.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.hard_threshold_24(jnp.array([1.0, -3.0, 2.0, 0.5])).tolist()
+    [0.0, -3.0, 2.0, 0.0]
+    """
     w = jnp.asarray(w)
     return jnp.where(mask_24(w, axis), w, jnp.zeros((), w.dtype))
 
@@ -136,7 +152,12 @@ def _member_back(grouped: jax.Array, axis: int) -> jax.Array:
 
 def mask_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Bool[Array, "..."]:
     """Hard top-``n``-by-magnitude mask per group of ``m``, exactly ``n`` ``True``; ties go to the higher
-    index. ``mask_nm(w, 2, 4)`` is `mask_24`."""
+    index. ``mask_nm(w, 2, 4)`` is `mask_24`.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.mask_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0]), n=1, m=4).tolist()
+    [False, True, False, False, False, False, False, True]
+    """
     check_nm(n, m)
     if (n, m) == (2, 4):
         return mask_24(w, axis)
@@ -153,7 +174,12 @@ def mask_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Bo
 
 def soft_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Float[Array, "..."]:
     """S-STE's continuous N:M pruning: ``sign(a)·max(|a| − t, 0)``, ``t`` the ``(n+1)``-th largest ``|a|``
-    of each group of ``m``. ``soft_threshold_nm(w, 2, 4)`` is `soft_threshold_24`."""
+    of each group of ``m``. ``soft_threshold_nm(w, 2, 4)`` is `soft_threshold_24`.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.soft_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5]), n=1, m=4).tolist()  # t = 2
+    [0.0, -1.0, 0.0, 0.0]
+    """
     check_nm(n, m)
     if (n, m) == (2, 4):
         return soft_threshold_24(w, axis)
@@ -165,7 +191,12 @@ def soft_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int 
 
 
 def hard_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Float[Array, "..."]:
-    """``w * mask_nm(w, n, m)``: the N:M forward weight of hard STE and SR-STE."""
+    """``w * mask_nm(w, n, m)``: the N:M forward weight of hard STE and SR-STE.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.hard_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.1, 0.2, 0.3, 0.4]), n=2, m=8).tolist()
+    [0.0, -3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    """
     w = jnp.asarray(w)
     return jnp.where(mask_nm(w, n, m, axis), w, jnp.zeros((), w.dtype))
 
@@ -180,9 +211,17 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0, *, n: int = 2, m: int = 4) -
 
     Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
     before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
+
+    >>> import jax, sste_jax
+    >>> w = jax.random.normal(jax.random.key(0), (256, 64))
+    >>> round(float(sste_jax.fit_beta(w)), 1)  # about 1.48 for Gaussian weights
+    1.5
     """
     w = jnp.asarray(w)
-    s = soft_threshold_nm(w, n, m, axis).astype(jnp.float32)
+    s = soft_threshold_nm(w, n, m, axis)
+    # S(W) rounded to W's dtype, as it is eagerly: under jit XLA may otherwise keep it in float32.
+    info = jnp.finfo(s.dtype)
+    s = jax.lax.reduce_precision(s.astype(jnp.float32), info.nexp, info.nmant)
     w = w.astype(jnp.float32)
     s_max = jnp.max(jnp.abs(s))
     _, exponent = jnp.frexp(s_max)
@@ -216,7 +255,7 @@ def beta_problem(w: jax.Array, axis: int = 0, *, n: int = 2, m: int = 4) -> str 
 
 
 def initial_beta(
-    w: jax.Array, axis: int, name: str, beta: float | jax.Array | None = None, *, n: int = 2, m: int = 4
+    w: jax.Array, axis: int, name: str, beta: Real[ArrayLike, ""] | None = None, *, n: int = 2, m: int = 4
 ) -> jax.Array:
     """The frozen β of a layer or leaf ``name``: ``beta`` if given, else `fit_beta` of ``w``.
 
@@ -244,6 +283,16 @@ def mvue_24(key: PRNGKeyArray, g: Float[Array, "..."], axis: int = 0) -> Float[A
     """Unbiased 2:4 sparsification: two draws without replacement ∝ ``|g| + eps``, Horvitz–Thompson scaled.
 
     ``E[mvue_24(key, g)] == g`` over keys. The draws use two uniforms per group.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> g = jnp.array([1.0, -2.0, 3.0, 4.0])
+    >>> out = sste_jax.mvue_24(jax.random.key(0), g)
+    >>> int((out != 0).sum())
+    2
+    >>> keys = jax.random.split(jax.random.key(1), 20000)
+    >>> mean = jax.vmap(lambda k: sste_jax.mvue_24(k, g))(keys).mean(0)
+    >>> bool(jnp.allclose(mean, g, rtol=0.1))
+    True
     """
     g = jnp.asarray(g)
     axis = check_groupable(g, axis)
@@ -334,6 +383,11 @@ def compress_24(
 
     Returns ``values`` (half the length along ``axis``, kept entries in index order) and ``meta``
     (one uint8 per group: ``idx0 | idx1 << 2``).
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> values, meta = sste_jax.compress_24(jnp.array([1.0, -3.0, 2.0, 0.5]))
+    >>> values.tolist(), meta.tolist()  # kept indices 1 and 2: 1 | 2 << 2 = 9
+    ([-3.0, 2.0], [9])
     """
     w = jnp.asarray(w)
     axis = check_groupable(w, axis)
@@ -351,6 +405,10 @@ def decompress_24(
 
     Every ``meta`` byte must be a code `compress_24` writes (``idx0 | idx1 << 2``, ``idx0 < idx1``):
     otherwise this raises (eagerly) or, under tracing, puts NaN in the groups of invalid bytes.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> sste_jax.decompress_24(jnp.array([-3.0, 2.0]), jnp.array([9], jnp.uint8)).tolist()
+    [0.0, -3.0, 2.0, 0.0]
     """
     values, meta = jnp.asarray(values), jnp.asarray(meta)
     if meta.dtype != jnp.uint8:
@@ -414,6 +472,11 @@ def transposable_mask_24(w: Float[Array, "rows cols"]) -> Bool[Array, "rows cols
 
     Ties go to the first maximum in the authors' pattern order (for an ``(in, out)`` kernel, as their
     ``(out, in)`` weight): an all-zero block keeps rows ``1100/1100/0011/0011``.
+
+    >>> import jax, sste_jax
+    >>> m = sste_jax.transposable_mask_24(jax.random.normal(jax.random.key(0), (8, 8)))
+    >>> m.sum(0).tolist(), m.sum(1).tolist()  # per 4×4 block: two per row and two per column
+    ([4, 4, 4, 4, 4, 4, 4, 4], [4, 4, 4, 4, 4, 4, 4, 4])
     """
     w = jnp.asarray(w)
     if w.ndim != 2:

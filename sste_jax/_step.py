@@ -34,7 +34,13 @@ _STATISTICS = ("mean", "geometric")
 
 
 class StepState(NamedTuple):
-    """STEP's Adam moments, the window of ``Z_t`` records and the switch."""
+    """STEP's Adam moments, the window of ``Z_t`` records and the switch.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> state = sste_jax.scale_by_step(b2=0.75).init({"w": jnp.ones(3)})  # a window of 1/(1 − 0.75) = 4
+    >>> type(state).__name__, state.diffs.shape, bool(state.switched)
+    ('StepState', (4,), False)
+    """
 
     count: Int[Array, ""]
     mu: Any
@@ -80,6 +86,15 @@ def scale_by_step(
         of the run.
       statistic: ``"mean"`` (the authors' option 1) or ``"geometric"`` (option 2,
         ``exp(mean(log|v_t − v_{t−1}|))``).
+
+    >>> import jax.numpy as jnp, optax, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = optax.chain(sste_jax.scale_by_step(threshold=0.0, max_steps=3), optax.scale(-0.1))
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...     updates, state = tx.update(params, state)
+    >>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)  # at the end of step 4 > 3
+    (True, 4)
     """
     if not 0.0 <= b2 < 1.0:
         raise ValueError(f"scale_by_step: b2 must be in [0, 1), got {b2}")
@@ -150,12 +165,24 @@ def step_adam(
     **switch,
 ) -> optax.GradientTransformation:
     """STEP's optimizer: `scale_by_step` (``sparse``, ``threshold``, ``min_steps``, ``max_steps``,
-    ``statistic``) then the learning rate; wrap it in `sste_jax.freeze_beta` for models with β."""
+    ``statistic``) then the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> tx = sste_jax.step_adam(1e-3, min_steps=10, max_steps=100)
+    >>> bool(sste_jax.step_switched(tx.init({"w": jnp.ones(3)})))
+    False
+    """
     return optax.chain(scale_by_step(b1, b2, eps, **switch), optax.scale_by_learning_rate(learning_rate))
 
 
 def step_state(opt_state: Any) -> StepState:
-    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze)."""
+    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze).
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> tx = sste_jax.freeze_beta(sste_jax.step_adam(1e-3))
+    >>> type(sste_jax.step_state(tx.init({"w": jnp.ones(3)}))).__name__  # found inside the wrapper
+    'StepState'
+    """
     found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, StepState))
              if isinstance(s, StepState)]
     if len(found) != 1:
@@ -164,13 +191,36 @@ def step_state(opt_state: Any) -> StepState:
 
 
 def step_switched(opt_state: Any) -> Bool[Array, ""]:
-    """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance."""
+    """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = sste_jax.step_adam(1e-3, max_steps=1)
+    >>> _, state = tx.update(params, tx.init(params))
+    >>> bool(sste_jax.step_switched(state))  # the switch needs step t > max_steps
+    False
+    >>> _, state = tx.update(params, state)
+    >>> bool(sste_jax.step_switched(state))
+    True
+    """
     return step_state(opt_state).switched
 
 
 def step_v_change(opt_state: Any) -> Float[Array, ""]:
     """The statistic the switch compares with ``threshold``: the mean of the window of ``Z_t`` records
-    (a partial window early on; frozen at the switch; 0 before the first step). Log it to choose a threshold."""
+    (a partial window early on; frozen at the switch; 0 before the first step). Log it to choose a threshold.
+
+    >>> import jax.numpy as jnp, sste_jax
+    >>> params = {"w": jnp.ones(3)}
+    >>> tx = sste_jax.step_adam(1e-3, b2=0.5)  # a window of int(1/(1 − b2)) = 2 records
+    >>> state = tx.init(params)
+    >>> float(sste_jax.step_v_change(state))  # no record yet
+    0.0
+    >>> for _ in range(2):
+    ...     _, state = tx.update(params, state)
+    >>> float(sste_jax.step_v_change(state))  # v: 0 → 0.5 → 0.75, so Z_1 = 0.5 and Z_2 = 0.25
+    0.375
+    """
     state = step_state(opt_state)
     records = jnp.where(state.switched, state.switch_step, state.count)
     return jnp.sum(state.diffs) / jnp.maximum(jnp.minimum(records, state.diffs.shape[0]), 1).astype(jnp.float32)

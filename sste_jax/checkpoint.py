@@ -5,9 +5,10 @@ step, a typed PRNG key (stored as its key data), a `FlipState`. Saves are atomic
 temporary directory and renames it) and never replace an existing step; every array's checksum
 (see `fingerprint`) is stored with it and checked at restore. Arrays sharded over several
 processes are saved by every process together (each writes its shards, as orbax does) and may be
-restored on another process count or sharding: the checksum does not depend on the layout. A missing, truncated, corrupt or mismatched checkpoint
-raises `FileNotFoundError` / `CheckpointError` naming the path and what is wrong, and is never
-written to; `restore_latest` falls back to the newest checkpoint that verifies. A failed write
+restored on another process count or sharding: the checksum does not depend on the layout. A
+missing, truncated, corrupt or mismatched checkpoint raises `FileNotFoundError` / `CheckpointError`
+naming the path and what is wrong, and is never written to; `restore_latest` falls back to the
+newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
 Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
 the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
@@ -40,9 +41,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sste_jax._params import ParamSparsity
 from sste_jax._metrics import sparse_modules
 from sste_jax._optim import key_name
+from sste_jax._params import ParamSparsity
 from sste_jax._sparsity import _valid_meta
 from sste_jax.linen import SparsityBeta
 from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
@@ -55,6 +56,7 @@ __all__ = [
     "restore_checkpoint",
     "restore_latest",
     "checkpoint_steps",
+    "fingerprint",
     "Packed24",
     "CompressedLinear",
     "compress_layers",
@@ -65,15 +67,45 @@ __all__ = [
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target."""
+    """A checkpoint exists but cannot be restored: truncated, corrupt, or not matching the target.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 1, {"w": jnp.ones(3)})
+    >>> try:
+    ...     checkpoint.restore_checkpoint(d, {"w": jnp.ones(4)})
+    ... except checkpoint.CheckpointError as e:
+    ...     print("refused")
+    refused
+    """
 
 
 class CheckpointConfigError(CheckpointError):
-    """The checkpoint's sparse layers (which layers, their method and settings) differ from the target's."""
+    """The checkpoint's sparse layers (which layers, their method and settings) differ from the target's.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 1, nnx.state(model))
+    >>> dense = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+    >>> try:
+    ...     checkpoint.restore_checkpoint(d, nnx.state(dense))
+    ... except checkpoint.CheckpointConfigError as e:
+    ...     print("layers differ")
+    layers differ
+    """
 
 
 class CheckpointWriteError(OSError):
-    """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed."""
+    """Writing a checkpoint or export failed (e.g. the disk is full); its partial folder was removed.
+
+    >>> from sste_jax import checkpoint
+    >>> issubclass(checkpoint.CheckpointWriteError, OSError)
+    True
+    """
 
 
 _CHECKSUMS = "sste_checksums"  # the orbax item (a JSON file) holding each array's checksum
@@ -189,8 +221,9 @@ def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
     where the array lives (one jitted call; every process calls it for sharded arrays).
 
     >>> import jax.numpy as jnp
+    >>> from sste_jax import checkpoint
     >>> a = jnp.arange(4.0)
-    >>> fingerprint({"a": a}) == fingerprint({"a": a.at[3].set(3.0000002)})
+    >>> checkpoint.fingerprint({"a": a}) == checkpoint.fingerprint({"a": a.at[3].set(3.0000002)})
     False
     """
     arrays = {n: jnp.asarray(a) for n, a in arrays.items()}  # host leaves as JAX stores them
@@ -360,7 +393,10 @@ def _first_line(e: Exception) -> str:
 
 def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-    handlers = {"default": ocp.StandardCheckpointHandler(), _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE)}
+    handlers = {
+        "default": ocp.StandardCheckpointHandler(),
+        _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE),
+    }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -398,6 +434,14 @@ def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
 
     A step missing any file of its layout (e.g. left half-deleted by an interrupted rotation) is
     not listed; the arrays' bytes are verified by `restore_checkpoint`.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> for step in (10, 20):
+    ...     _ = checkpoint.save_checkpoint(d, step, {"w": jnp.ones(3)})
+    >>> checkpoint.checkpoint_steps(d)
+    [10, 20]
     """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
@@ -449,7 +493,8 @@ def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
 def save_checkpoint(
     directory: str | os.PathLike, step: int, state: Any, *, max_to_keep: int | None = None
 ) -> pathlib.Path:
-    """Saves ``state`` as ``directory/<step>``, atomically, with a CRC32 per array; returns that path.
+    """Saves ``state`` as ``directory/<step>``, atomically, with a checksum per array (`fingerprint`);
+    returns that path.
 
     Raises `FileExistsError` if ``step`` is not newer than every checkpoint already there (nothing
     is overwritten). ``max_to_keep`` deletes the oldest checkpoints beyond that count. Leaves are
@@ -465,6 +510,12 @@ def save_checkpoint(
     carries as metadata (NNX) or in its `sste_jax.linen.SparsityBeta` box (Linen); for a
     parameter-path spec, each `ParamSparsity`'s config. β leaves saved as bare arrays (e.g. after
     ``nn.unbox``) record only which layers are sparse.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> checkpoint.save_checkpoint(d, 5, {"w": jnp.ones(3), "step": 5}).name
+    '5'
     """
     directory = pathlib.Path(directory).absolute()
     if int(step) != step or step < 0:
@@ -483,7 +534,9 @@ def save_checkpoint(
     checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
     manager = _manager(directory)
     try:
-        args = ocp.args.Composite(default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)})
+        args = ocp.args.Composite(
+            default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)}
+        )
         if not manager.save(step, args=args):
             raise CheckpointError(f"orbax declined to save step {step} in {directory}")
         manager.wait_until_finished()
@@ -563,12 +616,19 @@ def restore_checkpoint(
     ``target`` is a state of the right structure, e.g. freshly built; its arrays' shardings are
     used for the restored arrays. Raises `FileNotFoundError` when there is no such checkpoint and
     `CheckpointError` when it is incomplete, truncated, corrupt (an array's bytes do not match
-    their stored CRC32) or does not match ``target``; `CheckpointConfigError` (before reading any
+    their stored checksum) or does not match ``target``; `CheckpointConfigError` (before reading any
     array) when a layer is sparse in one but not the other, or, where both the checkpoint and
     ``target`` hold the modules (see `save_checkpoint`), a layer's ``method``, ``mvue``, ``fp8`` or
     the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
     that check, e.g. to resume a run that switched a layer's method. Checkpoints written before this
     record existed restore unchecked.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> _ = checkpoint.save_checkpoint(d, 5, {"w": jnp.arange(3.0)})
+    >>> checkpoint.restore_checkpoint(d, {"w": jnp.zeros(3)})["w"].tolist()
+    [0.0, 1.0, 2.0]
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -607,6 +667,15 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
     warning naming it and why. Raises `FileNotFoundError` if there is no checkpoint, and
     `CheckpointError` listing every failure if none restores (also when ``target`` does not match).
     A `CheckpointConfigError` (sparse layers differ, see `restore_checkpoint`) is raised at once.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> for step in (1, 2):
+    ...     _ = checkpoint.save_checkpoint(d, step, {"w": jnp.full(3, step)})
+    >>> step, state = checkpoint.restore_latest(d, {"w": jnp.zeros(3, jnp.int32)})
+    >>> step, state["w"].tolist()
+    (2, [2, 2, 2])
     """
     directory = pathlib.Path(directory).absolute()
     steps = _all_steps(directory) if directory.is_dir() else []
@@ -632,7 +701,9 @@ def _checkpointer() -> ocp.Checkpointer:
 
 def _compressed_layers(model: nnx.Module) -> dict[str, "CompressedLinear"]:
     return {
-        "/".join(str(p) for p in path): node for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)
+        "/".join(str(p) for p in path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, CompressedLinear)
     }
 
 
@@ -640,9 +711,17 @@ def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathli
     """Saves an inference copy of ``model`` (2:4 layers compressed by `compress_layers`) with orbax.
 
     ``directory`` must not exist (nothing is overwritten); ``model`` itself is left unchanged. The
-    export is written to a temporary sibling folder and renamed into place, with each array's CRC32
-    and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
+    export is written to a temporary sibling folder and renamed into place, with each array's
+    checksum (`fingerprint`) and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
     `load_compressed`. A failed write raises `CheckpointWriteError` and leaves nothing behind.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
+    >>> path.name
+    'export'
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists():
@@ -674,6 +753,16 @@ def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Modu
 
     Each layer takes the exported ``fp8`` setting. Everything is read and verified (checksums,
     metadata bytes) on a copy first: on any error ``model`` is left exactly as it was.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import checkpoint, nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
+    >>> served = checkpoint.load_compressed(path, nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(1))))
+    >>> x = jnp.ones((2, 8))
+    >>> bool(jnp.array_equal(served(x), model(x)))
+    True
     """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():

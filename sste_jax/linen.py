@@ -5,8 +5,9 @@ Both keep ``nn.Dense``'s parameters (``kernel``, ``bias``) and put the frozen β
 mutable, i.e. at ``init`` or by `fit_sparsity` for weights loaded from a dense checkpoint, and is
 read-only in ``apply``. Each β is boxed in `SparsityBeta` (Flax's ``AxisMetadata``, like
 ``nn.Partitioned``): ``apply`` unboxes it, ``nn.unbox(variables)`` gives bare arrays, and the box
-names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what it holds. MVUE keys come from the ``"sparsity"`` rng stream
-(``rngs={"sparsity": key}`` in ``apply``; Flax folds in each module's path, so layers differ).
+names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what it holds. MVUE keys
+come from the ``"sparsity"`` rng stream (``rngs={"sparsity": key}`` in ``apply``; Flax folds in
+each module's path, so layers differ).
 
 >>> import jax, jax.numpy as jnp
 >>> layer = SparseDense(4)
@@ -17,18 +18,27 @@ names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what i
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, no_type_check
 
 import jax.numpy as jnp
 from flax import linen as nn
 from flax import struct
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
-from sste_jax._select import check_rules, feed_forward as _feed_forward_rules, match_rule
+from sste_jax._select import check_rules, match_rule
+from sste_jax._select import feed_forward as _feed_forward_rules
 from sste_jax._sparsity import initial_beta
 
-__all__ = ["SparseDense", "SparsityBeta", "sparsify_dense", "fit_sparsity", "all_dense", "feed_forward", "sparse_kernel_mask"]
+__all__ = [
+    "SparseDense",
+    "SparsityBeta",
+    "sparsify_dense",
+    "fit_sparsity",
+    "all_dense",
+    "feed_forward",
+    "sparse_kernel_mask",
+]
 
 Where = Callable[[tuple[str, ...], nn.Dense], bool]
 _FEED_FORWARD_RULES = check_rules(_feed_forward_rules(), "feed_forward")
@@ -106,12 +116,21 @@ def _sparse_call(module: nn.Dense, inputs: Float[Array, "*batch in"], config: Sp
     return y
 
 
+# Runtime type checkers cannot check the fields inherited from nn.Dense (``promote_dtype`` is a
+# non-runtime-checkable Protocol); the call's shapes are checked in `_sparse_call`.
+@no_type_check
 class SparseDense(nn.Dense):
     """Drop-in ``nn.Dense`` with a 2:4 sparse forward weight (`sste_jax.sparse_dense`).
 
     Same fields as ``nn.Dense`` plus ``config`` and ``beta``; same ``params``; β in ``"sparsity"/beta``
     (1.0 for methods other than ``"sste"``, which ignore it), fitted to the initial kernel unless
     ``beta`` is given (an all-zero or non-finite kernel cannot be fitted and raises).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax.linen import SparseDense
+    >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> bool(variables["sparsity"]["beta"].value == sste_jax.fit_beta(variables["params"]["kernel"]))
+    True
     """
 
     config: SparsityConfig = SparsityConfig()
@@ -134,23 +153,38 @@ class SparseDense(nn.Dense):
         kernel, beta = self.get_variable("params", "kernel"), self.get_variable("sparsity", "beta")
         if kernel is None or beta is None:
             missing = [n for n, v in (("params/kernel", kernel), ("sparsity/beta", beta)) if v is None]
-            raise ValueError(f"{'/'.join(self.path) or 'SparseDense'}: the variables lack {missing}; pass the ones init made")
-        return forward_weight(kernel, nn.meta.unbox(beta), self.config)
+            raise ValueError(
+                f"{'/'.join(self.path) or 'SparseDense'}: the variables lack {missing}; pass the ones init made"
+            )
+        return forward_weight(kernel, nn.unbox(beta), self.config)  # β as init made it: a SparsityBeta box
 
 
 def all_dense(path: tuple[str, ...], module: nn.Dense) -> bool:
-    """Every ``nn.Dense`` (layers whose contraction length is not divisible by 4 raise when called)."""
+    """Every ``nn.Dense`` (layers whose contraction length is not divisible by 4 raise when called).
+
+    >>> import flax.linen as nn
+    >>> from sste_jax.linen import all_dense
+    >>> all_dense(("head",), nn.Dense(4))
+    True
+    """
     return True
 
 
 def feed_forward(path: tuple[str, ...], module: nn.Dense) -> bool:
-    """The feed-forward ``nn.Dense`` layers of transformer blocks: the path matches `sste_jax.FEED_FORWARD`."""
+    """The feed-forward ``nn.Dense`` layers of transformer blocks: the module path matches
+    `sste_jax.FEED_FORWARD` (the paper's default; one rule set for every path).
+
+    >>> import flax.linen as nn
+    >>> from sste_jax.linen import feed_forward
+    >>> feed_forward(("Block_0", "mlp", "Dense_0"), nn.Dense(4)), feed_forward(("head",), nn.Dense(4))
+    (True, False)
+    """
     return bool(match_rule(_FEED_FORWARD_RULES, "/".join(path)))
 
 
 @contextlib.contextmanager
 def sparsify_dense(
-    config: SparsityConfig = SparsityConfig(), where: Where = feed_forward, *, beta: float | None = None
+    config: SparsityConfig = SparsityConfig(), where: Where = feed_forward, *, beta: Real[ArrayLike, ""] | None = None
 ) -> Iterator[None]:
     """Within this context, the ``nn.Dense`` calls selected by ``where(module.path, module)`` are 2:4 sparse.
 
@@ -190,6 +224,15 @@ def fit_sparsity(model: nn.Module, params: Any, *args, rngs: Any = None, **kwarg
 
     Runs ``model.apply({"params": params}, *args, **kwargs)`` once with ``"sparsity"`` mutable; call
     it inside `sparsify_dense` for an unmodified model. Returns ``{"params": params, "sparsity": β}``.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from sste_jax.linen import all_dense, fit_sparsity, sparsify_dense
+    >>> model, x = nn.Dense(4), jnp.ones((2, 8))
+    >>> dense_params = model.init(jax.random.key(0), x)["params"]  # e.g. from a dense checkpoint
+    >>> with sparsify_dense(where=all_dense):
+    ...     variables = fit_sparsity(model, dense_params, x)
+    >>> sorted(variables), bool(variables["sparsity"]["beta"].value > 0)
+    (['params', 'sparsity'], True)
     """
     _, state = model.apply({"params": params}, *args, rngs=rngs, mutable=["sparsity"], **kwargs)
     return {"params": params, "sparsity": state["sparsity"]}
@@ -200,6 +243,13 @@ def sparse_kernel_mask(variables: Any) -> Any:
 
     Use it as the ``mask`` of `sste_jax.add_srste_decay` (for ``"ste"`` layers: ``"srste"`` layers add
     that term themselves) or `sste_jax.add_masked_decay` on params.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from sste_jax.linen import SparseDense, sparse_kernel_mask
+    >>> model = nn.Sequential([SparseDense(8), nn.Dense(4)])
+    >>> variables = model.init(jax.random.key(0), jnp.ones((2, 8)))
+    >>> sparse_kernel_mask(variables)
+    {'layers_0': {'kernel': True, 'bias': False}, 'layers_1': {'kernel': False, 'bias': False}}
     """
     sparse = set()
 

@@ -2,7 +2,7 @@
 
 `sparsify` swaps the chosen ``nnx.Linear`` layers of a model in place for `SparseLinear` layers
 holding the same ``kernel`` and ``bias`` variables, and fits each frozen β from the weights at that
-moment (SPEC §4). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
+moment (``docs/algorithm.md#beta-and-the-optimizer``). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
 under any other filter).
 
@@ -36,11 +36,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
-from jaxtyping import Array, Float, Shaped, UInt8
+from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
 from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
-from sste_jax._select import check_rules, feed_forward as _feed_forward_rules, match_rule
+from sste_jax._select import check_rules, match_rule
+from sste_jax._select import feed_forward as _feed_forward_rules
 from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
@@ -69,7 +70,15 @@ class SparsityBeta(nnx.Variable):
     """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``.
 
     Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
-    ``sparse_decay``, ``sparse_n``, ``sparse_m``), so that a checkpoint of a model's state knows its layers' methods.
+    ``sparse_decay``, ``sparse_n``, ``sparse_m``), so that a checkpoint of a model's state knows its
+    layers' methods.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))
+    >>> isinstance(layer.beta, nnx.Param), layer.beta.sparse_method
+    (False, 'sste')
     """
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
@@ -85,6 +94,13 @@ class SparsityMask(nnx.Variable):
     """The forward mask of a ``"tsrste"`` `SparseLinear` (bool, the kernel's shape); not an ``nnx.Param``.
 
     Set to `transposable_mask_24` of the kernel when the layer is built and by `refresh_masks`.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 8, config=sste_jax.SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0))
+    >>> layer.mask[...].sum(0).tolist()  # two kept per column and per row of each 4×4 block
+    [4, 4, 4, 4, 4, 4, 4, 4]
     """
 
 
@@ -134,7 +150,7 @@ class SparseLinear(nnx.Linear):
         out_features: int,
         *,
         config: SparsityConfig = SparsityConfig(),
-        beta: float | jax.Array | None = None,
+        beta: Real[ArrayLike, ""] | None = None,
         **kwargs,
     ):
         check_config(config, f"SparseLinear({in_features}, {out_features})")
@@ -189,12 +205,27 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
 
 
 def all_linear(path: Path, module: nnx.Linear) -> bool:
-    """Every linear layer whose contraction length (``in_features``) is divisible by 4."""
+    """Every linear layer whose contraction length (``in_features``) is divisible by 4.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> sparse_nnx.all_linear(("head",), nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
+    True
+    """
     return module.in_features % 4 == 0
 
 
 def feed_forward(path: Path, module: nnx.Linear) -> bool:
-    """The feed-forward linears of transformer blocks: the path matches `sste_jax.FEED_FORWARD`."""
+    """The feed-forward linears of transformer blocks: the path matches `sste_jax.FEED_FORWARD` (the
+    paper's default, ``docs/algorithm.md#what-is-sparsified``; one rule set for every path).
+
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+    >>> sparse_nnx.feed_forward(("blocks", 0, "mlp", "c_fc"), layer), sparse_nnx.feed_forward(("head",), layer)
+    (True, False)
+    """
     return bool(match_rule(_FEED_FORWARD_RULES, _path_str(path)))
 
 
@@ -242,7 +273,7 @@ def sparsify(
     where: Where = feed_forward,
     *,
     rngs: nnx.Rngs | nnx.RngStream | None = None,
-    beta: float | jax.Array | None = None,
+    beta: Real[ArrayLike, ""] | None = None,
 ) -> nnx.Module:
     """Swaps, in place, the ``nnx.Linear`` layers selected by ``where`` for `SparseLinear`; returns ``model``.
 
@@ -257,6 +288,14 @@ def sparsify(
       ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
         not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
         anything is changed; or when ``where`` selects no layer.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
+    >>> model = sparse_nnx.sparsify(model, sste_jax.SparsityConfig(), where=sparse_nnx.all_linear)
+    >>> [type(layer).__name__ for layer in (model.layers[0], model.layers[2])]
+    ['SparseLinear', 'SparseLinear']
     """
     check_config(config, "sparsify")
     linears = [
@@ -295,6 +334,14 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[s
     `sste_jax.add_srste_decay` (``methods=("ste",)``: ``"srste"`` layers add that term themselves), of
     `sste_jax.scale_by_step`'s ``sparse``, or of a per-layer learning rate, with
     ``nnx.Optimizer(model, tx, wrt=wrt)``.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+    >>> mask = sparse_nnx.sparse_kernel_mask(model)
+    >>> bool(mask["layers"][0]["kernel"]), bool(mask["layers"][1]["kernel"])
+    (True, False)
     """
     sparse_paths = {path for path, node in nnx.iter_graph(model)
                     if isinstance(node, SparseLinear) and (methods is None or node.config.method in methods)}
@@ -305,14 +352,24 @@ def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[s
 
 
 def _layers(model: nnx.Module, method: str) -> list[SparseLinear]:
-    return [node for _, node in nnx.iter_graph(model) if isinstance(node, SparseLinear) and node.config.method == method]
+    return [
+        node for _, node in nnx.iter_graph(model) if isinstance(node, SparseLinear) and node.config.method == method
+    ]
 
 
 def refresh_masks(model: nnx.Module) -> int:
     """Sets the mask of every ``"tsrste"`` layer to `transposable_mask_24` of its current kernel.
 
-    T-SR-STE refreshes every 40 steps (SPEC §7); call it inside the jitted step under a
+    T-SR-STE refreshes every 40 steps (``docs/algorithm.md#baselines``); call it inside the jitted step under a
     ``jax.lax.cond`` on the step, or between steps. Returns the number of layers refreshed.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 8, config=sste_jax.SparsityConfig(method="tsrste"),
+    ...                                                rngs=nnx.Rngs(0)))
+    >>> sparse_nnx.refresh_masks(model)
+    1
     """
     layers = _layers(model, "tsrste")
     for layer in layers:
@@ -324,8 +381,15 @@ def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] | None 
     """Sets β of every ``"sste"`` layer to ``rule(kernel)`` (default `fit_beta` with the layer's N:M);
     returns the count.
 
-    β is fitted once, by `sparsify` (SPEC §4). This is for ablations: another rule at
-    initialisation, or recomputing β during training (the documented failure mode).
+    β is fitted once, by `sparsify` (``docs/algorithm.md#beta-and-the-optimizer``). This is for
+    ablations: another rule at initialisation, or recomputing β during training (the documented failure mode).
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> sparse_nnx.refit_beta(model, rule=lambda kernel: 1.0), float(model.layers[0].beta[...])
+    (1, 1.0)
     """
     layers = _layers(model, "sste")
     for layer in layers:
@@ -336,7 +400,15 @@ def refit_beta(model: nnx.Module, rule: Callable[[jax.Array], jax.Array] | None 
 
 
 class Packed24(nnx.Variable):
-    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param."""
+    """2:4-compressed weight data of a `CompressedLinear` (kept values or uint8 metadata); not a Param.
+
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> layer = sparse_nnx.compress_layers(model).layers[0]
+    >>> isinstance(layer.meta, sparse_nnx.Packed24), layer.meta[...].dtype, isinstance(layer.meta, nnx.Param)
+    (True, dtype('uint8'), False)
+    """
 
 
 class CompressedLinear(nnx.Module):
@@ -411,7 +483,18 @@ def _forward_weights(model: nnx.Module) -> list[tuple[Path, nnx.Module, jax.Arra
 
 def densify_layers(model: nnx.Module) -> nnx.Module:
     """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
-    baked in); returns ``model``. The result needs nothing from sste_jax to run."""
+    baked in); returns ``model``. The result needs nothing from sste_jax to run.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> dense = sparse_nnx.densify_layers(model)
+    >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
+    ('Linear', True)
+    """
     for path, layer, w_tilde in _forward_weights(model):
         _set_child(model, path, _dense_linear(layer, w_tilde))
     return model
@@ -419,7 +502,18 @@ def densify_layers(model: nnx.Module) -> nnx.Module:
 
 def compress_layers(model: nnx.Module) -> nnx.Module:
     """Replaces, in place, every 2:4 layer by a `CompressedLinear` of its ``W̃`` (layers with
-    ``method="dense"`` by an ``nnx.Linear``); returns ``model``."""
+    ``method="dense"`` by an ``nnx.Linear``); returns ``model``.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> compressed = sparse_nnx.compress_layers(model)
+    >>> type(compressed.layers[0]).__name__, bool(jnp.array_equal(compressed(x), y))
+    ('CompressedLinear', True)
+    """
     for path, layer, w_tilde in _forward_weights(model):
         if layer.config.sparse:
             bias = layer.bias[...] if layer.bias is not None else None
@@ -436,7 +530,18 @@ def decompress_layers(model: nnx.Module) -> nnx.Module:
     """Replaces, in place, every `CompressedLinear` (except FP8 ones, whose product is FP8) by an
     ``nnx.Linear`` holding its decompressed weight; returns ``model``. Call it once on a served model
     (e.g. inside a jitted generation function, before its decoding loop) so the weights are
-    decompressed once, not on every call; the outputs are the same, bit for bit."""
+    decompressed once, not on every call; the outputs are the same, bit for bit.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> model = sparse_nnx.compress_layers(nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))))
+    >>> x = jnp.ones((2, 8))
+    >>> y = model(x)
+    >>> served = sparse_nnx.decompress_layers(model)
+    >>> type(served.layers[0]).__name__, bool(jnp.array_equal(served(x), y))
+    ('Linear', True)
+    """
     for path, node in list(nnx.iter_graph(model)):
         if isinstance(node, CompressedLinear) and not node.fp8:
             _set_child(model, path, _dense_linear(node, node.forward_weight()))

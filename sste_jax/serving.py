@@ -71,7 +71,12 @@ _PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores f
 
 class Target(NamedTuple):
     """Where one parameter goes: the tensor ``name`` in the file, and whether our array is written
-    transposed (``True`` for a Flax ``(in, out)`` kernel stored as a PyTorch ``(out, in)`` weight)."""
+    transposed (``True`` for a Flax ``(in, out)`` kernel stored as a PyTorch ``(out, in)`` weight).
+
+    >>> from sste_jax import serving
+    >>> serving.Target("model.fc1.weight", transpose=True)
+    Target(name='model.fc1.weight', transpose=True)
+    """
 
     name: str
     transpose: bool = False
@@ -97,7 +102,17 @@ def inference_weights(model: nnx.Module) -> tuple[dict[str, Array], frozenset[st
     """``({path: array}, sparse paths)``: every ``nnx.Param`` of ``model`` by ``/``-joined path, with the
     kernel of each sparse layer replaced by the layer's ``forward_weight()`` (β·S(W) for S-STE, the
     masked weight for T-SR-STE), and the paths of those kernels whose forward weight is 2:4.
-    `sste_jax.nnx.CompressedLinear` layers (a served model) give their decompressed weight."""
+    `sste_jax.nnx.CompressedLinear` layers (a served model) give their decompressed weight.
+
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx, serving
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> weights, sparse = serving.inference_weights(model)
+    >>> sorted(weights), sorted(sparse)
+    (['layers/0/bias', 'layers/0/kernel'], ['layers/0/kernel'])
+    >>> bool((weights["layers/0/kernel"] == model.layers[0].forward_weight()).all())  # β·S(W), not W
+    True
+    """
     weights = {_path_str(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sparse = set()
     for path, layer in sparse_modules(model):
@@ -158,6 +173,14 @@ def save_safetensors(
         ``quantization_config`` of the 2:4 weights is added to it.
 
     ``directory`` must not exist (nothing is overwritten). Returns it.
+
+    >>> import tempfile, jax, sste_jax
+    >>> from sste_jax import serving
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))  # 2:4, (in, out)
+    >>> targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    >>> d = serving.save_safetensors(tempfile.mkdtemp() + "/fc", {"fc/kernel": w}, targets, sparse=["fc/kernel"])
+    >>> sorted(p.name for p in d.iterdir())
+    ['config.json', 'model.safetensors']
     """
     torch = _needs_torch()
     from compressed_tensors.compressors import ModelCompressor, Sparse24BitMaskTensor
@@ -202,7 +225,17 @@ def save_safetensors(
 def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]) -> dict[str, np.ndarray]:
     """``{path: array}`` of an export (our layout, float32/bfloat16/float16 as stored), 2:4 weights
     decompressed by ``compressed-tensors``: the inverse of `save_safetensors`. Raises naming every
-    target missing from the file and every tensor of the file no target names."""
+    target missing from the file and every tensor of the file no target names.
+
+    >>> import tempfile, jax, numpy as np, sste_jax
+    >>> from sste_jax import serving
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 4)))
+    >>> targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    >>> d = serving.save_safetensors(tempfile.mkdtemp() + "/fc", {"fc/kernel": w}, targets, sparse=["fc/kernel"])
+    >>> back = serving.load_safetensors(d, targets)
+    >>> back["fc/kernel"].shape, bool(np.array_equal(back["fc/kernel"], w))  # our (in, out) layout, exact
+    ((8, 4), True)
+    """
     torch = _needs_torch()
     from compressed_tensors.compressors import Sparse24BitMaskTensor
     from safetensors.torch import load_file
@@ -238,6 +271,16 @@ def import_weights(model: nnx.Module, weights: Mapping[str, Any], *, sparse: Ite
     The layer of each ``sparse`` kernel becomes a `sste_jax.nnx.CompressedLinear` holding that 2:4
     weight compressed (decompressed once per call: its output equals the exported model's); every
     other path must be an ``nnx.Param`` of ``model`` of the same shape (raises naming each mismatch).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx, serving
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> weights, sparse = serving.inference_weights(model)
+    >>> served = serving.import_weights(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(1))), weights, sparse=sparse)
+    >>> x = jnp.ones((2, 8))
+    >>> type(served.layers[0]).__name__, bool(jnp.array_equal(served(x), model(x)))
+    ('CompressedLinear', True)
     """
     sparse = set(sparse)
     params = {_path_str(path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

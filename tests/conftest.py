@@ -1,12 +1,18 @@
-"""Strict test configuration: CPU only, float32 matmuls, NaN checks, fixed hypothesis profile."""
+"""Strict test configuration: CPU only, float32 matmuls, runtime-checked annotations, fixed hypothesis profile."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import chex  # noqa: E402
 import jax  # noqa: E402
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
+
+# Every jaxtyping annotation in the package is checked at run time (shapes and dtypes), as equinox's
+# tests do; the hook must be installed before the first import of sste_jax.
+jaxtyping.install_import_hook("sste_jax", "beartype.beartype")
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -37,3 +43,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(params=[False, True], ids=["with_jit", "without_jit"])
+def variant(request):
+    """Runs a test twice, as ``chex.variants(with_jit=True, without_jit=True)`` does for TestCases.
+
+    The test wraps the code under test in ``variant(fn, static_argnames=...)``, i.e. `jax.jit`: the
+    first run compiles it, the second runs it op by op inside `chex.fake_jit`.
+    """
+    with chex.fake_jit(enable_patching=request.param):
+        yield jax.jit
+
+
+@pytest.fixture(autouse=True)
+def _runtime_type_checks(request):
+    """Tests marked ``outside_annotations`` call with arguments the annotations exclude (wrong dtypes,
+    shapes, types) to test the library's own error messages, which users see: the runtime type
+    checker is off for them."""
+    if request.node.get_closest_marker("outside_annotations") is None:
+        yield
+        return
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

@@ -152,7 +152,9 @@ def test_lm_ablation_tables_from_finished_runs(tmp_path, monkeypatch):
     assert texts == {s: (out / f"{s}.md").read_text() for s in ablate.SETS}
     table2 = texts["table2"]
     assert "Command: `python -m experiments.ablate --task lm" in table2
-    assert "| reference (`dense`) | 0.003 | 2.0000 ± 0.0000 |  | 1.00 ± 0.00 | 640 |" in table2  # 10 steps/s x 4 x 16 tokens
+    assert (
+        "| reference (`dense`) | 0.003 | 2.0000 ± 0.0000 |  | 1.00 ± 0.00 | 640 |" in table2
+    )  # 10 steps/s x 4 x 16 tokens
     assert ("| soft threshold, β L1 (‖W‖₁ / ‖S(W)‖₁) (`sste_beta_l1`) | 0.003 | 2.0300 ± 0.0000 | "
             "+0.0300 [+0.0300, +0.0300]* | 4.00 ± 0.00 |") in table2
     assert ("| S-STE + FP8 (`sste_fp8`) | 0.003 | 2.0600 ± 0.0000 | +0.0600 [+0.0600, +0.0600]* | 7.00 ± 0.00 |"

@@ -25,7 +25,11 @@ def _groups_ok(w, axis):
 
 @pytest.mark.parametrize(
     "equation, x_shape, w_shape, w_axis",
-    [("btd,df->btf", (2, 4, 8), (8, 12), 0), ("btd,fd->bft", (2, 4, 8), (12, 8), 1), ("btd,gdf->gbtf", (2, 4, 8), (3, 8, 4), 1)],
+    [
+        ("btd,df->btf", (2, 4, 8), (8, 12), 0),
+        ("btd,fd->bft", (2, 4, 8), (12, 8), 1),
+        ("btd,gdf->gbtf", (2, 4, 8), (3, 8, 4), 1),
+    ],
 )
 def test_sparse_einsum_is_the_product_with_groups_on_the_contraction_axis(equation, x_shape, w_shape, w_axis):
     x = jax.random.normal(jax.random.key(0), x_shape)
@@ -160,7 +164,9 @@ def test_nnx_equals_the_layer_path(config):
     loss_a = _train_nnx(anymodel, x, y, 5)
     loss_l = _train_nnx(layered, x, y, 5)
     np.testing.assert_allclose(loss_a, loss_l, rtol=1e-5)
-    np.testing.assert_allclose(anymodel.blocks[1].mlp.fc.kernel[...], layered.blocks[1].mlp.fc.kernel[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        anymodel.blocks[1].mlp.fc.kernel[...], layered.blocks[1].mlp.fc.kernel[...], rtol=1e-5, atol=1e-6
+    )
 
 
 def test_nnx_trains_with_mvue_fp8_and_beta_stays_frozen():
@@ -265,7 +271,9 @@ def test_linen_forward_is_the_2_4_product():
     params["h_0"]["c_fc"] = w_tilde
     params["h_1"]["c_fc"] = variables["sparsity"]["h_1"]["c_fc_beta"] * sste_jax.soft_threshold_24(
         variables["params"]["h_1"]["c_fc"], axis=1)
-    np.testing.assert_allclose(model.apply(variables, x), _LinenNet().apply({"params": params}, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        model.apply(variables, x), _LinenNet().apply({"params": params}, x), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_linen_unmatched_rule_raises_at_init_and_apply_needs_beta():

@@ -290,7 +290,10 @@ def test_export_compressed_round_trip_is_bitwise_with_half_the_bytes(tmp_path, c
     dense = sum(k.nbytes for k in kernels.values())
     packed = _tree_nbytes(nnx.state(inference, checkpoint.Packed24))
     on_disk = sum(p.stat().st_size for p in (tmp_path / "export").rglob("*") if p.is_file())
-    print(f"\n{config.method}, fp8={config.fp8}: sparse kernels {dense} B dense -> {packed} B compressed; export on disk {on_disk} B")
+    print(
+        f"\n{config.method}, fp8={config.fp8}: sparse kernels {dense} B dense -> {packed} B compressed; "
+        f"export on disk {on_disk} B"
+    )
     assert packed == dense // 2 + dense // 16  # float32: values 1/2, metadata 1/16 of the dense bytes
 
 
@@ -352,18 +355,24 @@ def test_a_saved_module_records_its_layer_configs_and_refuses_a_differently_spar
 def test_srste_decay_differences_are_refused_and_a_bare_model_state_is_recorded(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _sparse_model(0, SparsityConfig(method="srste")))
     target = _sparse_model(1, SparsityConfig(method="srste", srste_decay=1e-3))
-    with pytest.raises(checkpoint.CheckpointConfigError, match=r"blocks/0/fc1: srste_decay=0\.0002 in the checkpoint, "):
+    with pytest.raises(
+        checkpoint.CheckpointConfigError, match=r"blocks/0/fc1: srste_decay=0\.0002 in the checkpoint, "
+    ):
         checkpoint.restore_checkpoint(tmp_path, target)
 
 
 def test_plain_states_record_which_layers_are_sparse(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, {"model": nnx.state(_sparse_model(0))})
     half = sparse_nnx.sparsify(_Model(nnx.Rngs(1)), where=lambda path, m: path[-1] == "fc1")
-    with pytest.raises(checkpoint.CheckpointConfigError, match="model/blocks/0/fc2: sparse \\(has a beta\\) only in the checkpoint"):
+    with pytest.raises(
+        checkpoint.CheckpointConfigError, match="model/blocks/0/fc2: sparse \\(has a beta\\) only in the checkpoint"
+    ):
         checkpoint.restore_checkpoint(tmp_path, {"model": nnx.state(half)})
     # The β variables of an nnx.State carry their layer's method: sste -> ste is refused.
     ste = nnx.state(_sparse_model(1, SparsityConfig(method="ste")))
-    with pytest.raises(checkpoint.CheckpointConfigError, match="model/blocks/0/fc1: method='sste' in the checkpoint, 'ste'"):
+    with pytest.raises(
+        checkpoint.CheckpointConfigError, match="model/blocks/0/fc1: method='sste' in the checkpoint, 'ste'"
+    ):
         checkpoint.restore_checkpoint(tmp_path, {"model": ste})
     restored = checkpoint.restore_checkpoint(tmp_path, {"model": nnx.state(_sparse_model(1))})
     assert "model" in restored
@@ -392,7 +401,9 @@ def test_parameter_path_specs_record_their_configs(tmp_path):
     restored = checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": sste_spec})
     assert float(restored["spec"]["mlp/kernel"].beta) == float(sste_spec["mlp/kernel"].beta)
     ste_spec = sste_jax.sparsity_spec(params, where=where, config=SparsityConfig(method="ste"))
-    with pytest.raises(checkpoint.CheckpointConfigError, match="spec/mlp/kernel: method='sste' in the checkpoint, 'ste'"):
+    with pytest.raises(
+        checkpoint.CheckpointConfigError, match="spec/mlp/kernel: method='sste' in the checkpoint, 'ste'"
+    ):
         checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": ste_spec})
 
 

@@ -33,12 +33,15 @@ def _flip_a_data_byte(step_dir: pathlib.Path) -> None:
 
 
 def _equal(a, b) -> bool:
-    return all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def test_a_flipped_byte_is_caught_by_the_checksum_naming_the_array(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _state(1))
-    assert json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["algorithm"] == "fingerprint64"
+    stored = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())
+    assert stored["algorithm"] == "fingerprint64"
     assert _equal(checkpoint.restore_checkpoint(tmp_path, _state(0)), _state(1))
     _flip_a_data_byte(tmp_path / "1")
     with pytest.raises(checkpoint.CheckpointError, match=rf"checkpoint {tmp_path / '1'} is corrupt: array 'w'"):
@@ -222,7 +225,9 @@ def test_every_single_bit_flip_changes_the_fingerprint(dtype):
         for bit in range(1 if a.dtype == np.bool_ else 8):
             damaged = bits.copy().reshape(-1)
             damaged[byte] ^= np.uint8(1 << bit)
-            flips.append(damaged.view(a.dtype).reshape(a.shape) if a.dtype != np.bool_ else damaged.astype(bool).reshape(a.shape))
+            flips.append(
+                damaged.view(a.dtype).reshape(a.shape) if a.dtype != np.bool_ else damaged.astype(bool).reshape(a.shape)
+            )
     names = {f"f{i}": f for i, f in enumerate(flips)}
     sums = checkpoint.fingerprint({"clean": a, **names})
     assert all(sums[n] != sums["clean"] for n in names)

@@ -1,8 +1,10 @@
-"""Tests of the FP8 products (SPEC §3, FP8): per-tensor current scaling, clip before cast, f32 accumulation.
+"""Tests of the FP8 products (docs/algorithm.md#fp8-products): per-tensor current scaling, clip before cast,
+float32 accumulation.
 
 The reference quantises with NumPy and ml_dtypes, independently of ``sste_jax._fp8``.
 """
 
+import chex
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -17,26 +19,27 @@ FORMATS = {
 
 
 def ref_quantize(t, np_fmt, fmax):
-    """SPEC: ``s = FP8_MAX / amax(|t|)`` (1 when amax = 0); clip to ±FP8_MAX, then cast."""
+    """``s = FP8_MAX / amax(|t|)`` (1 when amax = 0); clip to ±FP8_MAX, then cast."""
     t = np.asarray(t, np.float32)
     amax = np.abs(t).max()
     s = np.float32(fmax) / amax if amax > 0 else np.float32(1.0)
     return np.clip(t * s, -fmax, fmax).astype(np_fmt), np.float32(s)
 
 
-def test_formats_are_the_spec_ones():
+def test_formats_are_e4m3fn_forward_and_e5m2_backward():
     assert _fp8.FORWARD == jnp.float8_e4m3fn and _fp8.BACKWARD == jnp.float8_e5m2
     assert float(jnp.finfo(_fp8.FORWARD).max) == 448.0 and float(jnp.finfo(_fp8.BACKWARD).max) == 57344.0
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e4, 1e30])
-def test_quantize_matches_reference(name, scale):
+def test_quantize_matches_reference(name, scale, variant):
     fmt, np_fmt, fmax = FORMATS[name]
     t = (np.random.default_rng(0).normal(size=(16, 8)) * scale).astype(np.float32)
-    q, s = _fp8.quantize(jnp.asarray(t), fmt)
+    q, s = variant(_fp8.quantize, static_argnums=1)(jnp.asarray(t), fmt)
     q_ref, s_ref = ref_quantize(t, np_fmt, fmax)
-    assert q.dtype == fmt and s.dtype == jnp.float32
+    chex.assert_type([q, s], [fmt, jnp.float32])
+    chex.assert_shape([q, s], [t.shape, ()])
     np.testing.assert_allclose(float(s), float(s_ref), rtol=1e-7)
     np.testing.assert_array_equal(np.asarray(q).astype(np.float32), q_ref.astype(np.float32))
     assert np.isfinite(np.asarray(q).astype(np.float32)).all()
@@ -51,22 +54,24 @@ def test_quantize_zero_tensor(name):
     np.testing.assert_array_equal(np.asarray(q).astype(np.float32), 0.0)
 
 
-def test_quantize_clips_before_cast():
+def test_quantize_clips_before_cast(variant):
     # t·s rounds in float32 and can land just above 448; an unclipped e4m3fn cast of that is NaN.
     t = np.array([[448.0 * 3, -3.0000002 * 448, 1.0]], np.float32)
-    q, _ = _fp8.quantize(jnp.asarray(t), jnp.float8_e4m3fn)
+    q, _ = variant(_fp8.quantize, static_argnums=1)(jnp.asarray(t), jnp.float8_e4m3fn)
     q = np.asarray(q).astype(np.float32)
     assert np.isfinite(q).all() and np.abs(q).max() <= 448.0
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_fp8_dot_matches_reference_and_is_float32(name):
+def test_fp8_dot_matches_reference_and_is_float32(name, variant):
     fmt, np_fmt, fmax = FORMATS[name]
     rng = np.random.default_rng(1)
     a = (rng.normal(size=(8, 16)) * 1e4).astype(np.float32)  # far beyond e4m3's 448
     b = (rng.normal(size=(16, 12)) * 3e-2).astype(np.float32)
-    out = _fp8.fp8_dot(jnp.asarray(a), jnp.asarray(b), fmt)
-    assert out.dtype == jnp.float32 and np.isfinite(np.asarray(out)).all()
+    out = variant(_fp8.fp8_dot, static_argnums=2)(jnp.asarray(a), jnp.asarray(b), fmt)
+    chex.assert_type(out, jnp.float32)
+    chex.assert_shape(out, (8, 12))
+    chex.assert_tree_all_finite(out)
     qa, sa = ref_quantize(a, np_fmt, fmax)
     qb, sb = ref_quantize(b, np_fmt, fmax)
     qa, qb = qa.astype(np.float64), qb.astype(np.float64)

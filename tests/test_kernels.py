@@ -1,4 +1,4 @@
-"""Pallas kernels (interpreted on CPU): bit-for-bit equal to the pure functions of SPEC §2."""
+"""Pallas kernels (interpreted on CPU): bit-for-bit equal to the pure functions (docs/algorithm.md#pure-functions)."""
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,7 @@ def test_prune_compress_transposed_is_the_transpose(dtype):
     np.testing.assert_array_equal(_bits(w_tilde_t), _bits(sste_jax.decompress_24(out.values, out.meta).T))
 
 
+@pytest.mark.outside_annotations
 def test_prune_compress_rejects_bad_input():
     w = jnp.ones((6, 8))
     with pytest.raises(ValueError, match=r"\(6, 8\)"):
@@ -151,7 +152,9 @@ def test_compiled_kernels_match_pure_functions_on_gpu(dtype, shape):
     np.testing.assert_array_equal(out.meta, sste_jax.compress_24(w)[1])
     np.testing.assert_array_equal(_bits(sste_jax.decompress_24(out.values, out.meta)), _bits(w_tilde))
     out_t = prune_compress_24(w, beta, transpose=True)
-    np.testing.assert_array_equal(_bits(out_t.values), _bits(out.values.reshape(-1, 2, shape[1]).transpose(2, 0, 1).reshape(shape[1], -1)))
+    np.testing.assert_array_equal(
+        _bits(out_t.values), _bits(out.values.reshape(-1, 2, shape[1]).transpose(2, 0, 1).reshape(shape[1], -1))
+    )
     key = jax.random.key(3)
     values, meta = mvue_compress_24(key, w)
     ref = jax.jit(sste_jax.mvue_24)(key, w)

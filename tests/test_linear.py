@@ -1,12 +1,14 @@
-"""Tests of `sparse_dense`, `forward_weight` and `SparsityConfig` (SPEC §3).
+"""Tests of `sparse_dense`, `forward_weight` and `SparsityConfig` (docs/algorithm.md#sparse-linear-transform).
 
-Every expected value is computed in the test with NumPy (float64) from the rules of SPEC §3: the
-forward weight per method, ``dx = g @ W̃ᵀ``, ``dW = xᵀ ĝ`` (+ ``λ(1 − mask)⊙W`` for SR-STE).
+Every expected value is computed in the test with NumPy (float64) from the rules of
+docs/algorithm.md#sparse-linear-transform: the forward weight per method, ``dx = g @ W̃ᵀ``,
+``dW = xᵀ ĝ`` (+ ``λ(1 − mask)⊙W`` for SR-STE).
 """
 
 import dataclasses
 import itertools
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -53,7 +55,7 @@ def ref_forward_weight(w, beta, method):
 
 
 def ref_inclusion_and_pairs(x):
-    """SPEC's MVUE draw for one group: inclusion ``p_k`` and joint inclusion ``pi[a, b]``."""
+    """The MVUE draw (docs/algorithm.md#pure-functions) of one group: inclusion ``p_k``, joint ``pi[a, b]``."""
     a = np.abs(np.asarray(x, np.float64)) + EPS32
     s = a.sum()
     ordered = np.array([[a[i] / s * a[j] / (s - a[i]) if i != j else 0.0 for j in range(4)] for i in range(4)])
@@ -71,22 +73,27 @@ def _data(seed=0, t=T, dtype=np.float32):
     return x, w, g
 
 
-def _vjp(x, w, beta, g, config, key=None):
-    y, pullback = jax.vjp(lambda x, w, b: sste_jax.sparse_dense(x, w, b, key, config), x, w, beta)
-    return (y, *pullback(g))
+def _vjp(x, w, beta, g, config, key=None, variant=None):
+    """``(y, dx, dw, dbeta)`` of `sparse_dense` for the cotangent ``g``, wrapped in ``variant`` if given."""
+
+    def run(x, w, beta, g, key):
+        y, pullback = jax.vjp(lambda x, w, b: sste_jax.sparse_dense(x, w, b, key, config), x, w, beta)
+        return (y, *pullback(g))
+
+    return (run if variant is None else variant(run))(x, w, beta, g, key)
 
 
 _BETA = np.float32(1.3)
 
 
-# ---------------------------------------------------------------- the rules of SPEC §3
+# ------------------------------------------ the rules of docs/algorithm.md#sparse-linear-transform
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_forward_and_gradients_follow_spec(method):
+def test_forward_and_gradients_follow_the_rules(method, variant):
     x, w, g = _data()
     cfg = SparsityConfig(method=method)
-    y, dx, dw, dbeta = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg)
+    y, dx, dw, dbeta = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, variant=variant)
     wt = ref_forward_weight(w, float(_BETA), method)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     np.testing.assert_allclose(np.asarray(y), x64 @ wt, rtol=1e-5, atol=1e-5)
@@ -96,7 +103,8 @@ def test_forward_and_gradients_follow_spec(method):
         dw_ref = dw_ref + 2e-4 * np.where(ref_keep_mask(w), 0.0, w)
     np.testing.assert_allclose(np.asarray(dw), dw_ref, rtol=1e-5, atol=1e-6)
     assert float(dbeta) == 0.0  # β is frozen
-    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+    chex.assert_type([y, dx, dw], jnp.float32)
+    chex.assert_shape([y, dx, dw], [(T, OUT), (T, IN), (IN, OUT)])
 
 
 def test_srste_decay_term_and_sste_has_no_beta_factor():
@@ -111,9 +119,10 @@ def test_srste_decay_term_and_sste_has_no_beta_factor():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_forward_weight_has_exact_zeros(method):
+def test_forward_weight_has_exact_zeros(method, variant):
     _, w, _ = _data(seed=2)
-    wt = np.asarray(sste_jax.forward_weight(jnp.asarray(w), jnp.float32(_BETA), SparsityConfig(method=method)))
+    forward_weight = variant(sste_jax.forward_weight, static_argnums=2)
+    wt = np.asarray(forward_weight(jnp.asarray(w), jnp.float32(_BETA), SparsityConfig(method=method)))
     np.testing.assert_allclose(wt, ref_forward_weight(w, float(_BETA), method), rtol=1e-6)
     zeros_per_group = (wt == 0.0).reshape(IN // 4, 4, OUT).sum(1)
     if method == "dense":
@@ -131,6 +140,7 @@ def test_beta_is_ignored_by_non_sste_methods():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.outside_annotations
 def test_default_config():
     cfg = SparsityConfig()
     assert (cfg.method, cfg.mvue, cfg.fp8, cfg.srste_decay, cfg.backend) == ("sste", False, False, 2e-4, "xla")
@@ -172,18 +182,18 @@ def test_config_accepts_numpy_scalars():
 # ---------------------------------------------------------------- MVUE
 
 
-def test_mvue_weight_gradient_is_x_transpose_mvue_of_g():
+def test_mvue_weight_gradient_is_x_transpose_mvue_of_g(variant):
     x, w, g = _data(seed=4)
     key = jax.random.key(11)
     cfg = SparsityConfig(mvue=True)
-    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, key)
+    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, key, variant)
     g_hat = np.asarray(sste_jax.mvue_24(key, jnp.asarray(g), axis=0), np.float64)
     assert ((g_hat != 0).reshape(T // 4, 4, OUT).sum(1) == 2).all()  # groups of 4 tokens
     np.testing.assert_allclose(np.asarray(dw), x.T.astype(np.float64) @ g_hat, rtol=1e-5, atol=1e-5)
     # The input gradient and the output are unchanged by MVUE.
-    y0, dx0, _, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), SparsityConfig())
-    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx0))
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+    dense_g = (jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), SparsityConfig())
+    y0, dx0, _, _ = _vjp(*dense_g, variant=variant)
+    chex.assert_trees_all_equal((y, dx), (y0, dx0))
 
 
 def test_mvue_weight_gradient_is_unbiased():
@@ -235,15 +245,19 @@ def test_mvue_forward_takes_any_token_count(tokens):
         (jax.random.split(jax.random.key(0), 3), ValueError, r"batch of keys of shape \(3,\)"),
     ],
 )
+@pytest.mark.outside_annotations
 def test_bad_mvue_keys_fail_in_the_forward_call(key, error, match):
     x, w, _ = _data(seed=6)
     with pytest.raises(error, match=match):
         sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, key, SparsityConfig(mvue=True))
     # A legacy raw uint32[2] key works, forward and backward.
     raw = jax.random.PRNGKey(0)
-    jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, raw, SparsityConfig(mvue=True)).sum())(jnp.asarray(w))
+    jax.grad(lambda w: sste_jax.sparse_dense(jnp.asarray(x), w, 1.0, raw, SparsityConfig(mvue=True)).sum())(
+        jnp.asarray(w)
+    )
 
 
+@pytest.mark.outside_annotations
 def test_beta_must_be_a_scalar():
     x, w, _ = _data(seed=6)
     for beta in (jnp.ones(2), [1.0, 2.0], jnp.ones((1, 1))):
@@ -253,6 +267,7 @@ def test_beta_must_be_a_scalar():
             sste_jax.forward_weight(jnp.asarray(w), beta, SparsityConfig())
 
 
+@pytest.mark.outside_annotations
 def test_array_likes_are_accepted():
     x, w, _ = _data(seed=6)
     y = sste_jax.sparse_dense(x.tolist(), w.tolist(), 1.0)
@@ -270,10 +285,8 @@ def test_leading_batch_axes_are_flattened_into_tokens(mvue):
     x3, g3 = x.reshape(2, 2, 4, IN), g.reshape(2, 2, 4, OUT)
     y3, dx3, dw3, _ = _vjp(jnp.asarray(x3), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g3), cfg, key)
     y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, key)
-    assert y3.shape == (2, 2, 4, OUT) and dx3.shape == x3.shape and dw3.shape == w.shape
-    np.testing.assert_allclose(np.asarray(y3).reshape(T, OUT), np.asarray(y), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dx3).reshape(T, IN), np.asarray(dx), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(dw3), np.asarray(dw), rtol=1e-6, atol=1e-6)
+    chex.assert_shape([y3, dx3, dw3], [(2, 2, 4, OUT), x3.shape, w.shape])
+    chex.assert_trees_all_close((y3.reshape(T, OUT), dx3.reshape(T, IN), dw3), (y, dx, dw), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["ste", "sste"])
@@ -287,8 +300,7 @@ def test_jit_grad_matches_eager(method):
 
     eager = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
     jitted = jax.jit(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), jnp.asarray(w))
-    for a, b in zip(eager, jitted):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-6)
 
 
 def test_vmap_over_kernels_and_inputs():
@@ -301,8 +313,8 @@ def test_vmap_over_kernels_and_inputs():
 
     batched = jax.vmap(grads, in_axes=(None, 0))(jnp.asarray(x), jnp.asarray(w2))
     for i in range(2):
-        for a, b in zip(batched, grads(jnp.asarray(x), jnp.asarray(w2[i]))):
-            np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-6, atol=1e-6)
+        one = grads(jnp.asarray(x), jnp.asarray(w2[i]))
+        chex.assert_trees_all_close(jax.tree.map(lambda a: a[i], batched), one, rtol=1e-6, atol=1e-6)
     x_4x4xI = jnp.asarray(x.reshape(4, 4, IN))
     ys = jax.vmap(lambda x: sste_jax.sparse_dense(x, jnp.asarray(w), _BETA, config=cfg))(x_4x4xI)
     y_ref = x.astype(np.float64) @ ref_forward_weight(w, float(_BETA), "sste")
@@ -310,12 +322,12 @@ def test_vmap_over_kernels_and_inputs():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bfloat16(method):
+def test_bfloat16(method, variant):
     x, w, g = _data(seed=10, dtype=ml_dtypes.bfloat16)
     cfg = SparsityConfig(method=method, mvue=True)
     key = jax.random.key(4)
-    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, key)
-    assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(_BETA), jnp.asarray(g), cfg, key, variant)
+    chex.assert_type([y, dx, dw], jnp.bfloat16)
     wt = ref_forward_weight(w.astype(np.float64), float(_BETA), method)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     # bf16 keeps 8 significant bits (unit roundoff 2^-9). W̃ is rounded once (β·S in f32, then bf16);
@@ -360,14 +372,14 @@ E5M2 = dict(mant_bits=2, fmax=57344.0, subnormal=2.0**-16)
 
 
 @pytest.mark.parametrize("method", ["sste", "dense"])
-def test_fp8_far_beyond_448_has_no_nan_and_fp8_sized_error(method):
+def test_fp8_far_beyond_448_has_no_nan_and_fp8_sized_error(method, variant):
     x, w, g = _data(seed=12, t=32)
     x, w, g = x * 1e4, w * 3e3, g * 1e5  # every tensor far beyond e4m3's 448
     beta = float(sste_jax.fit_beta(jnp.asarray(w))) if method == "sste" else 1.0
     cfg = SparsityConfig(method=method, fp8=True)
-    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(beta), jnp.asarray(g), cfg)
-    for t in (y, dx, dw):
-        assert np.isfinite(np.asarray(t)).all() and t.dtype == jnp.float32
+    y, dx, dw, _ = _vjp(jnp.asarray(x), jnp.asarray(w), jnp.float32(beta), jnp.asarray(g), cfg, variant=variant)
+    chex.assert_tree_all_finite((y, dx, dw))
+    chex.assert_type([y, dx, dw], jnp.float32)
     wt = np.asarray(sste_jax.forward_weight(jnp.asarray(w), jnp.float32(beta), cfg), np.float64)
     x64, g64 = x.astype(np.float64), g.astype(np.float64)
     for got, a, b, fmt in [(y, x64, wt, E4M3), (dx, g64, wt.T, E5M2), (dw, x64.T, g64, E5M2)]:
@@ -428,6 +440,7 @@ def test_fp8_fp16_grad_rounds_the_output_gradient_to_float16_first(scale):
 # ---------------------------------------------------------------- bad input
 
 
+@pytest.mark.outside_annotations
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError) as info:
         sste_jax.sparse_dense(jnp.ones((4, 8)), jnp.ones((12, 4)), 1.0)
@@ -442,6 +455,7 @@ def test_kernel_in_features_not_divisible_by_4():
     np.testing.assert_array_equal(np.asarray(y), 6.0)
 
 
+@pytest.mark.outside_annotations
 def test_integer_kernel_raises_type_error():
     with pytest.raises(TypeError, match="int32"):
         sste_jax.sparse_dense(jnp.ones((4, 8)), jnp.ones((8, 4), jnp.int32), 1.0)
@@ -467,9 +481,10 @@ def test_tsrste_forward_is_masked_kernel_and_gradient_is_straight_through():
     stale = np.roll(mask, 1, axis=1)
     y_stale = sste_jax.sparse_dense(jnp.asarray(x), jnp.asarray(w), 1.0, config=cfg, mask=jnp.asarray(stale))
     np.testing.assert_allclose(np.asarray(y_stale), x64 @ np.where(stale, w, 0.0), rtol=1e-5, atol=1e-5)
-    assert SparsityConfig().masked_decay == 6e-5  # SPEC §7's α
+    assert SparsityConfig().masked_decay == 6e-5  # T-SR-STE's α (docs/algorithm.md#baselines)
 
 
+@pytest.mark.outside_annotations
 def test_tsrste_mask_errors():
     x, w, _ = _data(seed=8)
     x, w = jnp.asarray(x), jnp.asarray(w)

@@ -1,9 +1,10 @@
 """sste_jax.linen: SparseDense, the sparsify_dense interceptor on an unmodified model, training."""
+import chex
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import flax
 import pytest
 from flax import linen as nn
 
@@ -55,9 +56,7 @@ def test_sparse_dense_has_dense_param_tree_and_frozen_beta():
     x_BxI = jax.random.normal(jax.random.key(1), (3, 8))
     dense_vars = nn.Dense(4).init(jax.random.key(0), x_BxI)
     variables = sparse_linen.SparseDense(4).init(jax.random.key(0), x_BxI)
-    assert jax.tree.structure(variables["params"]) == jax.tree.structure(dense_vars["params"])
-    for got, want in zip(jax.tree.leaves(variables["params"]), jax.tree.leaves(dense_vars["params"])):
-        np.testing.assert_array_equal(got, want)
+    chex.assert_trees_all_equal(variables["params"], dense_vars["params"])
     beta = variables["sparsity"]["beta"].value  # a SparsityBeta box naming the layer's method
     assert variables["sparsity"]["beta"].sparse_method == "sste"
     assert np.asarray(beta).tobytes() == np.asarray(sste_jax.fit_beta(variables["params"]["kernel"])).tobytes()

@@ -1,4 +1,4 @@
-"""Flip rate, β / zero-fraction / relative-error stats and the host-side metrics dict (SPEC §5)."""
+"""Flip rate, β / zero-fraction / relative-error stats and the host-side metrics dict (docs/algorithm.md#metrics)."""
 
 import jax
 import jax.numpy as jnp

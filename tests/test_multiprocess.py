@@ -17,6 +17,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -97,7 +98,9 @@ def test_two_processes_train_like_one_process_with_as_many_devices(straight):
         else:  # steps, MVUE key counters, flip masks (packed bits of the top-2 masks)
             np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     kernels = [n for n in a if n.startswith("['params']") and "c_fc" in n and "kernel" in n]
-    assert kernels and all(np.array_equal(sste_jax.mask_24(a[n]), sste_jax.mask_24(b[n])) for n in kernels)
+    assert kernels and all(
+        np.array_equal(sste_jax.mask_24(jnp.asarray(a[n])), sste_jax.mask_24(jnp.asarray(b[n]))) for n in kernels
+    )
 
 
 def test_a_checkpoint_of_two_processes_resumes_on_two_and_on_one(straight, tmp_path):

@@ -73,6 +73,7 @@ def test_2_4_only_features_raise_outside_2_4(changes, match):
         SparsityConfig(n=1, m=4, **changes)
 
 
+@pytest.mark.outside_annotations
 def test_bad_nm_raise():
     with pytest.raises(ValueError, match="need 1 <= n < m, got n=8, m=8"):
         SparsityConfig(n=8, m=8)

@@ -27,7 +27,9 @@ def test_notebook_runs_at_toy_size_and_writes_its_figures(name, tmp_path, monkey
     monkeypatch.setenv("NOTEBOOK_SCALE", "toy")
     monkeypatch.setenv("NOTEBOOK_OUT", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))  # sste_jax uninstalled
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )  # sste_jax uninstalled
     notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
     client = nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}

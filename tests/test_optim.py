@@ -1,4 +1,5 @@
 """freeze_beta, add_srste_decay and add_masked_decay on constructed cases."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,8 +139,7 @@ def test_ste_layers_with_srste_transform_equal_srste_layers():
     tx = sste_jax.add_srste_decay(sparse_nnx.sparse_kernel_mask(ste_model))
     params = nnx.as_pure(nnx.state(ste_model, nnx.Param))
     updates, _ = tx.update(ste_grads, tx.init(params), params)
-    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(srste_grads)):
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    chex.assert_trees_all_close(updates, srste_grads, rtol=1e-6, atol=1e-9)
 
 
 def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
@@ -161,11 +161,3 @@ def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
     assert int(state.inner_state.count) == 81
     with pytest.raises(ValueError, match="refresh_every"):
         sste_jax.add_masked_decay({"w": True}, refresh_every=0)
-
-
-def test_decay_module_doctests():
-    import doctest
-
-    from sste_jax import _decay
-
-    assert doctest.testmod(_decay).failed == 0

@@ -1,6 +1,5 @@
 """The parameter-pytree path: `sparsity_spec` / `apply_sparsity` on models that never use sparse layers."""
 
-import doctest
 import pathlib
 import re
 
@@ -12,7 +11,7 @@ import optax
 import pytest
 
 import sste_jax
-from sste_jax import _params, checkpoint
+from sste_jax import checkpoint
 from sste_jax.linen import all_dense, fit_sparsity, sparsify_dense
 
 DOC = pathlib.Path(__file__).parent.parent / "docs" / "any_model.md"
@@ -233,10 +232,6 @@ def test_errors_name_the_leaf():
         sste_jax.apply_sparsity({"c": params["b"]}, spec)
     with pytest.raises(ValueError, match=r"b/kernel: leaf of shape \(8, 6\) does not match"):
         sste_jax.apply_sparsity({"b": {"kernel": jnp.ones((8, 6))}}, spec)
-
-
-def test_module_doctests():
-    assert doctest.testmod(_params).failed == 0
 
 
 def test_docs_examples_run_as_printed(capsys):

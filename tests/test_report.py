@@ -1,13 +1,7 @@
-import doctest
-
 import pytest
 
 from experiments.common import records as records_io
 from experiments.common import report
-
-
-def test_module_doctests():
-    assert doctest.testmod(report).failed == 0
 
 
 def test_records_round_trip_and_group(tmp_path):

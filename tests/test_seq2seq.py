@@ -196,7 +196,9 @@ def test_learns_to_copy(method):
 
     @nnx.jit
     def train_step(model, optimizer, src_BxS, tgt_in_BxT, tgt_out_BxT):
-        loss_fn = lambda m: seq2seq.masked_cross_entropy(m(src_BxS, tgt_in_BxT), tgt_out_BxT.reshape(-1))
+        def loss_fn(m):
+            return seq2seq.masked_cross_entropy(m(src_BxS, tgt_in_BxT), tgt_out_BxT.reshape(-1))
+
         loss, grads = nnx.value_and_grad(loss_fn)(model)
         optimizer.update(model, grads)
         return loss

@@ -207,10 +207,3 @@ def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
     assert texts[0] == texts[1] and texts[0].startswith("ab")
     with pytest.raises(SystemExit, match="already exists"):
         export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-
-
-@pytest.mark.parametrize("module", [serving, lm_sample])
-def test_module_doctests(module):
-    import doctest
-
-    assert doctest.testmod(module).failed == 0

@@ -163,6 +163,7 @@ def test_sparse_mask_inside_freeze_beta():
     assert bool(sste_jax.step_switched(state))
 
 
+@pytest.mark.outside_annotations
 @pytest.mark.parametrize("kw", [{"min_steps": -1}, {"max_steps": 1.5}, {"threshold": -1.0}, {"b2": 1.0},
                                 {"statistic": "median"}])
 def test_bad_settings_raise(kw):

@@ -89,13 +89,6 @@ def test_linen_layer_gives_its_forward_weight():
 
 
 
-@pytest.mark.parametrize("module", [sparse_nnx, sparse_linen])
-def test_module_doctests(module):
-    import doctest
-
-    assert doctest.testmod(module).failed == 0
-
-
 def test_decompress_layers_keeps_outputs_and_fp8_layers():
     model = sparse_nnx.compress_layers(_tsrste_model(0))
     x = jax.random.normal(jax.random.key(3), (5, 16))

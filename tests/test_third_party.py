@@ -54,7 +54,9 @@ def test_tunix_llama3_trains_with_mvue_fp8_under_remat():
     params = [v for _, v in nnx.iter_graph(dense) if isinstance(v, nnx.Param)]
     for i, param in enumerate(params):  # tunix initialises kernels to zero, for weights loaded later: "load" some
         shape = param[...].shape
-        param[...] = jax.random.normal(jax.random.key(i), shape) / np.sqrt(shape[0]) if len(shape) > 1 else jnp.ones(shape)
+        param[...] = (
+            jax.random.normal(jax.random.key(i), shape) / np.sqrt(shape[0]) if len(shape) > 1 else jnp.ones(shape)
+        )
     model = sste_jax.sparsify(dense, sste_jax.feed_forward(CONFIG), tokens, positions, None, mask,
                               rngs=nnx.Rngs(sparsity=0))
     for layer in model.layers:
@@ -126,7 +128,9 @@ def test_hf_flax_gpt2_wrapper_through_sparsify_fn():
     ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
     sparse = sste_jax.sparsify_fn(lambda p, ids: hf(ids, params=p).logits, sste_jax.feed_forward(CONFIG))
     variables = sparse.init(hf.params, ids)
-    assert sorted(variables["sparsity"]) == [f"transformer/h/{i}/mlp/{n}/kernel" for i in (0, 1) for n in ("c_fc", "c_proj")]
+    assert sorted(variables["sparsity"]) == [
+        f"transformer/h/{i}/mlp/{n}/kernel" for i in (0, 1) for n in ("c_fc", "c_proj")
+    ]
     kernel = hf.params["transformer"]["h"]["0"]["mlp"]["c_proj"]["kernel"]  # (out, in): groups along axis 1
     np.testing.assert_allclose(variables["sparsity"]["transformer/h/0/mlp/c_proj/kernel"],
                                sste_jax.fit_beta(kernel, axis=1), rtol=1e-6)

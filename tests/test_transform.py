@@ -128,8 +128,9 @@ def test_errors_name_the_rule_or_parameter():
     with pytest.raises(ValueError, match=r"rules \['nothing'\] match no parameter"):
         sste_jax.sparsify_fn(_fn, {"nothing": SparsityConfig()}).init(params, x)
     with pytest.raises(ValueError, match="mlp/w: .*batch"):
-        sste_jax.sparsify_fn(lambda p, x: jnp.einsum("btd,bdf->btf", x, p["mlp"]["w"]), {"mlp/w": SparsityConfig()}).init(
-            {"mlp": {"w": jnp.ones((2, 8, 4))}}, jnp.ones((2, 4, 8)))
+        sste_jax.sparsify_fn(
+            lambda p, x: jnp.einsum("btd,bdf->btf", x, p["mlp"]["w"]), {"mlp/w": SparsityConfig()}
+        ).init({"mlp": {"w": jnp.ones((2, 8, 4))}}, jnp.ones((2, 4, 8)))
     with pytest.raises(ValueError, match="no β for mlp/w_in"):
         sste_jax.sparsify_fn(_fn, {r"mlp/.*": SparsityConfig()})({"params": params, "sparsity": {}}, x)
 
@@ -139,7 +140,9 @@ def test_equinox_mlp_under_vmap():
     model = {"mlp": eqx.nn.MLP(D, D, 4 * D, 1, key=jax.random.key(0))}
     x = jax.random.normal(jax.random.key(1), (16, D))
     y = jnp.sin(x)
-    sparse = sste_jax.sparsify_fn(lambda m, x: jax.vmap(m["mlp"])(x), sste_jax.feed_forward(SparsityConfig(mvue=True, fp8=True)))
+    sparse = sste_jax.sparsify_fn(
+        lambda m, x: jax.vmap(m["mlp"])(x), sste_jax.feed_forward(SparsityConfig(mvue=True, fp8=True))
+    )
     variables = sparse.init(model, x)
     assert sorted(variables["sparsity"]) == ["mlp/layers/0/weight", "mlp/layers/1/weight"]
     w0 = model["mlp"].layers[0].weight  # (out, in): 2:4 along axis 1

@@ -1,7 +1,7 @@
 import gzip
 import json
 
-import jax
+import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,7 +134,12 @@ def test_summary_pairs_seeds_and_the_table_shows_spread():
         return logs + [{"method": method, "seed": seed, "step": 8, "kind": "final", "steps": 8, "test_top1": top1,
                         "train_loss": 0.5}]
 
-    records = run("dense", 0, 0.90, 0.01) + run("dense", 1, 0.80, 0.02) + run("sste", 0, 0.94, 0.02) + run("sste", 1, 0.80, 0.02)
+    records = (
+        run("dense", 0, 0.90, 0.01)
+        + run("dense", 1, 0.80, 0.02)
+        + run("sste", 0, 0.94, 0.02)
+        + run("sste", 1, 0.80, 0.02)
+    )
     summary = compare.summarize(report.group_runs(records))
     assert summary["sste"]["test_top1"] == pytest.approx([94.0, 80.0])
     assert summary["sste"]["gap_dense"] == pytest.approx([4.0, 0.0])  # paired by seed
@@ -142,10 +147,14 @@ def test_summary_pairs_seeds_and_the_table_shows_spread():
     text = compare.table(summary)
     assert "| sste | 87.0 ± 7.0 | 94.0, 80.0 | +2.0 [-23.4, +27.4] | 0.5000 ± 0.0000 | 1.500 ± 0.500 |" in text
     assert "| dense | 85.0 ± 5.0 | 90.0, 80.0 |  | 0.5000 ± 0.0000 | 1.000 ± 0.000 |" in text
-    one_seed = compare.table(compare.summarize(report.group_runs(run("dense", 0, 0.90, 0.01) + run("sste", 0, 0.94, 0.02))))
+    one_seed = compare.table(
+        compare.summarize(report.group_runs(run("dense", 0, 0.90, 0.01) + run("sste", 0, 0.94, 0.02)))
+    )
     assert "| sste | 94.0 ± 0.0 | 94.0 | +4.0 | 0.5000 ± 0.0000 | 2.000 ± 0.000 |" in one_seed
     no_dense = compare.summarize(report.group_runs(run("sste", 0, 0.94, 0.02)))
-    assert "gap_dense" not in no_dense["sste"] and "| sste | 94.0 ± 0.0 | 94.0 |  | 0.5000 ± 0.0000 |  |" in compare.table(no_dense)
+    assert "gap_dense" not in no_dense[
+        "sste"
+    ] and "| sste | 94.0 ± 0.0 | 94.0 |  | 0.5000 ± 0.0000 |  |" in compare.table(no_dense)
 
 
 def test_resume_after_until_is_bit_identical(tmp_path):
@@ -155,8 +164,7 @@ def test_resume_after_until_is_bit_identical(tmp_path):
     resumed = train.train(run, tmp_path / "split", resume=True, data=digits, progress=False)
     assert int(resumed["step"]) == 6
     for key in ("params", "rest", "opt"):
-        for a, b in zip(jax.tree.leaves(straight[key]), jax.tree.leaves(resumed[key]), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        chex.assert_trees_all_equal(straight[key], resumed[key])
     # the split run also logs where it stopped (step 4), so its last train mean covers steps 5-6 only;
     # its evaluations and the rest of its final record are the straight run's
     drop = ("seconds", "train_loss")

@@ -52,8 +52,8 @@ from tqdm import tqdm
 import sste_jax
 from experiments.common import distributed
 from experiments.common.config import Config, differing_fields, identity_hash
-from experiments.common.records import append_record, keep_until, read_records
 from experiments.common.recipes import Recipe, get_recipe, make_optimizer
+from experiments.common.records import append_record, keep_until, read_records
 from experiments.common.schedule import Schedule
 from sste_jax import checkpoint
 
@@ -209,7 +209,12 @@ def _check_workdir(workdir: pathlib.Path, run: Run, resume: bool) -> None:
     holds_run = info_path.exists() or metrics_path.exists() or bool(checkpoint.checkpoint_steps(workdir / "ckpt"))
     if holds_run and not resume:
         raise FileExistsError(f"{workdir} already holds a run: pass --resume, or choose another --workdir")
-    if resume and metrics_path.exists() and read_records(metrics_path) and not checkpoint.checkpoint_steps(workdir / "ckpt"):
+    if (
+        resume
+        and metrics_path.exists()
+        and read_records(metrics_path)
+        and not checkpoint.checkpoint_steps(workdir / "ckpt")
+    ):
         raise RuntimeError(f"{workdir} has metrics but no checkpoint: resuming would restart at step 0 and discard "
                            f"them. Delete {workdir} to start over, or point --workdir elsewhere.")
 
@@ -304,8 +309,13 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         """Writes the train record of the pending steps; raises NonFiniteError if it is not finite."""
         logged = jax.device_get(pending)
         now = time.perf_counter()
-        train = {**tag, "step": step, "kind": "train", **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]},
-                 "steps_per_s": len(logged) / max(now - clock["tick"] - clock["paused"], 1e-9)}
+        train = {
+            **tag,
+            "step": step,
+            "kind": "train",
+            **{k: float(np.mean([m[k] for m in logged])) for k in logged[0]},
+            "steps_per_s": len(logged) / max(now - clock["tick"] - clock["paused"], 1e-9),
+        }
         record(metrics_path, train)
         pending.clear()
         clock.update(tick=now, paused=0.0, last_train=train)

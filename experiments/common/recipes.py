@@ -150,7 +150,9 @@ def _masked_decay(recipe: Recipe, steps: int, model: nnx.Module) -> optax.Gradie
                                      recipe.mask_refresh)
 
 
-def make_optimizer(cfg: OptimConfig, model: nnx.Module, recipe: Recipe, scale: float = 1.0) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: OptimConfig, model: nnx.Module, recipe: Recipe, scale: float = 1.0
+) -> optax.GradientTransformation:
     """AdamW (decay on >=2-D params only) or STEP, warmup + cosine, clip, in `freeze_beta`; T-SR-STE's
     masked decay joins the clipped gradient before AdamW, as its authors'; ``scale`` multiplies the
     sparse kernels' learning rate (the β-matched dense control)."""

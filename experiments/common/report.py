@@ -47,7 +47,9 @@ def group_runs(records: list[dict]) -> Runs:
 
 def load_runs(workdirs: dict[str, dict[int, pathlib.Path]]) -> Runs:
     """``{name: {seed: records}}`` from ``{name: {seed: workdir}}``."""
-    return {n: {s: read_records(pathlib.Path(w) / "metrics.jsonl") for s, w in by.items()} for n, by in workdirs.items()}
+    return {
+        n: {s: read_records(pathlib.Path(w) / "metrics.jsonl") for s, w in by.items()} for n, by in workdirs.items()
+    }
 
 
 def final_record(records: list[dict]) -> dict:

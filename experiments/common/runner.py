@@ -3,8 +3,8 @@
 Each `Job` is a command (a task's train module) with its work directory; its output goes to
 ``<workdir>/log.txt``. Progress is the sum of the steps the runs have logged (read from the tail of
 their metrics files). Ctrl-C or SIGTERM sends SIGTERM to the runs (each saves a checkpoint; rerun
-the same command to resume them), waits for them and exits with status 130. A failed run does not stop the others; at the
-end `RunsFailed` names every failed run and its log.
+the same command to resume them), waits for them and exits with status 130. A failed run does not
+stop the others; at the end `RunsFailed` names every failed run and its log.
 
 Single-threaded pinned processes are faster in total than multi-threaded ones on a few cores, and
 their numbers do not depend on how many threads XLA would otherwise pick.
@@ -58,10 +58,17 @@ def execute(module: str, planned: list[Planned], parallel: int | None = None, pr
             single_thread: bool = True) -> None:
     """Trains the planned runs that have not finished with ``python -m module`` (a work directory
     holding other settings raises `loop.RunMismatchError` before anything starts)."""
-    jobs = [Job(f"{p.name} seed {p.seed} ({p.workdir.name})", module,
-                ("--method", p.name, "--seed", str(p.seed), "--workdir", str(p.workdir), "--quiet", "--resume", *p.args),
-                p.workdir, p.run.config.optim.steps)
-            for p in planned if not loop.finished(p.workdir, p.run)]
+    jobs = [
+        Job(
+            f"{p.name} seed {p.seed} ({p.workdir.name})",
+            module,
+            ("--method", p.name, "--seed", str(p.seed), "--workdir", str(p.workdir), "--quiet", "--resume", *p.args),
+            p.workdir,
+            p.run.config.optim.steps,
+        )
+        for p in planned
+        if not loop.finished(p.workdir, p.run)
+    ]
     run_jobs(jobs, parallel, single_thread=single_thread, progress=progress)
 
 

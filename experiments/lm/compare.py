@@ -100,7 +100,11 @@ def verdict(summary) -> str:
     for ref, key in refs:
         if ref not in summary:
             continue
-        d = summary["sste"][key] if key else [x - y for x, y in zip(summary["sste"]["val_loss"], summary[ref]["val_loss"])]
+        d = (
+            summary["sste"][key]
+            if key
+            else [x - y for x, y in zip(summary["sste"]["val_loss"], summary[ref]["val_loss"])]
+        )
         if len(d) < 2:
             words.append(f"S-STE vs {ref}: {d[0]:+.4f} nats on one seed (no interval: run more seeds)")
             continue
@@ -121,7 +125,9 @@ def write_plots(runs: report.Runs, out: pathlib.Path, caption: str) -> None:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, MAIN, (0, 1, 2))
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")

@@ -58,7 +58,18 @@ CONFIGS = {
 
 # Peak learning rate per method (min_lr keeps the config's ratio), from the sweep in docs/results.md:
 #   python -m experiments.lm.sweep --config capacity
-TUNED_LR: dict[str, dict[str, float]] = {"capacity": {"dense": 1.2e-2, "ste": 6e-3, "srste": 6e-3, "tsrste_df": 3e-3, "step": 6e-3, "sste": 6e-3, "sste_mvue": 6e-3, "sste_mvue_fp8": 6e-3}}
+TUNED_LR: dict[str, dict[str, float]] = {
+    "capacity": {
+        "dense": 1.2e-2,
+        "ste": 6e-3,
+        "srste": 6e-3,
+        "tsrste_df": 3e-3,
+        "step": 6e-3,
+        "sste": 6e-3,
+        "sste_mvue": 6e-3,
+        "sste_mvue_fp8": 6e-3,
+    }
+}
 
 
 def get_config(name: str, overrides=()) -> Config:

@@ -73,7 +73,9 @@ def cache_dir_default() -> Path:
 
 def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
     if shutil.which(cmd[0]) is None:
-        raise RuntimeError(f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}")
+        raise RuntimeError(
+            f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}"
+        )
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
@@ -86,8 +88,10 @@ def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str
     folder = target / inner
     if folder.is_dir():
         return folder
-    fix = (f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
-           f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`; or {instead}")
+    fix = (
+        f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
+        f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`; or {instead}"
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {package} (Debian) into {target}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

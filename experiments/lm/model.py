@@ -73,8 +73,10 @@ def _check_ids(idx_BxT, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         where = tuple(int(i) for i in np.argwhere(ids == bad)[0])
-        raise ValueError(f"token id {bad} at index {where} is outside the model's vocabulary [0, vocab_size={vocab_size}); "
-                         "its embedding would give NaN logits")
+        raise ValueError(
+            f"token id {bad} at index {where} is outside the model's vocabulary [0, vocab_size={vocab_size}); "
+            "its embedding would give NaN logits"
+        )
 
 
 class GPT(nnx.Module):

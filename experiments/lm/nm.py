@@ -107,7 +107,9 @@ def plot(summaries, path: pathlib.Path, title: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1, 2))
     p.add_argument("--patterns", nargs="+", default=["2:4", "1:4", "2:8"], help="default: %(default)s")

@@ -61,7 +61,9 @@ def plot(summaries: dict[int, dict], tokens_per_step: int, path: pathlib.Path, t
 
 
 def main(argv=None) -> dict[int, dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1, 2))
     p.add_argument("--steps", nargs="+", type=int, default=[1500, 3000, 6000], help="default: %(default)s")
@@ -87,16 +89,29 @@ def main(argv=None) -> dict[int, dict]:
     tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * cfg.model.seq_len
     summaries = {n: compare.summarize(runner.load(planned[n]), tokens_per_step) for n in args.steps}
     command = "python -m experiments.lm.scaling " + " ".join(argv if argv is not None else sys.argv[1:])
-    sections = [f"#### {n} steps ({n * tokens_per_step / 1e6:.1f}M tokens)\n\n"
-                + compare.table(summaries[n], compare.lrs_of(planned[n]), args.seeds) + "\n" + compare.verdict(summaries[n])
-                for n in args.steps]
-    text = (f"### Scaling with training length, `{args.config}`\n\nCommand: `{command.strip()}`. "
-            f"Machine: {report.machine()}. Learning rates tuned at {cfg.optim.steps} steps.\n\n" + "\n\n".join(sections) + "\n")
+    sections = [
+        f"#### {n} steps ({n * tokens_per_step / 1e6:.1f}M tokens)\n\n"
+        + compare.table(summaries[n], compare.lrs_of(planned[n]), args.seeds)
+        + "\n"
+        + compare.verdict(summaries[n])
+        for n in args.steps
+    ]
+    text = (
+        f"### Scaling with training length, `{args.config}`\n\nCommand: `{command.strip()}`. "
+        f"Machine: {report.machine()}. Learning rates tuned at {cfg.optim.steps} steps.\n\n"
+        + "\n\n".join(sections)
+        + "\n"
+    )
     out = pathlib.Path(args.out or f"runs/lm_{args.config}_scaling")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.md").write_text(text)
-    plot(summaries, tokens_per_step, out / "scaling.png",
-         f"{args.config}: gap to dense and paired differences vs training length (bands: 95% CI over seeds {args.seeds})")
+    plot(
+        summaries,
+        tokens_per_step,
+        out / "scaling.png",
+        f"{args.config}: gap to dense and paired differences vs training length "
+        f"(bands: 95% CI over seeds {args.seeds})",
+    )
     print(text)
     print(f"wrote {out}/scaling.md, scaling.png in {time.perf_counter() - began:.0f} s")
     return summaries

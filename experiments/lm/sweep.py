@@ -89,7 +89,9 @@ def plot_sweep(grid: Grid, path: pathlib.Path, title: str) -> None:
 
 
 def main(argv=None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1))
     p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="default: %(default)s")
@@ -138,11 +140,16 @@ def main(argv=None) -> dict[str, float]:
     m = cfg.model
     edge_note = (f"Best rate still at the edge of its grid for {', '.join(edges)}: widen --lrs or --extend.\n"
                  if edges else "Every method's best rate lies inside its grid.\n")
-    text = (f"### Learning-rate sweep, `{args.config}` ({m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps)\n\n"
-            f"Command: `{command.strip()}`. Machine: {report.machine()}.\n\n"
-            f"Final validation loss (2:4 weights), mean over seeds {args.seeds}; best per method in bold.\n\n"
-            f"{sweep_table(grid)}\n{edge_note}\n### Each method at its best rate, seeds {args.final_seeds}\n\n"
-            + compare.table(summary, best, args.final_seeds) + "\n" + compare.verdict(summary) + "\n")
+    text = (
+        f"### Learning-rate sweep, `{args.config}` ({m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps)\n\n"
+        f"Command: `{command.strip()}`. Machine: {report.machine()}.\n\n"
+        f"Final validation loss (2:4 weights), mean over seeds {args.seeds}; best per method in bold.\n\n"
+        f"{sweep_table(grid)}\n{edge_note}\n### Each method at its best rate, seeds {args.final_seeds}\n\n"
+        + compare.table(summary, best, args.final_seeds)
+        + "\n"
+        + compare.verdict(summary)
+        + "\n"
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.md").write_text(text)
     plot_sweep(grid, out / "lr_sweep.png", f"{args.config}: final val loss vs LR, seeds {args.seeds}")

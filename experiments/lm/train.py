@@ -116,7 +116,9 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_run_args(p, CONFIGS, "capacity")
     p.add_argument("--sparsify", default="ffn", choices=sorted(WHERE))
     p.add_argument("--sparse-lr-scale", default="1.0", help="LR factor of the sparse layers, or 'beta'")

@@ -111,7 +111,9 @@ def examples(runs: report.Runs, split: bible.EncodedSplit, idx) -> str:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "small")
     cli.add_methods_args(p, MAIN, (0,))
     p.add_argument("--beam", type=int, default=0, help="beam size for BLEU (default 0: greedy)")

@@ -357,8 +357,14 @@ def _beam(graphdef, state, src_BxS, bos_id: int, eos_id: int, max_len: int, beam
 
     # Only beam 0 is live at the start, so the first step does not pick `beam` copies of one token.
     score_BxK = jnp.tile(jnp.where(jnp.arange(beam) == 0, 0.0, -jnp.inf)[None], (batch, 1))
-    init = (jnp.full((batch * beam,), bos_id, jnp.int32), cache, score_BxK, jnp.full((batch, beam, max_len), PAD, jnp.int32),
-            jnp.full((batch,), -jnp.inf), jnp.full((batch, max_len), PAD, jnp.int32))
+    init = (
+        jnp.full((batch * beam,), bos_id, jnp.int32),
+        cache,
+        score_BxK,
+        jnp.full((batch, beam, max_len), PAD, jnp.int32),
+        jnp.full((batch,), -jnp.inf),
+        jnp.full((batch, max_len), PAD, jnp.int32),
+    )
     _, _, _, seqs_BxKxL, best_score_B, best_BxL = jax.lax.fori_loop(0, max_len, step, init)
     live_BxL = seqs_BxKxL[:, 0]  # top_k sorts: beam 0 is the best live hypothesis
     return jnp.where(jnp.isfinite(best_score_B)[:, None], best_BxL, live_BxL)

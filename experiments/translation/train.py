@@ -249,7 +249,9 @@ def train(run: loop.Run, workdir, *, data: Data | None = None, resume: bool = Fa
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_run_args(p, CONFIGS, "small")
     p.add_argument("--beam", type=int, default=0, help="beam size for BLEU (default 0: greedy)")
     p.add_argument("--test-per-book", type=int, help="translate only the first N verses of each test book")
@@ -267,7 +269,9 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
-    cli.train_or_exit(lambda: train(run, args.workdir, data=data, resume=args.resume, until=args.until, progress=not args.quiet))
+    cli.train_or_exit(
+        lambda: train(run, args.workdir, data=data, resume=args.resume, until=args.until, progress=not args.quiet)
+    )
     if args.until is None or args.until >= cfg.optim.steps:
         f = final_record(read_records(pathlib.Path(args.workdir) / "metrics.jsonl"))
         print(f"{run.method} seed {run.seed}: train loss {f['train_loss']:.3f}, val loss {f['val_loss']:.3f}, "

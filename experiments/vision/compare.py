@@ -81,7 +81,9 @@ def epoch_steps(n_train: int, batch_size: int) -> int:
 
 
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p, CONFIGS, "small")
     cli.add_methods_args(p, MAIN, (0,))
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
@@ -116,8 +118,10 @@ def main(argv=None) -> str:
     runs = runner.load(planned)
     m = cfg.model
     command = "python -m experiments.vision.compare " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = (f"### ViT on {dataset}, `{args.config}`: {m.n_layer}-block, d {m.d_model}, {cfg.optim.steps} steps, "
-            f"seeds {args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine()}.\n\n" + table(summarize(runs)))
+    text = (
+        f"### ViT on {dataset}, `{args.config}`: {m.n_layer}-block, d {m.d_model}, {cfg.optim.steps} steps, "
+        f"seeds {args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine()}.\n\n" + table(summarize(runs))
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     caption = f"ViT on {dataset}, `{args.config}`, seeds {args.seeds} (band: seed range)"

@@ -11,7 +11,7 @@
 
 import dataclasses
 
-from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig, parse_overrides, override
+from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig, override, parse_overrides
 from experiments.vision.data import DATASETS
 
 

@@ -21,7 +21,9 @@ from experiments.lm.data import cache_dir_default, fetch_debian
 DATASETS = {"digits": (8, 2), "fashion": (28, 4)}  # image size, patch size
 
 FASHION_PACKAGE = "dataset-fashion-mnist"  # Debian; its idx files are in usr/share/datasets/fashion-mnist
-FASHION_FILES = tuple(f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
+FASHION_FILES = tuple(
+    f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
+)
 
 
 def load_digits_split(seed: int = 0):

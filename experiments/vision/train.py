@@ -95,7 +95,9 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_run_args(p, CONFIGS, "small")
     p.add_argument("--data-dir", help="Fashion-MNIST's idx files (default: fetched into the cache)")
     return p.parse_args(argv)

@@ -4,7 +4,9 @@ Imported lazily by the core; everything here works on CPU (Pallas interpret mode
 cuSPARSELt extension, which needs CUDA and builds on demand.
 """
 
+from sste_jax.kernels import _cusparselt as cusparselt
+from sste_jax.kernels._mvue import mvue_compress_24 as mvue_compress_24
 from sste_jax.kernels._prune import Pruned24 as Pruned24
 from sste_jax.kernels._prune import prune_compress_24 as prune_compress_24
-from sste_jax.kernels._mvue import mvue_compress_24 as mvue_compress_24
-from sste_jax.kernels import _cusparselt as cusparselt
+
+__all__ = ["Pruned24", "prune_compress_24", "mvue_compress_24", "cusparselt"]

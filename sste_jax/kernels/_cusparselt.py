@@ -1,4 +1,4 @@
-"""cuSPARSELt 2:4 sparse GEMMs on Hopper through an XLA FFI custom call (issue 7). Optional.
+"""cuSPARSELt 2:4 sparse GEMMs on Hopper through an XLA FFI custom call. Optional.
 
 ``C = B @ Aᵀ`` with ``A`` ``(M, K)`` 2:4 sparse along ``K`` (the "linear" layout: ``y = x @ Wᵀ`` for
 an ``(out, in)`` weight). The extension is compiled on first use with ``nvcc`` against the

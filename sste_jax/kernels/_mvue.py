@@ -1,4 +1,4 @@
-"""MVUE 2:4 sampling fused with compression along the token axis, as a Pallas kernel (issue 6).
+"""MVUE 2:4 sampling fused with compression along the token axis, as a Pallas kernel.
 
 The random bits are counter-based: each group's two uniforms are the threefry-2x32 hashes that
 ``jax.random.uniform(key, (2, T/4, N))`` draws, computed inside the kernel, so the result is
@@ -105,6 +105,13 @@ def mvue_compress_24(
     Returns ``(values, meta)``: the two drawn entries of each group (``x_k / p_k``, index order) and
     ``idx0 | idx1 << 2`` of the drawn positions. Bit-identical to `sste_jax.mvue_24` with the same
     (threefry) key. ``block``, ``interpret`` and ``num_warps`` as in `prune_compress_24`.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax.kernels import mvue_compress_24
+    >>> g, key = jax.random.normal(jax.random.key(0), (8, 16)), jax.random.key(1)
+    >>> values, meta = mvue_compress_24(key, g)
+    >>> bool(jnp.array_equal(sste_jax.decompress_24(values, meta), sste_jax.mvue_24(key, g)))
+    True
     """
     if g.ndim != 2:
         raise ValueError(f"mvue_compress_24 needs a 2-D (tokens, features) array, got shape {g.shape}")

@@ -1,7 +1,7 @@
-"""One-pass prune + scale + compress of a 2:4 weight as a Pallas kernel (issue 6).
+"""One-pass prune + scale + compress of a 2:4 weight as a Pallas kernel.
 
-Groups are 4 consecutive rows of a ``(K, N)`` kernel (SPEC §1, axis 0). The kernel reads the weight
-once and writes the compressed forward weight, the SPEC §2 metadata and the hard-mask bits.
+Groups are 4 consecutive rows of a ``(K, N)`` kernel (axis 0, ``docs/algorithm.md#layout``). The kernel reads the weight
+once and writes the compressed forward weight, the metadata of `compress_24` and the hard-mask bits.
 
 >>> import jax, jax.numpy as jnp
 >>> from sste_jax.kernels import prune_compress_24
@@ -17,7 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jaxtyping import Array, Float, UInt8
+from jaxtyping import Array, ArrayLike, Float, Real, UInt8
 
 from sste_jax._sparsity import check_groupable
 
@@ -35,6 +35,12 @@ class Pruned24(NamedTuple):
       mask_bits: ``(K/4, N)`` uint8, bit ``k`` set when member ``k`` of the group is kept (flip rate).
 
     With ``transpose=True`` every array is transposed: ``(N, K/2)``, ``(N, K/4)``, ``(N, K/4)``.
+
+    >>> import jax.numpy as jnp
+    >>> from sste_jax.kernels import prune_compress_24
+    >>> out = prune_compress_24(jnp.ones((8, 16)), method="ste")
+    >>> out.values.shape, out.meta.shape, out.mask_bits.shape
+    ((4, 16), (2, 16), (2, 16))
     """
 
     values: Float[Array, "..."]
@@ -74,8 +80,7 @@ def _prune_kernel(beta_ref, w_ref, values_ref, meta_ref, bits_ref, *, method, tr
     idx0 = jnp.where(keep[0], 0, jnp.where(keep[1], 1, 2))
     idx1 = jnp.where(keep[3], 3, jnp.where(keep[2], 2, 1))
     if method == "sste":
-        # S(W) in float32 and β·S(W) rounded once: what XLA computes for the pure function (it drops
-        # the bf16 round trip of the intermediate, xla_allow_excess_precision, on by default).
+        # S(W) in float32 and β·S(W) rounded once, as `forward_weight` does.
         t = _threshold(*mags).astype(jnp.float32)
         beta = beta_ref[0]
         wide = [p.astype(jnp.float32) for p in parts]
@@ -96,7 +101,7 @@ def _prune_kernel(beta_ref, w_ref, values_ref, meta_ref, bits_ref, *, method, tr
 
 def prune_compress_24(
     w: Float[Array, "K N"],
-    beta: Float[Array, ""] | float | None = None,
+    beta: Real[ArrayLike, ""] | None = None,
     method: str = "sste",
     *,
     transpose: bool = False,
@@ -120,6 +125,14 @@ def prune_compress_24(
         The default was the fastest measured on an H100 (docs/kernels.md).
       interpret: run the kernel in the Pallas interpreter (default: on CPU).
       num_warps: Triton warps per program on GPU (default: Pallas's choice).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax.kernels import prune_compress_24
+    >>> w = jax.random.normal(jax.random.key(0), (8, 16))
+    >>> out = prune_compress_24(w, beta=1.5)
+    >>> dense = sste_jax.decompress_24(out.values, out.meta)
+    >>> bool(jnp.array_equal(dense, sste_jax.forward_weight(w, 1.5, sste_jax.SparsityConfig())))
+    True
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")

@@ -1,4 +1,4 @@
-// XLA FFI handlers for cuSPARSELt 2:4 sparse GEMMs (sste_jax issue 7).
+// XLA FFI handlers for cuSPARSELt 2:4 sparse GEMMs (sste_jax).
 //
 // Layout ("linear", TN): A is a row-major (M, K) matrix, 2:4 sparse along K; B is row-major (N, K);
 // C is row-major (N, M) = B @ A^T. In cuSPARSELt's column-major terms: op(A) = T on a (K, M) matrix,
