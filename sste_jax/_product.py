@@ -87,7 +87,14 @@ def sparse_dot_general(
     name: str = "dot_general",
 ) -> Array:
     """``jax.lax.dot_general(lhs, rhs, dimension_numbers)`` with operand ``weight`` (0 or 1) made 2:4
-    sparse along its contraction axis, by `sste_jax.sparse_dense`."""
+    sparse along its contraction axis, by `sste_jax.sparse_dense`.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> x, w = jnp.ones((3, 8)), jax.random.normal(jax.random.key(0), (8, 5))
+    >>> y = sste_jax.sparse_dot_general(x, w, (((1,), (0,)), ((), ())), weight=1, beta=1.0)
+    >>> bool(jnp.allclose(y, x @ sste_jax.soft_threshold_24(w)))
+    True
+    """
     if weight not in (0, 1):
         raise ValueError(f"{name}: weight must be 0 (lhs) or 1 (rhs), got {weight!r}")
     w_axis = weight_axis(dimension_numbers, weight, name)
@@ -136,7 +143,14 @@ def sparse_einsum(
 ) -> Array:
     """``jnp.einsum(equation, lhs, rhs)`` with operand ``weight`` (0 or 1) made 2:4 sparse along its
     one contraction axis, by `sste_jax.sparse_dense`. Raises, naming ``name``, when the weight has
-    batch letters (kept in the output) or contracts several axes."""
+    batch letters (kept in the output) or contracts several axes.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> x, w = jnp.ones((2, 3, 8)), jax.random.normal(jax.random.key(0), (5, 8))  # an (out, in) weight
+    >>> y = sste_jax.sparse_einsum("btd,fd->btf", x, w, weight=1, beta=1.0)
+    >>> y.shape, bool(jnp.allclose(y, x @ sste_jax.soft_threshold_24(w, axis=1).T))
+    ((2, 3, 5), True)
+    """
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     x_t, w_t, out, c = einsum_weight_axis(equation, (lhs.ndim, rhs.ndim), weight, name)
     x, w = (rhs, lhs) if weight == 0 else (lhs, rhs)

@@ -36,7 +36,13 @@ Rules = Mapping[str, SparsityConfig]
 
 
 def feed_forward(config: SparsityConfig = SparsityConfig()) -> dict[str, SparsityConfig]:
-    """The rules ``{FEED_FORWARD: config}``."""
+    """The rules ``{FEED_FORWARD: config}``: the feed-forward products of transformer blocks.
+
+    >>> import sste_jax
+    >>> rules = sste_jax.feed_forward(sste_jax.SparsityConfig(mvue=True))
+    >>> bool(sste_jax.match_rule(rules, "h/0/mlp/c_fc")), bool(sste_jax.match_rule(rules, "h/0/attn/c_attn"))
+    (True, False)
+    """
     return {FEED_FORWARD: config}
 
 
@@ -58,6 +64,12 @@ def check_rules(rules: Rules, where: str) -> list[tuple[str, re.Pattern, Sparsit
 
 
 def match_rule(rules: Rules | list, path: str) -> tuple[str, SparsityConfig] | None:
-    """The first rule ``(pattern, config)`` whose regex fully matches ``path``, or None."""
+    """The first rule ``(pattern, config)`` whose regex fully matches ``path``, or None.
+
+    >>> import sste_jax
+    >>> rules = {r".*mlp.*": sste_jax.SparsityConfig(method="ste"), r".*": sste_jax.SparsityConfig()}
+    >>> sste_jax.match_rule(rules, "h/0/mlp/c_fc")[1].method, sste_jax.match_rule(rules, "h/0/attn")[1].method
+    ('ste', 'sste')
+    """
     checked = rules if isinstance(rules, list) else check_rules(rules, "match_rule")
     return next(((p, c) for p, compiled, c in checked if compiled.fullmatch(path)), None)

@@ -160,6 +160,12 @@ class SparseFn:
     ``init(params, *args)`` fits β once and returns ``{"params": params, "sparsity": {path: β}}``;
     ``self(variables, *args, key=None)`` runs ``fn(variables["params"], *args)`` with the sparse
     products (``key`` seeds MVUE; fold in the step).
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> sparse = sste_jax.sparsify_fn(lambda p, x: x @ p["w"], {"w": sste_jax.SparsityConfig()})
+    >>> variables = sparse.init({"w": jax.random.normal(jax.random.key(0), (8, 4))}, jnp.ones((2, 8)))
+    >>> type(sparse).__name__, sparse(variables, jnp.ones((2, 8))).shape
+    ('SparseFn', (2, 4))
     """
 
     fn: Callable[..., Any]
@@ -227,6 +233,16 @@ def sparsify_fn(fn: Callable[..., Any], rules: Mapping[str, SparsityConfig]) -> 
 
     Paths join the keys of ``params`` with ``/`` (``"mlp/layers/0/weight"``); a regex must match a
     whole path, the first match wins; `sste_jax.feed_forward` gives the paper's default.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> def mlp(params, x):
+    ...     return jax.nn.gelu(x @ params["fc"]) @ params["proj"]
+    >>> k1, k2 = jax.random.split(jax.random.key(0))
+    >>> params = {"fc": jax.random.normal(k1, (8, 32)), "proj": jax.random.normal(k2, (32, 8))}
+    >>> sparse = sste_jax.sparsify_fn(mlp, {"fc|proj": sste_jax.SparsityConfig()})
+    >>> variables = sparse.init(params, jnp.ones((4, 8)))
+    >>> sorted(variables["sparsity"]), sparse(variables, jnp.ones((4, 8))).shape
+    (['fc', 'proj'], (4, 8))
     """
     check_rules(rules, "sparsify_fn")
     return SparseFn(fn, tuple(rules.items()))

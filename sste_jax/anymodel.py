@@ -258,6 +258,18 @@ def sparsify(model, rules: Mapping[str, SparsityConfig], *example_inputs, rngs: 
     Raises:
       ValueError: a matched product whose weight has batch axes or several contraction axes, whose
         contraction length is not divisible by 4, or whose β cannot be fitted; unused rules.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from flax import nnx
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.up, self.down = nnx.Linear(8, 32, rngs=rngs), nnx.Linear(32, 8, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.down(jax.nn.gelu(self.up(x)))
+    >>> x = jnp.ones((4, 8))
+    >>> model = sste_jax.sparsify(MLP(nnx.Rngs(0)), {"up|down": sste_jax.SparsityConfig()}, x)
+    >>> model(x).shape
+    (4, 8)
     """
     provider = _SparsityProvider(rules)
     if isinstance(model, nn.Module):
