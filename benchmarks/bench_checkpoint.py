@@ -3,7 +3,7 @@
 A 128 MiB float32 state (8 arrays of 4M values) is saved and restored, in interleaved rounds, by
 (a) a plain orbax ``CheckpointManager`` (synchronous save, ``StandardSave``/``StandardRestore``) and
 (b) `save_checkpoint` / `restore_checkpoint` (atomic, checksummed and verified: one `fingerprint`
-pass each way). The checksum pass is also timed alone.
+pass each way, and a read of every stored chunk before a restore). The checksum pass is also timed alone.
 Medians; ratios are to plain orbax timed in the same rounds.
 
     python benchmarks/bench_checkpoint.py    # prints a table, writes benchmarks/results/bench_checkpoint_cpu.json

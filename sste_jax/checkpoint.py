@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 
 from sste_jax._metrics import sparse_modules
@@ -554,6 +555,21 @@ def save_checkpoint(
     return directory / str(step)
 
 
+def _verify_store(path: pathlib.Path, store: pathlib.Path) -> None:
+    """Reads every stored value of an OCDBT array store, so truncation fails here, by key, before orbax
+    reads it (a failed read inside orbax leaves abandoned coroutines that surface later as warnings)."""
+    if not (store / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
+    key = None
+    try:
+        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{store}/"}).result()
+        for key in kvstore.list().result():
+            kvstore.read(key).result()
+    except Exception as e:
+        where = f"reading {key.decode()!r} failed" if key is not None else "its index is unreadable"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {where} ({_first_line(e)})") from None
+
+
 def _quietly(path: pathlib.Path, what: str, read):
     """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed)."""
     try:
@@ -581,8 +597,7 @@ def _restore_from(
     """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
     shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
     flat, like, treedef = _flatten(target)
-    if not (store / "manifest.ocdbt").is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
+    _verify_store(path, store)
     metadata = _quietly(path, "reading its metadata", read_metadata)
     if getattr(metadata, "tree", None) is None:
         raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
