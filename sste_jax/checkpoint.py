@@ -184,9 +184,7 @@ def _as_words(a: jax.Array) -> jax.Array:
     if a.dtype == jnp.bool_:
         return a.astype(jnp.uint32)
     size = a.dtype.itemsize
-    if size == 8:
-        return jax.lax.bitcast_convert_type(a, jnp.uint32)
-    if size == 4:
+    if size in (4, 8):  # a 64-bit element becomes two words (a trailing axis of 2)
         return jax.lax.bitcast_convert_type(a, jnp.uint32)
     return jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
 
