@@ -1,6 +1,6 @@
 """Exports a trained language-model run to a Hugging Face folder that ``transformers`` and vLLM load.
 
-    python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16]
+    python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16] [--fp8 tensor]
 
 The folder holds ``model.safetensors`` (the 2:4 feed-forward weights in compressed-tensors'
 "sparse-24-bitmask" format: kept values plus a bitmask; the rest dense), ``config.json`` with the
@@ -135,10 +135,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def export_hf(model: GPT, tokenizer: data.Tokenizer, out, dtype: str = "float32") -> pathlib.Path:
-    """Writes ``model`` (a trained GPT, any sparse method) and ``tokenizer`` to the folder ``out``."""
+def export_hf(model: GPT, tokenizer: data.Tokenizer, out, dtype: str = "float32",
+              fp8: str | None = None) -> pathlib.Path:
+    """Writes ``model`` (a trained GPT, any sparse method) and ``tokenizer`` to the folder ``out``; ``fp8``
+    (``"tensor"`` or ``"channel"`` scales) stores the 2:4 weights as FP8 e4m3 (`sste_jax.serving.save_safetensors`)."""
     weights, sparse = hf_weights(model)
-    out = serving.save_safetensors(out, weights, targets(len(model.blocks)), sparse=sparse, dtype=dtype,
+    out = serving.save_safetensors(out, weights, targets(len(model.blocks)), sparse=sparse, dtype=dtype, fp8=fp8,
                                    config=hf_config(model, tokenizer))
     save_tokenizer(out, tokenizer)
     return out
@@ -177,14 +179,17 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True, help="a language-model training run")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")
     p.add_argument("--dtype", choices=serving.DTYPES, default="float32")
+    p.add_argument("--fp8", choices=serving.FP8_SCALES, default=None,
+                   help="store the 2:4 weights as FP8 e4m3 with one scale per tensor or per output channel")
     args = p.parse_args(argv)
     try:
         model, tokenizer, run = load_run(args.workdir)
-        out = export_hf(model, tokenizer, args.out, args.dtype)
+        out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
-    print(f"exported {run.method} run {args.workdir} -> {out} ({ARCHITECTURE}, {args.dtype}): {sizes}")
+    kind = args.dtype + (f", 2:4 weights FP8 e4m3 per-{args.fp8} scales" if args.fp8 else "")
+    print(f"exported {run.method} run {args.workdir} -> {out} ({ARCHITECTURE}, {kind}): {sizes}")
 
 
 if __name__ == "__main__":

@@ -62,11 +62,14 @@ __all__ = [
     "import_weights",
     "SAFETENSORS_FILE",
     "DTYPES",
+    "FP8_SCALES",
 ]
 
 SAFETENSORS_FILE = "model.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_SCALES = ("tensor", "channel")
 _PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores for one 2:4 weight
+_SCALE = "weight_scale"  # and for one FP8 weight, its scale(s)
 
 
 class Target(NamedTuple):
@@ -134,9 +137,11 @@ def _check_targets(paths: Iterable[str], targets: Mapping[str, Target]) -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"target names used twice: {twice[:8]}")
-    packed = [n for n in names if n.rsplit(".", 1)[-1] in _PACKED]
+    packed = [n for n in names if n.rsplit(".", 1)[-1] in (*_PACKED, _SCALE)]
     if packed:
-        raise ValueError(f"target names {packed[:8]} end in a name the 2:4 format uses for its own tensors {_PACKED}")
+        raise ValueError(
+            f"target names {packed[:8]} end in a name the format uses for its own tensors {(*_PACKED, _SCALE)}"
+        )
 
 
 def _check_24(name: str, w_OxI: np.ndarray) -> None:
@@ -159,6 +164,7 @@ def save_safetensors(
     *,
     sparse: Iterable[str] = (),
     dtype: str = "float32",
+    fp8: str | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Writes ``weights`` to ``directory/model.safetensors`` and ``directory/config.json``.
@@ -168,7 +174,14 @@ def save_safetensors(
       targets: ``{path: Target}`` for every path of ``weights``.
       sparse: the paths stored as "sparse-24-bitmask" (each must be 2:4 along its contraction axis,
         the last axis once written: raises naming the weight otherwise).
-      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``, for every floating-point weight.
+      dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``, for every floating-point weight (but the
+        FP8 ones).
+      fp8: ``None``, or ``"tensor"`` / ``"channel"`` to store the ``sparse`` weights as FP8 e4m3 with one
+        float32 scale per tensor / per output row (``scale = max|W| / 448``, ``W_fp8 = round(W / scale)``),
+        described by a compressed-tensors ``quantization_config`` ("float-quantized", symmetric, static)
+        next to the 2:4 ``sparsity_config``: one byte per kept weight. A reader's weight is
+        ``W_fp8 · scale`` (what `load_safetensors` returns); a kept value below e4m3's smallest step
+        becomes 0, which the 2:4 format holds (a group then has fewer than 2 non-zeros).
       config: the model's own ``config.json`` fields (architecture, sizes); the
         ``quantization_config`` of the 2:4 weights is added to it.
 
@@ -189,6 +202,8 @@ def save_safetensors(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: use one of {DTYPES}")
+    if fp8 is not None and fp8 not in FP8_SCALES:
+        raise ValueError(f"fp8={fp8!r}: use None or one of {FP8_SCALES} (one scale per tensor or per output row)")
     directory = pathlib.Path(directory)
     if directory.exists():
         raise FileExistsError(f"cannot export to {directory}: it already exists")
@@ -207,7 +222,13 @@ def save_safetensors(
         name = targets[path].name
         if path in sparse:
             _check_24(name, a)
+            extra = {}
+            if fp8 is not None:
+                if not np.isfinite(a).all():
+                    raise ValueError(f"weight {name!r} has non-finite values: it cannot be stored as FP8")
+                t, extra[_SCALE] = _quantize_fp8(torch.from_numpy(np.ascontiguousarray(a, np.float32)), fp8)
             tensors.update(Sparse24BitMaskTensor.from_dense(t).dict(name_prefix=name))
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in extra.items()})
             modules.append(name.removesuffix(".weight"))
             kept += int(np.count_nonzero(a))
         else:
@@ -218,13 +239,56 @@ def save_safetensors(
     if modules:
         total = sum(int(np.size(weights[p])) for p in sparse)
         sparsity = Sparse24BitMaskConfig(targets=sorted(modules), global_sparsity=1 - kept / total)
-        ModelCompressor(sparsity_config=sparsity).update_config(str(directory))
+        quantization = _fp8_config(sorted(modules), fp8) if fp8 is not None else None
+        ModelCompressor(sparsity_config=sparsity, quantization_config=quantization).update_config(str(directory))
     return directory
+
+
+def _fp8_args(strategy: str):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False)
+
+
+def _fp8_config(modules: list[str], strategy: str):
+    """compressed-tensors' description of FP8 e4m3 weights (static scales, no activation quantization)."""
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
+
+    scheme = QuantizationScheme(targets=modules, weights=_fp8_args(strategy))
+    return QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=CompressionFormat.float_quantized.value,
+        quantization_status=QuantizationStatus.COMPRESSED,
+    )
+
+
+def _quantize_fp8(w_OxI, strategy: str):
+    """``(W_fp8, scale)`` of a float32 ``(out, in)`` weight by compressed-tensors' own scale and rounding;
+    a value that rounds to zero is stored as +0 (the bitmask packer ranks -0 below +0)."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = _fp8_args(strategy)
+    dims = dict(dim=1, keepdim=True) if strategy == "channel" else {}
+    lo, hi = w_OxI.amin(**dims).reshape(-1, 1), w_OxI.amax(**dims).reshape(-1, 1)
+    scale, zero_point = calculate_qparams(lo, hi, args)
+    if strategy == "tensor":
+        scale, zero_point = scale.reshape(1), zero_point.reshape(1)
+    compressor = BaseCompressor.load_from_registry(
+        CompressionFormat.float_quantized.value, config=_fp8_config([], strategy)
+    )
+    q = compressor.compress_weight(weight=w_OxI, scale=scale, zero_point=zero_point, quantization_args=args)["weight"]
+    q = torch.where(q.float() == 0, torch.zeros_like(q), q)
+    return q, scale
 
 
 def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]) -> dict[str, np.ndarray]:
     """``{path: array}`` of an export (our layout, float32/bfloat16/float16 as stored), 2:4 weights
-    decompressed by ``compressed-tensors``: the inverse of `save_safetensors`. Raises naming every
+    decompressed by ``compressed-tensors`` (FP8 ones dequantized, ``W_fp8 · scale`` in float32): the
+    inverse of `save_safetensors`. Raises naming every
     target missing from the file and every tensor of the file no target names.
 
     >>> import tempfile, jax, numpy as np, sste_jax
@@ -238,6 +302,7 @@ def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]
     """
     torch = _needs_torch()
     from compressed_tensors.compressors import Sparse24BitMaskTensor
+    from compressed_tensors.quantization import dequantize
     from safetensors.torch import load_file
 
     file = pathlib.Path(directory) / SAFETENSORS_FILE
@@ -250,6 +315,12 @@ def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]
         if leaf == "bitmask":
             parts = {k: stored.pop(f"{prefix}.{k}") for k in _PACKED}
             dense[f"{prefix}.weight"] = Sparse24BitMaskTensor.from_compressed_data(**parts).decompress()
+    for name in list(stored):
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == _SCALE:
+            if f"{prefix}.weight" not in dense:
+                raise ValueError(f"{file}: {name} scales no 2:4 weight (FP8 weights are read only when 2:4)")
+            dense[f"{prefix}.weight"] = dequantize(dense[f"{prefix}.weight"], stored.pop(name))
     dense.update({k: v for k, v in stored.items() if k.rsplit(".", 1)[-1] not in _PACKED})
     by_name = {t.name: path for path, t in targets.items()}
     missing = sorted(set(by_name) - set(dense))

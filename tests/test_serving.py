@@ -207,3 +207,83 @@ def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
     assert texts[0] == texts[1] and texts[0].startswith("ab")
     with pytest.raises(SystemExit, match="already exists"):
         export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+
+
+def _dequantized_fp8(w_IxO, per_channel: bool):
+    """Our own FP8 e4m3 round trip of an ``(in, out)`` kernel: scale = max|W| / 448 per tensor or per output
+    column, then ``W_fp8 · scale``: what a reader of the FP8 export computes with."""
+    w = np.asarray(w_IxO, np.float32)  # NumPy: IEEE division (XLA may multiply by a rounded reciprocal)
+    scale = np.abs(w).max(axis=0 if per_channel else None, keepdims=per_channel) / np.float32(448)
+    return (w / scale).astype(jnp.float8_e4m3fn).astype(np.float32) * scale
+
+
+@pytest.mark.parametrize("scales", serving.FP8_SCALES)
+def test_fp8_export_loads_in_transformers_and_gives_the_logits_of_its_dequantized_weights(tmp_path, scales):
+    model = _trained_like()
+    out = export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf", fp8=scales)
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["format"] == "float-quantized" and quant["sparsity_config"]["format"] == "sparse-24-bitmask"
+    weights = quant["config_groups"]["group_0"]["weights"]
+    assert (weights["type"], weights["num_bits"], weights["strategy"]) == ("float", 8, scales)
+    back = serving.load_safetensors(out, export_hf.targets(2))
+    for i in range(2):
+        for name in ("c_fc", "c_proj"):
+            w = getattr(model.blocks[i].mlp, name).forward_weight()
+            want = _dequantized_fp8(w, scales == "channel")
+            np.testing.assert_array_equal(back[f"blocks/{i}/mlp/{name}/kernel"], want)
+            assert not np.array_equal(want, np.asarray(w))  # FP8 rounding changed the weights
+    served = export_hf.import_hf(out, _trained_like(seed=5))
+    np.testing.assert_array_equal(served.blocks[1].mlp.c_proj.forward_weight(), back["blocks/1/mlp/c_proj/kernel"])
+    ids = _ids()
+    ours = np.asarray(served(ids)).reshape(*ids.shape, -1)
+    hf, theirs = _hf_logits(out, ids)
+    w = hf.transformer.h[0].mlp.c_fc.weight.detach().numpy()  # decompressed and dequantized by compressed-tensors
+    np.testing.assert_array_equal(w, back["blocks/0/mlp/c_fc/kernel"].T)
+    scale = np.abs(ours).max()
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=64 * EPS32 * scale)
+    trained = np.asarray(model(ids)).reshape(*ids.shape, -1)
+    assert not np.array_equal(ours, trained)  # the FP8 weights are not the trained ones
+
+
+def test_fp8_24_weights_take_one_byte_per_kept_value(tmp_path):
+    from safetensors import safe_open
+
+    model = _trained_like()
+    out = export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf", fp8="channel")
+    with safe_open(str(out / serving.SAFETENSORS_FILE), "pt") as f:
+        stored = {k: f.get_tensor(k) for k in f.keys()}
+    name, dense = "transformer.h.0.mlp.c_fc", model.blocks[0].mlp.c_fc.kernel
+    values, scale = stored[f"{name}.compressed"], stored[f"{name}.weight_scale"]
+    assert values.dtype == torch.float8_e4m3fn and values.numel() == dense.size // 2
+    assert scale.dtype == torch.float32 and tuple(scale.shape) == (dense.shape[1], 1)  # one per output row
+    assert stored["transformer.h.0.attn.c_attn.weight"].dtype == torch.float32  # dense layers stay as they are
+
+
+def test_fp8_keeps_the_24_format_when_kept_values_underflow(tmp_path):
+    # (in, out) = (8, 2): each output column has two groups of 4 along ``in``; the kept values 1e-6 and -1e-6
+    # are far below e4m3's smallest step times the scale 1/448 and become 0.
+    w = np.zeros((8, 2), np.float32)
+    w[[0, 1, 5, 6], 0] = [1.0, 1e-6, -0.5, -1e-6]
+    w[[2, 3, 4, 7], 1] = [0.25, -0.75, 1e-6, 0.125]
+    targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    d = serving.save_safetensors(tmp_path / "fc", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="tensor")
+    back = serving.load_safetensors(d, targets)["fc/kernel"]
+    want = _dequantized_fp8(w, per_channel=False)
+    np.testing.assert_array_equal(back, want)
+    assert (want[[1, 6, 4], [0, 0, 1]] == 0).all() and not np.signbit(back).any(where=back == 0)
+    assert np.count_nonzero(back) == 5 and np.count_nonzero(w) == 8  # three kept values underflowed
+    layer = serving.import_weights(nnx.Sequential(nnx.Linear(8, 2, rngs=nnx.Rngs(0))), {"layers/0/kernel": back,
+                                   "layers/0/bias": np.zeros(2, np.float32)}, sparse={"layers/0/kernel"}).layers[0]
+    assert isinstance(layer, sparse_nnx.CompressedLinear)
+    np.testing.assert_array_equal(layer.forward_weight(), want)
+
+
+@pytest.mark.outside_annotations
+def test_fp8_refuses_bad_input(tmp_path):
+    w = np.zeros((8, 4), np.float32)
+    w[0, 0] = np.inf
+    targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    with pytest.raises(ValueError, match=r"fp8='row'"):
+        serving.save_safetensors(tmp_path / "a", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="row")
+    with pytest.raises(ValueError, match=r"'fc.weight' has non-finite values"):
+        serving.save_safetensors(tmp_path / "b", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="tensor")
