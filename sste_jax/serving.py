@@ -48,18 +48,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jaxtyping import Array
+from jaxtyping import Array, Float, UInt8
 
 from sste_jax._metrics import sparse_modules
 from sste_jax._sparsity import compress_24
-from sste_jax.nnx import CompressedLinear, _set_child
+from sste_jax.nnx import CompressedLinear, Packed24, _dense_linear, _set_child
 
 __all__ = [
     "Target",
     "inference_weights",
+    "linen_inference_weights",
     "save_safetensors",
     "load_safetensors",
     "import_weights",
+    "to_backend",
+    "CusparseltLinear",
+    "BACKENDS",
     "SAFETENSORS_FILE",
     "DTYPES",
     "FP8_SCALES",
@@ -68,6 +72,7 @@ __all__ = [
 SAFETENSORS_FILE = "model.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_SCALES = ("tensor", "channel")
+BACKENDS = ("dense", "cusparselt", "cusparselt-fp8")
 _PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores for one 2:4 weight
 _SCALE = "weight_scale"  # and for one FP8 weight, its scale(s)
 
@@ -126,6 +131,54 @@ def inference_weights(model: nnx.Module) -> tuple[dict[str, Array], frozenset[st
         if isinstance(node, CompressedLinear):
             weights[_path_str((*path, "kernel"))] = node.forward_weight()
             sparse.add(_path_str((*path, "kernel")))
+    return weights, frozenset(sparse)
+
+
+def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Array], frozenset[str]]:
+    """`inference_weights` for Flax Linen: ``({path: array}, sparse paths)`` from a model's ``variables``
+    (``"params"`` and the ``"sparsity"`` collection of `sste_jax.linen.SparseDense` or
+    `sste_jax.linen.sparsify_dense`). Each layer with a β (a `sste_jax.linen.SparsityBeta` box, which
+    names its method) gets its kernel replaced by the forward weight ``W̃`` (β·S(W) for S-STE, 2:4
+    along the contraction axis); paths are ``/``-joined ``"params"`` keys. A plain Linen model (``nn.Dense``
+    layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its params computes what
+    the sparse model computes.
+
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from flax import traverse_util
+    >>> from sste_jax import linen as sparse_linen, serving
+    >>> model, x = nn.Sequential([nn.Dense(8), nn.Dense(4)]), jnp.ones((2, 8))
+    >>> with sparse_linen.sparsify_dense(where=sparse_linen.all_dense):
+    ...     variables = model.init(jax.random.key(0), x)
+    ...     y = model.apply(variables, x)
+    >>> weights, sparse = serving.linen_inference_weights(variables)
+    >>> sorted(sparse)
+    ['layers_0/kernel', 'layers_1/kernel']
+    >>> dense = model.apply({"params": traverse_util.unflatten_dict(weights, sep="/")}, x)  # no sste_jax
+    >>> bool(jnp.allclose(dense, y, rtol=1e-6, atol=1e-6))
+    True
+    """
+    from flax import linen as nn
+    from flax import traverse_util
+
+    from sste_jax._linear import SparsityConfig, forward_weight
+    from sste_jax.linen import SparsityBeta
+
+    if "params" not in variables:
+        raise ValueError(f"variables have no 'params' collection (collections: {sorted(variables)})")
+    params = traverse_util.flatten_dict(nn.unbox(dict(variables["params"])), sep="/")
+    betas = traverse_util.flatten_dict(dict(variables.get("sparsity", {})), sep="/", is_leaf=lambda _, v: isinstance(
+        v, SparsityBeta))
+    weights, sparse = {path: jnp.asarray(v) for path, v in params.items()}, set()
+    for path, box in betas.items():
+        if not (path.endswith("beta") and isinstance(box, SparsityBeta)):
+            raise ValueError(f"sparsity/{path}: not a SparsityBeta box (pass the variables as init made them)")
+        kernel = f"{path.removesuffix('beta')}kernel"
+        if kernel not in weights:
+            raise ValueError(f"sparsity/{path}: no params/{kernel} for this β")
+        config = SparsityConfig(method=box.sparse_method)
+        weights[kernel] = forward_weight(weights[kernel], box.value, config)
+        if config.sparse:
+            sparse.add(kernel)
     return weights, frozenset(sparse)
 
 
@@ -383,4 +436,122 @@ def import_weights(model: nnx.Module, weights: Mapping[str, Any], *, sparse: Ite
             _set_child(model, layer_path, new)
         elif not any(path == f"{s[: -len('kernel')]}bias" for s in sparse):
             params[path][...] = jnp.asarray(array, params[path].dtype)
+    return model
+
+
+class CusparseltLinear(nnx.Module):
+    """Inference layer whose product runs on Hopper's sparse tensor cores: ``y = x @ W̃ (+ bias)`` with ``W̃ᵀ``
+    compressed once by cuSPARSELt (`sste_jax.kernels.cusparselt`) in bfloat16, or in FP8 e4m3 with one
+    float32 scale per output channel (``W̃ᵀ ≈ scale·W_fp8``; the input is cast to e4m3 with a per-call
+    per-tensor scale, the product accumulated in float32 and rescaled). Built by `to_backend` (needs an
+    NVIDIA GPU with cuSPARSELt: ``pip install -e ".[cuda]"``); the layer's dimensions must be multiples of
+    16, the token count is padded to one.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (64, 32)))
+    >>> layer = CusparseltLinear.from_weight(w)  # doctest: +SKIP
+    >>> y = layer(jnp.ones((5, 64), jnp.bfloat16))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        packed: UInt8[Array, " nbytes"],
+        in_features: int,
+        out_features: int,
+        bias: Float[Array, " out"] | None = None,
+        scale: Float[Array, " out"] | None = None,
+        *,
+        dtype: Any = None,
+    ):
+        self.packed = Packed24(packed)
+        self.scale = Packed24(scale) if scale is not None else None
+        self.bias = nnx.Param(bias) if bias is not None else None
+        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
+
+    @classmethod
+    def from_weight(
+        cls, w_IxO: Float[Array, "in out"], bias: Float[Array, " out"] | None = None, *, fp8: bool = False,
+        dtype: Any = None, name: str = "weight",
+    ) -> "CusparseltLinear":
+        """Compresses the 2:4 ``(in, out)`` forward weight ``w_IxO`` (2:4 along ``in``) for cuSPARSELt, once."""
+        from sste_jax.kernels import cusparselt
+
+        _check_gpu("CusparseltLinear")
+        w_OxI = jnp.asarray(w_IxO).T
+        if any(d % 16 for d in w_OxI.shape):
+            raise ValueError(f"{name}: cuSPARSELt needs in and out divisible by 16, got (in, out) = {w_IxO.shape}")
+        _check_24(name, np.asarray(jax.device_get(w_OxI.astype(jnp.float32))))
+        scale = None
+        if fp8:
+            fmax = float(jnp.finfo(jnp.float8_e4m3fn).max)
+            w_OxI = w_OxI.astype(jnp.float32)
+            amax = jnp.max(jnp.abs(w_OxI), axis=1)
+            scale = jnp.where(amax > 0, amax / fmax, 1.0)
+            packed = cusparselt.compress(jnp.clip(w_OxI / scale[:, None], -fmax, fmax).astype(jnp.float8_e4m3fn))
+        else:
+            packed = cusparselt.compress(w_OxI.astype(jnp.bfloat16))
+        return cls(packed, w_OxI.shape[1], w_OxI.shape[0], bias, scale, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
+        from sste_jax import _fp8
+        from sste_jax.kernels import cusparselt
+
+        x_NxI = x.reshape(-1, self.in_features)
+        n = x_NxI.shape[0]
+        x_NxI = jnp.pad(x_NxI, ((0, -n % 16), (0, 0)))
+        if self.scale is not None:
+            qx, sx = _fp8.quantize(x_NxI, _fp8.FORWARD)
+            y = cusparselt.matmul(self.packed[...], qx, self.out_features, jnp.float32) * (self.scale[...] / sx)
+        else:
+            y = cusparselt.matmul(self.packed[...], x_NxI.astype(jnp.bfloat16), self.out_features, jnp.bfloat16)
+        y = y[:n].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype or x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def _check_gpu(what: str) -> None:
+    if jax.default_backend() != "gpu":
+        raise RuntimeError(
+            f"{what} runs on an NVIDIA GPU's sparse tensor cores (cuSPARSELt); jax.default_backend() is "
+            f"{jax.default_backend()!r}: serve with backend='dense' (or the CompressedLinear layers as they are) here"
+        )
+
+
+def to_backend(model: nnx.Module, backend: str) -> nnx.Module:
+    """Replaces, in place, every `sste_jax.nnx.CompressedLinear` of a served model (e.g. from
+    `import_weights`) by a layer for ``backend``; returns ``model``.
+
+    ``"dense"``: an ``nnx.Linear`` holding the decompressed weight, decompressed here once (a
+    `CompressedLinear` keeps half the bytes and decompresses in every call), the same outputs.
+    ``"cusparselt"`` / ``"cusparselt-fp8"``: a `CusparseltLinear` holding the weight compressed once by
+    cuSPARSELt in bfloat16 / FP8 e4m3 (NVIDIA GPU only: raises `RuntimeError` elsewhere).
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx, serving
+    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
+    >>> served = sparse_nnx.compress_layers(model)
+    >>> x, y = jnp.ones((2, 8)), served(jnp.ones((2, 8)))
+    >>> dense = serving.to_backend(served, "dense")
+    >>> type(dense.layers[0]).__name__, bool(jnp.array_equal(dense(x), y))
+    ('Linear', True)
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
+    if backend != "dense":
+        _check_gpu(f"backend={backend!r}")
+    layers = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)]
+    for path, layer in layers:
+        name = _path_str(path)
+        if backend == "dense":
+            if layer.fp8:
+                raise ValueError(f"{name}: the layer computes FP8 products, which an nnx.Linear does not; keep it")
+            new = _dense_linear(layer, layer.forward_weight())
+        else:
+            bias = layer.bias[...] if layer.bias is not None else None
+            new = CusparseltLinear.from_weight(
+                layer.forward_weight(), bias, fp8=backend == "cusparselt-fp8", dtype=layer.dtype, name=name
+            )
+        _set_child(model, path, new)
     return model

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import linen, nnx, traverse_util
 
 from experiments import export_hf
 from experiments.common import recipes
@@ -17,6 +17,7 @@ from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
 from experiments.lm.model import GPT
 from sste_jax import SparsityConfig, serving
+from sste_jax import linen as sparse_linen
 from sste_jax import nnx as sparse_nnx
 
 torch = pytest.importorskip("torch")
@@ -287,3 +288,104 @@ def test_fp8_refuses_bad_input(tmp_path):
         serving.save_safetensors(tmp_path / "a", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="row")
     with pytest.raises(ValueError, match=r"'fc.weight' has non-finite values"):
         serving.save_safetensors(tmp_path / "b", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="tensor")
+
+
+class _LinenMLP(linen.Module):
+    @linen.compact
+    def __call__(self, x):
+        x = jax.nn.relu(sparse_linen.SparseDense(16, name="up")(x))
+        x = linen.Dense(16, name="mid")(x)  # made sparse by sparsify_dense below
+        return linen.Dense(8, name="head")(x)  # stays dense
+
+
+def test_linen_export_loads_back_and_serves_as_a_plain_linen_model(tmp_path):
+    model, x = _LinenMLP(), jax.random.normal(jax.random.key(1), (3, 8))
+    with sparse_linen.sparsify_dense(where=lambda path, _: path[-1] == "mid"):
+        variables = model.init(jax.random.key(0), x)
+        variables = {**variables, "params": jax.tree.map(lambda p: p * 1.3, variables["params"])}  # β no longer fits
+        y = model.apply(variables, x)
+    weights, sparse = serving.linen_inference_weights(variables)
+    assert sparse == {"up/kernel", "mid/kernel"}
+    up = variables["params"]["up"]["kernel"]
+    assert not np.array_equal(weights["up/kernel"], up)  # the forward weight β·S(W), not W
+    assert (np.asarray(weights["up/kernel"]).reshape(2, 4, 16) != 0).sum(1).max() == 2
+    targets = {p: serving.Target(p.replace("/", ".").replace("kernel", "weight"), transpose=p.endswith("kernel"))
+               for p in weights}
+    back = serving.load_safetensors(serving.save_safetensors(tmp_path / "m", weights, targets, sparse=sparse), targets)
+    assert back.keys() == weights.keys()
+    for p in weights:
+        np.testing.assert_array_equal(back[p], weights[p], err_msg=p)
+    plain = linen.Sequential([linen.Dense(16, name="up"), jax.nn.relu, linen.Dense(16, name="mid"),
+                              linen.Dense(8, name="head")])
+    params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in back.items()}, sep="/")
+    served = plain.apply({"params": {f"layers_{i}": params[n] for i, n in ((0, "up"), (2, "mid"), (3, "head"))}}, x)
+    np.testing.assert_array_equal(served, y)
+
+
+@pytest.mark.outside_annotations
+def test_linen_export_refuses_unboxed_variables():
+    variables = sparse_linen.SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
+    with pytest.raises(ValueError, match="sparsity/beta: not a SparsityBeta box"):
+        serving.linen_inference_weights(linen.unbox(variables))
+    with pytest.raises(ValueError, match="no 'params' collection"):
+        serving.linen_inference_weights({"sparsity": variables["sparsity"]})
+
+
+def test_dense_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
+    model = _trained_like()
+    served = export_hf.import_hf(_export(tmp_path, model), _trained_like(seed=5))
+    ids = _ids()
+    want = np.asarray(served(ids))
+    dense = serving.to_backend(served, "dense")
+    assert type(dense.blocks[0].mlp.c_fc).__name__ == "Linear"
+    assert not any(isinstance(n, sparse_nnx.CompressedLinear) for _, n in nnx.iter_graph(dense))
+    assert np.asarray(dense(ids)).tobytes() == want.tobytes()
+
+
+@pytest.mark.outside_annotations
+def test_backends_refuse_what_they_cannot_run():
+    served = sparse_nnx.compress_layers(sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(), sparse_nnx.all_linear))
+    with pytest.raises(ValueError, match=r"backend='tpu'"):
+        serving.to_backend(served, "tpu")
+    if jax.default_backend() != "gpu":
+        for backend in ("cusparselt", "cusparselt-fp8"):
+            with pytest.raises(RuntimeError, match=r"jax.default_backend\(\) is 'cpu'"):
+                serving.to_backend(served, backend)
+        with pytest.raises(RuntimeError, match="sparse tensor cores"):
+            serving.CusparseltLinear.from_weight(jnp.zeros((16, 16)))
+    fp8 = sparse_nnx.compress_layers(
+        sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(fp8=True), sparse_nnx.all_linear))
+    with pytest.raises(ValueError, match="a: the layer computes FP8 products"):
+        serving.to_backend(fp8, "dense")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cusparselt", "cusparselt-fp8"])
+def test_cusparselt_backend_matches_the_dense_product(backend):
+    import sste_jax
+
+    k, m, tokens = 256, 128, 37  # a token count that is no multiple of 16
+    w_IxO = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (k, m)))
+    bias = jax.random.normal(jax.random.key(1), (m,))
+    x = jax.random.normal(jax.random.key(2), (tokens, k))
+    served = nnx.Sequential(sparse_nnx.CompressedLinear(*sste_jax.compress_24(w_IxO), bias))
+    fast = serving.to_backend(served, backend)
+    assert isinstance(fast.layers[0], serving.CusparseltLinear)
+    y = np.asarray(nnx.jit(lambda mdl, v: mdl(v))(fast, x), np.float64)
+    if backend == "cusparselt":  # bf16 operands, float32 accumulation, bf16 output
+        xr = np.asarray(x.astype(jnp.bfloat16), np.float64)
+        wr = np.asarray(w_IxO.astype(jnp.bfloat16), np.float64)
+        out_unit = 2.0**-8  # bf16 rounding of the output (and of the bias sum)
+    else:  # the e4m3 operands: per-tensor input scale (sste_jax's FP8 cast), per-output-channel weight scale
+        from sste_jax import _fp8
+
+        qx, xs = _fp8.quantize(x, jnp.float8_e4m3fn)
+        xr = np.asarray(qx, np.float64) / float(xs)
+        ws = fast.layers[0].scale[...]
+        np.testing.assert_allclose(ws, jnp.abs(w_IxO).max(0) / 448, rtol=2 * EPS32)
+        wr = np.asarray(jnp.clip(w_IxO / ws, -448, 448).astype(jnp.float8_e4m3fn), np.float64) * np.asarray(ws)
+        out_unit = 4 * EPS32  # the float32 output times scale / input scale, plus the bias
+    ref = xr @ wr + np.asarray(bias, np.float64)
+    # rounding of the output plus float32 accumulation over k terms
+    tol = out_unit * (np.abs(ref) + np.abs(np.asarray(bias))) + k * EPS32 * (np.abs(xr) @ np.abs(wr))
+    assert np.all(np.abs(y - ref) <= tol), np.max(np.abs(y - ref) / tol)
