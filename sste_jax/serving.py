@@ -14,7 +14,10 @@ mapping ``{path: Target(name, transpose)}`` says where each goes. Flax kernels a
 PyTorch ``Linear`` weights are ``(out, in)`` with the 2:4 groups along ``in``, the last axis, which
 is what the bitmask format packs: pass ``transpose=True`` for them. `load_safetensors` reads a
 folder back into ``{path: array}`` in our layout, bit for bit, and `import_weights` puts them into
-an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers.
+an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers. ``save_safetensors(..., fp8=...)``
+stores the 2:4 weights as FP8 e4m3 with per-tensor or per-channel scales instead;
+`linen_inference_weights` is `inference_weights` for Flax Linen variables; `to_backend` swaps a served
+model's compressed layers for dense ones (decompressed once) or for cuSPARSELt products on a GPU.
 
 >>> import tempfile, jax, jax.numpy as jnp, numpy as np
 >>> from flax import nnx
@@ -139,7 +142,8 @@ def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Arr
     (``"params"`` and the ``"sparsity"`` collection of `sste_jax.linen.SparseDense` or
     `sste_jax.linen.sparsify_dense`). Each layer with a β (a `sste_jax.linen.SparsityBeta` box, which
     names its method) gets its kernel replaced by the forward weight ``W̃`` (β·S(W) for S-STE, 2:4
-    along the contraction axis); paths are ``/``-joined ``"params"`` keys. A plain Linen model (``nn.Dense``
+    along the contraction axis: the box does not record ``n``/``m``, so layers trained N:M other than
+    2:4 are not exported correctly by this); paths are ``/``-joined ``"params"`` keys. A plain Linen model (``nn.Dense``
     layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its params computes what
     the sparse model computes.
 

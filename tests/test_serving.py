@@ -206,6 +206,10 @@ def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
         lm_sample.main(["--workdir", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and texts[0].startswith("ab")
+    export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf8"), "--fp8", "channel"])
+    assert "2:4 weights FP8 e4m3 per-channel scales" in capsys.readouterr().out
+    config = json.loads((tmp_path / "hf8" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
     with pytest.raises(SystemExit, match="already exists"):
         export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
 
