@@ -202,10 +202,13 @@ def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
     export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
     assert "GPTBigCodeForCausalLM" in capsys.readouterr().out
     texts = []
-    for extra in (["--weights", "compressed"], ["--export", str(tmp_path / "hf")]):
+    for extra in (["--weights", "compressed"], ["--export", str(tmp_path / "hf")],
+                  ["--export", str(tmp_path / "hf"), "--backend", "dense"]):
         lm_sample.main(["--workdir", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
         texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1] and texts[0].startswith("ab")
+    assert texts[0] == texts[1] == texts[2] and texts[0].startswith("ab")
+    with pytest.raises(SystemExit, match="--backend applies to compressed 2:4 layers"):
+        lm_sample.main(["--workdir", str(tmp_path / "run"), "--backend", "dense"])
     export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf8"), "--fp8", "channel"])
     assert "2:4 weights FP8 e4m3 per-channel scales" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf8" / "config.json").read_text())

@@ -3,13 +3,16 @@
     python -m experiments.lm.sample --workdir runs/sste --prompt "ROMEO:" --tokens 200 --temperature 0.8 --top-k 40
     python -m experiments.lm.sample --workdir runs/sste --weights compressed      # 2:4 layers from packed weights
     python -m experiments.lm.sample --workdir runs/sste --export runs/sste_hf     # the model of an export_hf folder
+    python -m experiments.lm.sample --workdir runs/sste --export runs/sste_hf --backend cusparselt  # GPU
 
 ``--weights``: ``trained`` (the run's layers as trained, 2:4 forward weights), ``dense`` (every sparse
 layer densified: an ``nnx.Linear`` holding its forward weight), ``compressed`` (2:4 layers as
 `sste_jax.nnx.CompressedLinear`, decompressed once per generation, before decoding). All three hold
 the same forward weights, so for a seed they give the same tokens; so does an export read back with
 ``--export``. Sampling is a pure function of the weights, the prompt, the temperature, top-k and the
-seed.
+seed. ``--backend`` (with ``--export`` or ``--weights compressed``) serves the 2:4 layers through
+`sste_jax.serving.to_backend`: ``dense`` (decompressed once at load; the same tokens), ``cusparselt``
+or ``cusparselt-fp8`` (cuSPARSELt products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
@@ -40,7 +43,7 @@ from experiments.lm import data
 from experiments.lm.configs import LMData
 from experiments.lm.model import GPT
 from experiments.lm.train import build_model, make_run
-from sste_jax import checkpoint
+from sste_jax import checkpoint, serving
 from sste_jax import nnx as sparse_nnx
 
 WEIGHTS = ("trained", "dense", "compressed")
@@ -167,6 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=serving.BACKENDS, default=None,
+                   help="serve the compressed 2:4 layers (--export or --weights compressed) this way")
     return p.parse_args(argv)
 
 
@@ -181,9 +186,13 @@ def main(argv=None) -> None:
         model = with_weights(model, args.weights)
     prompt = tokenizer.encode(args.prompt)
     try:
+        if args.backend:
+            if not args.export and args.weights != "compressed":
+                raise ValueError("--backend applies to compressed 2:4 layers: add --export DIR or --weights compressed")
+            model = serving.to_backend(model, args.backend)
         tokens = generate(model, jnp.asarray([prompt]), args.tokens, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed)
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(args.prompt + tokenizer.decode(np.asarray(tokens[0]).tolist()))
 
