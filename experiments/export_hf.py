@@ -1,6 +1,7 @@
 """Exports a trained language-model run to a Hugging Face folder that ``transformers`` and vLLM load.
 
-    python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16] [--fp8 tensor]
+    python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16]
+    python -m experiments.export_hf --workdir runs/sste --out runs/sste_fp8 --fp8 channel [--fp8-inputs token]
 
 The folder holds ``model.safetensors`` (the 2:4 feed-forward weights in compressed-tensors'
 "sparse-24-bitmask" format: kept values plus a bitmask; the rest dense), ``config.json`` with the
@@ -136,12 +137,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def export_hf(model: GPT, tokenizer: data.Tokenizer, out, dtype: str = "float32",
-              fp8: str | None = None) -> pathlib.Path:
+              fp8: str | None = None, fp8_inputs: str | None = None) -> pathlib.Path:
     """Writes ``model`` (a trained GPT, any sparse method) and ``tokenizer`` to the folder ``out``; ``fp8``
-    (``"tensor"`` or ``"channel"`` scales) stores the 2:4 weights as FP8 e4m3 (`sste_jax.serving.save_safetensors`)."""
+    (``"tensor"`` or ``"channel"`` scales) stores the 2:4 weights as FP8 e4m3, ``fp8_inputs`` (``"token"``
+    or ``"tensor"``) declares their inputs dynamically FP8 (`sste_jax.serving.save_safetensors`)."""
     weights, sparse = hf_weights(model)
     out = serving.save_safetensors(out, weights, targets(len(model.blocks)), sparse=sparse, dtype=dtype, fp8=fp8,
-                                   config=hf_config(model, tokenizer))
+                                   fp8_inputs=fp8_inputs, config=hf_config(model, tokenizer))
     save_tokenizer(out, tokenizer)
     return out
 
@@ -181,14 +183,17 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=serving.DTYPES, default="float32")
     p.add_argument("--fp8", choices=serving.FP8_SCALES, default=None,
                    help="store the 2:4 weights as FP8 e4m3 with one scale per tensor or per output channel")
+    p.add_argument("--fp8-inputs", choices=serving.FP8_INPUTS, default=None,
+                   help="with --fp8: declare the 2:4 layers' inputs dynamically FP8 per token or per tensor (W8A8)")
     args = p.parse_args(argv)
     try:
         model, tokenizer, run = load_run(args.workdir)
-        out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8)
+        out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8, args.fp8_inputs)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
     kind = args.dtype + (f", 2:4 weights FP8 e4m3 per-{args.fp8} scales" if args.fp8 else "")
+    kind += f", inputs FP8 per-{args.fp8_inputs}" if args.fp8_inputs else ""
     print(f"exported {run.method} run {args.workdir} -> {out} ({ARCHITECTURE}, {kind}): {sizes}")
 
 

@@ -70,11 +70,13 @@ __all__ = [
     "SAFETENSORS_FILE",
     "DTYPES",
     "FP8_SCALES",
+    "FP8_INPUTS",
 ]
 
 SAFETENSORS_FILE = "model.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_SCALES = ("tensor", "channel")
+FP8_INPUTS = ("token", "tensor")
 BACKENDS = ("dense", "cusparselt", "cusparselt-fp8")
 _PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores for one 2:4 weight
 _SCALE = "weight_scale"  # and for one FP8 weight, its scale(s)
@@ -222,6 +224,7 @@ def save_safetensors(
     sparse: Iterable[str] = (),
     dtype: str = "float32",
     fp8: str | None = None,
+    fp8_inputs: str | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> pathlib.Path:
     """Writes ``weights`` to ``directory/model.safetensors`` and ``directory/config.json``.
@@ -239,6 +242,10 @@ def save_safetensors(
         next to the 2:4 ``sparsity_config``: one byte per kept weight. A reader's weight is
         ``W_fp8 · scale`` (what `load_safetensors` returns); a kept value below e4m3's smallest step
         becomes 0, which the 2:4 format holds (a group then has fewer than 2 non-zeros).
+      fp8_inputs: with ``fp8``: ``None`` (weight-only FP8), or ``"token"`` / ``"tensor"`` to declare the
+        inputs of those layers dynamically quantized to FP8 e4m3 per token / per tensor at run time
+        (W8A8: what sparse FP8 kernels such as vLLM's 2:4 CUTLASS path require; readers then round the
+        inputs too, e.g. ``transformers`` on CPU). Nothing about the inputs is stored.
       config: the model's own ``config.json`` fields (architecture, sizes); the
         ``quantization_config`` of the 2:4 weights is added to it.
 
@@ -261,6 +268,8 @@ def save_safetensors(
         raise ValueError(f"dtype={dtype!r}: use one of {DTYPES}")
     if fp8 is not None and fp8 not in FP8_SCALES:
         raise ValueError(f"fp8={fp8!r}: use None or one of {FP8_SCALES} (one scale per tensor or per output row)")
+    if fp8_inputs is not None and (fp8 is None or fp8_inputs not in FP8_INPUTS):
+        raise ValueError(f"fp8_inputs={fp8_inputs!r}: use None, or one of {FP8_INPUTS} together with fp8")
     directory = pathlib.Path(directory)
     if directory.exists():
         raise FileExistsError(f"cannot export to {directory}: it already exists")
@@ -296,23 +305,25 @@ def save_safetensors(
     if modules:
         total = sum(int(np.size(weights[p])) for p in sparse)
         sparsity = Sparse24BitMaskConfig(targets=sorted(modules), global_sparsity=1 - kept / total)
-        quantization = _fp8_config(sorted(modules), fp8) if fp8 is not None else None
+        quantization = _fp8_config(sorted(modules), fp8, fp8_inputs) if fp8 is not None else None
         ModelCompressor(sparsity_config=sparsity, quantization_config=quantization).update_config(str(directory))
     return directory
 
 
-def _fp8_args(strategy: str):
+def _fp8_args(strategy: str, dynamic: bool = False):
     from compressed_tensors.quantization import QuantizationArgs
 
-    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=False)
+    return QuantizationArgs(num_bits=8, type="float", strategy=strategy, symmetric=True, dynamic=dynamic)
 
 
-def _fp8_config(modules: list[str], strategy: str):
-    """compressed-tensors' description of FP8 e4m3 weights (static scales, no activation quantization)."""
+def _fp8_config(modules: list[str], strategy: str, inputs: str | None = None):
+    """compressed-tensors' description of FP8 e4m3 weights (static scales) and, with ``inputs``, of
+    dynamically quantized FP8 inputs."""
     from compressed_tensors.config import CompressionFormat
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, QuantizationStatus
 
-    scheme = QuantizationScheme(targets=modules, weights=_fp8_args(strategy))
+    inputs = _fp8_args(inputs, dynamic=True) if inputs is not None else None
+    scheme = QuantizationScheme(targets=modules, weights=_fp8_args(strategy), input_activations=inputs)
     return QuantizationConfig(
         config_groups={"group_0": scheme},
         format=CompressionFormat.float_quantized.value,

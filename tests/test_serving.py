@@ -396,3 +396,37 @@ def test_cusparselt_backend_matches_the_dense_product(backend):
     # rounding of the output plus float32 accumulation over k terms
     tol = out_unit * (np.abs(ref) + np.abs(np.asarray(bias))) + k * EPS32 * (np.abs(xr) @ np.abs(wr))
     assert np.all(np.abs(y - ref) <= tol), np.max(np.abs(y - ref) / tol)
+
+
+@pytest.mark.parametrize("inputs", serving.FP8_INPUTS)
+def test_fp8_inputs_declare_w8a8_layers_that_transformers_runs(tmp_path, inputs):
+    model = _trained_like()
+    out = export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf", fp8="channel", fp8_inputs=inputs)
+    group = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    act = group["input_activations"]
+    assert (act["type"], act["num_bits"], act["strategy"], act["dynamic"]) == ("float", 8, inputs, True)
+    hf, _ = _hf_logits(out, _ids(1, 2))
+    layer = hf.transformer.h[0].mlp.c_fc
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32) * np.float32([[1], [3], [0.1], [10], [1]])
+    with torch.no_grad():  # (batch, tokens, features) as in the model: compressed-tensors' tokens are axes 0 and 1
+        y = layer(torch.from_numpy(x[None]))[0].numpy().astype(np.float64)
+    # the reader's dynamic e4m3 cast of the input (scale = max|x| / 448 per token or per tensor), then the product
+    amax = np.abs(x).max(axis=1 if inputs == "token" else None, keepdims=True)
+    scale = amax / np.float32(448)
+    xq = (x / scale).astype(jnp.float8_e4m3fn).astype(np.float32) * scale
+    w = serving.load_safetensors(out, export_hf.targets(2))["blocks/0/mlp/c_fc/kernel"].astype(np.float64)
+    want = xq.astype(np.float64) @ w  # zero bias
+    tol = 32 * EPS32 * (np.abs(xq) @ np.abs(w)) + EPS32 * np.abs(want)  # float32 sums of 32 terms, output rounding
+    assert np.all(np.abs(y - want) <= tol)
+    unrounded = x.astype(np.float64) @ w
+    assert np.abs(y - unrounded).max() > 100 * tol.max()  # the inputs were rounded to e4m3
+
+
+@pytest.mark.outside_annotations
+def test_fp8_inputs_need_fp8_weights(tmp_path):
+    w = {"fc/kernel": np.zeros((8, 4), np.float32)}
+    targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
+    with pytest.raises(ValueError, match=r"fp8_inputs='token': use None, or one of .* together with fp8"):
+        serving.save_safetensors(tmp_path / "a", w, targets, sparse=["fc/kernel"], fp8_inputs="token")
+    with pytest.raises(ValueError, match=r"fp8_inputs='channel'"):
+        serving.save_safetensors(tmp_path / "b", w, targets, sparse=["fc/kernel"], fp8="tensor", fp8_inputs="channel")
