@@ -145,9 +145,9 @@ def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Arr
     `sste_jax.linen.sparsify_dense`). Each layer with a β (a `sste_jax.linen.SparsityBeta` box, which
     names its method) gets its kernel replaced by the forward weight ``W̃`` (β·S(W) for S-STE, 2:4
     along the contraction axis: the box does not record ``n``/``m``, so layers trained N:M other than
-    2:4 are not exported correctly by this); paths are ``/``-joined ``"params"`` keys. A plain Linen model (``nn.Dense``
-    layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its params computes what
-    the sparse model computes.
+    2:4 are not exported correctly by this); paths are ``/``-joined ``"params"`` keys. A plain Linen
+    model (``nn.Dense`` layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its
+    params computes what the sparse model computes.
 
     >>> import jax, jax.numpy as jnp, flax.linen as nn
     >>> from flax import traverse_util
@@ -172,8 +172,8 @@ def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Arr
     if "params" not in variables:
         raise ValueError(f"variables have no 'params' collection (collections: {sorted(variables)})")
     params = traverse_util.flatten_dict(nn.unbox(dict(variables["params"])), sep="/")
-    betas = traverse_util.flatten_dict(dict(variables.get("sparsity", {})), sep="/", is_leaf=lambda _, v: isinstance(
-        v, SparsityBeta))
+    is_box = lambda _, v: isinstance(v, SparsityBeta)  # noqa: E731
+    betas = traverse_util.flatten_dict(dict(variables.get("sparsity", {})), sep="/", is_leaf=is_box)
     weights, sparse = {path: jnp.asarray(v) for path, v in params.items()}, set()
     for path, box in betas.items():
         if not (path.endswith("beta") and isinstance(box, SparsityBeta)):
