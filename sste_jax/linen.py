@@ -5,9 +5,9 @@ Both keep ``nn.Dense``'s parameters (``kernel``, ``bias``) and put the frozen β
 mutable, i.e. at ``init`` or by `fit_sparsity` for weights loaded from a dense checkpoint, and is
 read-only in ``apply``. Each β is boxed in `SparsityBeta` (Flax's ``AxisMetadata``, like
 ``nn.Partitioned``): ``apply`` unboxes it, ``nn.unbox(variables)`` gives bare arrays, and the box
-names the layer's method, MVUE, FP8 and decay, so that a checkpoint knows what it holds. MVUE keys
-come from the ``"sparsity"`` rng stream (``rngs={"sparsity": key}`` in ``apply``; Flax folds in
-each module's path, so layers differ).
+names the layer's method, MVUE, FP8, decay and N:M pattern, so that a checkpoint knows what it
+holds. MVUE keys come from the ``"sparsity"`` rng stream (``rngs={"sparsity": key}`` in ``apply``;
+Flax folds in each module's path, so layers differ).
 
 >>> import jax, jax.numpy as jnp
 >>> layer = SparseDense(4)
@@ -46,7 +46,7 @@ _FEED_FORWARD_RULES = check_rules(_feed_forward_rules(), "feed_forward")
 
 class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
     """A Linen layer's β (``value``) with what the layer trains: ``sparse_method``, ``sparse_mvue``,
-    ``sparse_fp8``, ``sparse_decay`` (the SR-STE or T-SR-STE decay, else 0).
+    ``sparse_fp8``, ``sparse_decay`` (the SR-STE or T-SR-STE decay, else 0), ``sparse_n``, ``sparse_m``.
 
     >>> import jax, jax.numpy as jnp
     >>> variables = SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
@@ -60,6 +60,8 @@ class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
     sparse_mvue: bool = struct.field(pytree_node=False)
     sparse_fp8: bool = struct.field(pytree_node=False)
     sparse_decay: float = struct.field(pytree_node=False)
+    sparse_n: int = struct.field(pytree_node=False, default=2)
+    sparse_m: int = struct.field(pytree_node=False, default=4)
 
     def unbox(self) -> Any:
         return self.value
@@ -76,7 +78,7 @@ class SparsityBeta(struct.PyTreeNode, nn.meta.AxisMetadata):
     @classmethod
     def of(cls, value, config: SparsityConfig) -> "SparsityBeta":
         decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
-        return cls(value, config.method, bool(config.mvue), bool(config.fp8), float(decay))
+        return cls(value, config.method, bool(config.mvue), bool(config.fp8), float(decay), config.n, config.m)
 
 
 def _check(module: nn.Dense, in_features: int, config: SparsityConfig) -> None:

@@ -143,9 +143,8 @@ def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Arr
     """`inference_weights` for Flax Linen: ``({path: array}, sparse paths)`` from a model's ``variables``
     (``"params"`` and the ``"sparsity"`` collection of `sste_jax.linen.SparseDense` or
     `sste_jax.linen.sparsify_dense`). Each layer with a β (a `sste_jax.linen.SparsityBeta` box, which
-    names its method) gets its kernel replaced by the forward weight ``W̃`` (β·S(W) for S-STE, 2:4
-    along the contraction axis: the box does not record ``n``/``m``, so layers trained N:M other than
-    2:4 are not exported correctly by this); paths are ``/``-joined ``"params"`` keys. A plain Linen
+    names its method and N:M pattern) gets its kernel replaced by the forward weight ``W̃`` (β·S(W)
+    for S-STE, N:M along the contraction axis); paths are ``/``-joined ``"params"`` keys. A plain Linen
     model (``nn.Dense`` layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its
     params computes what the sparse model computes.
 
@@ -181,7 +180,7 @@ def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Arr
         kernel = f"{path.removesuffix('beta')}kernel"
         if kernel not in weights:
             raise ValueError(f"sparsity/{path}: no params/{kernel} for this β")
-        config = SparsityConfig(method=box.sparse_method)
+        config = SparsityConfig(method=box.sparse_method, n=box.sparse_n, m=box.sparse_m)
         weights[kernel] = forward_weight(weights[kernel], box.value, config)
         if config.sparse:
             sparse.add(kernel)

@@ -420,7 +420,9 @@ def test_linen_variables_record_each_layers_method_and_refuse_a_differently_spar
     sste = variables(SparsityConfig(mvue=True), 0)
     checkpoint.save_checkpoint(tmp_path, 1, sste)
     record = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
-    assert record["sparsity"]["config"] == {"method": "sste", "mvue": True, "fp8": False}
+    assert record["sparsity"]["config"] == {"method": "sste", "mvue": True, "fp8": False, "n": 2, "m": 4}
+    with pytest.raises(checkpoint.CheckpointConfigError, match="n=2 in the checkpoint, 1 in the target"):
+        checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=False, n=1), 1))
     restored = checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=True), 1))
     assert type(restored["sparsity"]["beta"]) is sparse_linen.SparsityBeta
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(sste)):

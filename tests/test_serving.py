@@ -329,6 +329,17 @@ def test_linen_export_loads_back_and_serves_as_a_plain_linen_model(tmp_path):
     np.testing.assert_array_equal(served, y)
 
 
+@pytest.mark.parametrize("n, m", [(1, 4), (2, 8)])
+def test_linen_export_keeps_the_layers_n_m_pattern(n, m):
+    layer = sparse_linen.SparseDense(8, config=SparsityConfig(n=n, m=m))
+    variables = layer.init(jax.random.key(0), jnp.ones((2, 16)))
+    assert (variables["sparsity"]["beta"].sparse_n, variables["sparsity"]["beta"].sparse_m) == (n, m)
+    weights, sparse = serving.linen_inference_weights(variables)
+    assert sparse == {"kernel"}
+    np.testing.assert_array_equal(weights["kernel"], layer.apply(variables, method="forward_weight"))
+    assert (np.asarray(weights["kernel"]).reshape(16 // m, m, 8) != 0).sum(1).max() == n
+
+
 @pytest.mark.outside_annotations
 def test_linen_export_refuses_unboxed_variables():
     variables = sparse_linen.SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
