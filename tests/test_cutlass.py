@@ -1,0 +1,191 @@
+"""CUTLASS sm90 sparse backend: operand emitter (vs `compress_24` and vs CUTLASS's layout, evaluated by a host
+program), the FFI extension's sm_90a build, lowering and config checks here; numerics on a GPU (marked ``gpu``)."""
+
+import ctypes
+import pathlib
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sste_jax
+from sste_jax.kernels import _toolchain, cutlass
+
+HOST_SOURCE = pathlib.Path(__file__).parent / "csrc" / "cutlass_sm90_compress_host.cu"
+TYPES = {"bf16": jnp.bfloat16, "e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
+
+
+def _toolchain_or_skip():
+    try:
+        _toolchain.nvcc()
+        _toolchain.cutlass_includes()
+    except RuntimeError as e:
+        pytest.skip(f"no CUDA/CUTLASS toolchain here (pip install 'sste_jax[cuda]'): {e}")
+
+
+def _random_24(seed, m, k, dtype, max_kept=2):
+    """An (m, k) matrix with 0..max_kept nonzeros in every group of 4 along k, positions and counts random."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k // 4, 4)).astype(np.float32) + np.sign(rng.standard_normal((m, k // 4, 4)))
+    count = rng.integers(0, max_kept + 1, (m, k // 4, 1))
+    keep = rng.random((m, k // 4, 4)).argsort(-1) < count
+    return jnp.asarray(np.where(keep, x, 0).reshape(m, k)).astype(dtype)
+
+
+def _codes(packed, m, k, dtype):
+    """The (m, k/4) group codes back out of the metadata bytes (the inverse of the emitter's permutation)."""
+    ak = cutlass.atom_k(dtype)
+    mp, kp = -(-m // 64) * 64, -(-k // ak) * ak
+    meta = packed.meta
+    if jnp.dtype(dtype).itemsize == 2:
+        b = meta.reshape(kp // ak, mp // 64, 4, 2, 8, ak // 32, 2, 2).transpose(1, 2, 6, 4, 0, 5, 3, 7)
+    else:
+        b = meta.reshape(kp // ak, mp // 64, 64, ak // 8).transpose(1, 2, 0, 3)
+    b = b.reshape(mp, kp // 8)
+    return jnp.stack([b & 15, b >> 4], -1).reshape(mp, kp // 4)[:m, : k // 4]
+
+
+@pytest.mark.parametrize("name", ["bf16", "e4m3", "e5m2"])
+def test_emitter_keeps_what_compress_24_keeps(name):
+    dtype = TYPES[name]
+    a = _random_24(0, 128, 256, dtype, max_kept=2)
+    a = jnp.where(a == 0, jnp.ones((), dtype), a)  # every entry nonzero ...
+    a = sste_jax.hard_threshold_24(a.astype(jnp.float32), axis=1).astype(dtype)  # ... then exactly 2 per group
+    values, meta = sste_jax.compress_24(a, axis=1)
+    packed = cutlass.emit_sm90(a)
+    assert packed.values.dtype == jnp.dtype(dtype) and packed.meta.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(packed.values).view(np.uint8), np.asarray(values).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(_codes(packed, 128, 256, dtype)), np.asarray(meta))
+
+
+def test_emitter_is_jittable_and_handles_empty_and_lone_groups():
+    a = jnp.zeros((64, 64), jnp.bfloat16).at[0, :12].set(jnp.array([0, 0, 0, 5, 7, 0, 0, 0, 0, 0, 0, 0], jnp.bfloat16))
+    packed = jax.jit(cutlass.emit_sm90)(a)
+    assert packed.values[0, :6].tolist() == [0.0, 5.0, 7.0, 0.0, 0.0, 0.0]
+    # lone last entry: (0, 3) -> 12; lone first entry: (0, 3) -> 12; empty group: 0
+    assert np.asarray(_codes(packed, 64, 64, jnp.bfloat16))[0, :3].tolist() == [12, 12, 0]
+
+
+@pytest.fixture(scope="module")
+def host_reference(tmp_path_factory):
+    _toolchain_or_skip()
+    exe = tmp_path_factory.mktemp("cutlass_host") / "compress_host"
+    cmd = [_toolchain.nvcc(), "-std=c++17", "-O1", "--expt-relaxed-constexpr",
+           f"-I{_toolchain.cutlass_includes()[0]}", str(HOST_SOURCE), "-o", str(exe)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return exe
+
+
+@pytest.mark.parametrize(
+    "name,m,k",
+    [("bf16", 128, 128), ("bf16", 100, 80), ("bf16", 192, 320), ("e4m3", 192, 256), ("e4m3", 64, 96),
+     ("e5m2", 70, 160)],
+)  # fmt: skip
+def test_emitter_matches_cutlass_layout_byte_for_byte(host_reference, tmp_path, name, m, k):
+    dtype = TYPES[name]
+    a = _random_24(m * k, m, k, dtype)
+    np.asarray(a).tofile(tmp_path / "a.bin")
+    subprocess.run([host_reference, name, str(m), str(k), tmp_path / "a.bin", tmp_path / "out.bin"], check=True)
+    ref = np.fromfile(tmp_path / "out.bin", np.uint8)
+    packed = cutlass.emit_sm90(a)
+    ours = np.concatenate([np.asarray(packed.values).view(np.uint8).ravel(), np.asarray(packed.meta)])
+    assert ref.size == ours.size == packed.values.size * packed.values.dtype.itemsize + cutlass.meta_nbytes(m, k, dtype)
+    np.testing.assert_array_equal(ours, ref)
+
+
+def test_extension_compiles_for_sm90a_and_exports_the_handlers(tmp_path, monkeypatch):
+    _toolchain_or_skip()
+    monkeypatch.setenv("SSTE_JAX_CACHE", str(tmp_path))
+    path = cutlass.build()
+    assert path.parent == tmp_path and path.exists()
+    assert cutlass.build() == path  # cached
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # the CUDA runtime it links to may be absent on a CPU machine
+        pytest.skip(f"built, but cannot be loaded here: {e}")
+    for symbol in cutlass._SYMBOLS.values():
+        assert hasattr(lib, symbol)
+
+
+def test_jit_lowers_to_the_custom_call_for_cuda():
+    def f(a, x):
+        return cutlass.matmul(cutlass.emit_sm90(a), x, 0.5)
+
+    args = (jax.ShapeDtypeStruct((256, 128), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((64, 128), jnp.float8_e4m3fn))
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "stablehlo.custom_call @sste_cutlass_sparse_e4m3" in text
+    assert "tensor<64x256xbf16>" in text
+
+
+@pytest.mark.outside_annotations  # the library's own errors for settings its annotations exclude
+def test_bad_input_is_named_before_any_gpu_work():
+    with pytest.raises(TypeError, match="float32"):
+        cutlass.emit_sm90(jnp.ones((64, 64), jnp.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cutlass.emit_sm90(jnp.ones((64, 48), jnp.float8_e4m3fn))
+    packed = cutlass.emit_sm90(jnp.zeros((128, 64), jnp.bfloat16))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        cutlass.matmul(packed, jnp.ones((64, 64), jnp.float8_e4m3fn))
+    with pytest.raises(ValueError, match="K=32"):
+        cutlass.matmul(packed, jnp.ones((64, 32), jnp.bfloat16))
+    with pytest.raises(ValueError, match="'N': 60"):
+        cutlass.matmul(packed, jnp.ones((60, 64), jnp.bfloat16))
+    with pytest.raises(ValueError, match="meta"):
+        cutlass.matmul(packed._replace(meta=packed.meta[:-1]), jnp.ones((64, 64), jnp.bfloat16))
+
+
+def test_missing_toolchain_is_named(monkeypatch):
+    monkeypatch.setattr(_toolchain, "python_roots", lambda: [])
+    with pytest.raises(RuntimeError, match="pip install nvidia-cutlass"):
+        _toolchain.cutlass_includes()
+    monkeypatch.setenv("NVCC", "/nonexistent/nvcc")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(_toolchain.os.path, "exists", lambda p: False)
+    with pytest.raises(RuntimeError, match="nvcc not found"):
+        _toolchain.nvcc()
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,m,k", [("bf16", 256, 512), ("bf16", 100, 80), ("e4m3", 192, 384), ("e5m2", 128, 256)])
+def test_emitter_matches_cutlass_compressor_on_device(name, m, k):
+    a = _random_24(7, m, k, TYPES[name])
+    ref, ours = cutlass.compress_reference(a), cutlass.emit_sm90(a)
+    np.testing.assert_array_equal(np.asarray(ours.values).view(np.uint8), np.asarray(ref.values).view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(ours.meta), np.asarray(ref.meta))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,m,n,k", [("bf16", 256, 128, 512), ("e4m3", 256, 128, 512), ("e5m2", 384, 256, 256)])
+def test_product_equals_dense_dot_of_the_pruned_matrix(name, m, n, k):
+    dtype = TYPES[name]
+    a = _random_24(1, m, k, dtype)
+    b = jax.random.normal(jax.random.key(2), (n, k)).astype(dtype)
+    y = cutlass.matmul(cutlass.emit_sm90(a), b, 0.5)
+    ref = 0.5 * jnp.dot(b.astype(jnp.float32), a.astype(jnp.float32).T)
+    assert y.dtype == jnp.bfloat16 and y.shape == (n, m)
+    # operands are exact in float32; the only error is the bf16 rounding of the output (2^-8 relative)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(ref), rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_sparse_dense_with_cutlass_matches_xla(fp8):
+    kernel = jax.random.normal(jax.random.key(0), (256, 128))
+    x = jax.random.normal(jax.random.key(1), (128, 256)).astype(jnp.bfloat16)
+    key = jax.random.key(2)
+
+    def loss(config):
+        return lambda x, k: (sste_jax.sparse_dense(x, k, 1.0, key, config).astype(jnp.float32) ** 2).sum()
+
+    cfg = dict(mvue=True, fp8=fp8)
+    ref = jax.grad(loss(sste_jax.SparsityConfig(**cfg)), argnums=(0, 1))(x, kernel)
+    got = jax.grad(loss(sste_jax.SparsityConfig(matmul="cutlass", **cfg)), argnums=(0, 1))(x, kernel)
+    for r, g in zip(ref, got):
+        r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
+        assert np.linalg.norm(g - r) <= (0.1 if fp8 else 0.02) * np.linalg.norm(r)
