@@ -189,3 +189,47 @@ def test_sparse_dense_with_cutlass_matches_xla(fp8):
     for r, g in zip(ref, got):
         r, g = np.asarray(r, np.float32), np.asarray(g, np.float32)
         assert np.linalg.norm(g - r) <= (0.1 if fp8 else 0.02) * np.linalg.norm(r)
+
+
+# ------------------------------------------------------------------------------------- backend resolution
+
+
+def test_one_resolver_picks_every_piece():
+    from sste_jax.kernels import _backend, _dispatch
+
+    cfg = sste_jax.SparsityConfig
+    ops = _backend.resolve(cfg(mvue=True, matmul="cutlass"), "gpu")
+    assert (ops.forward, ops.weight_grad) == (_dispatch.cutlass_forward, _dispatch.cutlass_weight_grad)
+    assert ops.prune is None and ops.mvue is sste_jax.mvue_24
+    assert _backend.resolve(cfg(mvue=True, fp8=True, matmul="cutlass"), "gpu").weight_grad is not None  # e5m2
+    assert _backend.resolve(cfg(mvue=True, fp8=True, matmul="cusparselt"), "gpu").weight_grad is None  # no e5m2
+    assert _backend.resolve(cfg(matmul="cutlass"), "gpu").weight_grad is None  # ĝ dense without MVUE
+    ops = _backend.resolve(cfg(mvue=True, backend="pallas", matmul="cutlass"), "gpu")
+    assert (ops.prune, ops.mvue) == (_dispatch.pallas_forward_weight, _dispatch.pallas_mvue)
+    assert _backend.resolve(cfg(matmul="cutlass"), "cpu", products=False).forward is None
+
+
+def test_cutlass_config_off_gpu_raises_naming_the_gpu_but_prunes():
+    config = sste_jax.SparsityConfig(mvue=True, matmul="cutlass")
+    kernel = jax.random.normal(jax.random.key(0), (64, 32))
+    with pytest.raises(RuntimeError, match="matmul='cutlass'.*NVIDIA Hopper GPU.*'cpu'"):
+        sste_jax.sparse_dense(jnp.ones((8, 64)), kernel, 1.0, jax.random.key(1), config)
+    w = sste_jax.forward_weight(kernel, 1.0, config)  # the forward weight alone needs no GPU
+    np.testing.assert_array_equal(w, sste_jax.forward_weight(kernel, 1.0, sste_jax.SparsityConfig()))
+    with pytest.raises(ValueError, match="matmul='cutlass' needs a 2:4 method"):
+        sste_jax.SparsityConfig(method="dense", matmul="cutlass")
+
+
+@pytest.mark.parametrize("fp8,fwd,wgrad", [(False, "bf16", "bf16"), (True, "e4m3", "e5m2")])
+def test_dispatch_lowers_both_products_to_the_cutlass_calls(fp8, fwd, wgrad):
+    from sste_jax.kernels import _dispatch
+
+    x, w = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
+    cuda = dict(lowering_platforms=("cuda",))
+    f = jax.jit(lambda x, w: _dispatch.cutlass_forward(x, w, fp8, jnp.bfloat16))
+    text = f.trace(x, w).lower(**cuda).as_text()
+    assert f"@sste_cutlass_sparse_{fwd}" in text and "tensor<512x128xbf16>" in text
+    g = jax.ShapeDtypeStruct((512, 128), jnp.bfloat16)
+    f = jax.jit(lambda x, g: _dispatch.cutlass_weight_grad(x, g, fp8, jnp.float32))
+    text = f.trace(x, g).lower(**cuda).as_text()
+    assert f"@sste_cutlass_sparse_{wgrad}" in text and "tensor<256x128xbf16>" in text

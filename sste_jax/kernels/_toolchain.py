@@ -42,9 +42,10 @@ def nvcc() -> str:
     )
 
 
-def _has_cccl(nvcc_path: str) -> bool:
-    top = pathlib.Path(nvcc_path).resolve().parent.parent
-    return any((p / "cuda" / "std").is_dir() for p in (top / "include" / "cccl", top / "include"))
+def _missing_cccl(nvcc_path: str) -> bool:
+    """Whether ``nvcc_path`` is the pip wheel's nvcc without the CCCL headers (a separate wheel) beside it."""
+    top = pathlib.Path(nvcc_path).parent.parent
+    return top.parts[-2:] == ("nvidia", "cu13") and not (top / "include" / "cccl" / "cuda" / "std").is_dir()
 
 
 def cutlass_includes() -> list[pathlib.Path]:
@@ -66,11 +67,11 @@ def compile_extension(
     CUTLASS headers; ``flags`` and ``libs`` are extra nvcc arguments. Raises `RuntimeError` with the command and
     nvcc's errors when it fails."""
     compiler = nvcc()
-    if not _has_cccl(compiler):
+    if _missing_cccl(compiler):
         raise RuntimeError(f"{compiler} has no CCCL headers (cuda/std): `pip install nvidia-cuda-cccl`")
     includes = [f"-I{jax.ffi.include_dir()}"] + [f"-I{p}" for p in cutlass_includes()]
     cmd = [compiler, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-DNDEBUG",
-           *SM90A, *includes, *flags, str(source), *libs, "-lcudart"]  # fmt: skip
+           *SM90A, *includes, *flags, str(source), *libs]  # fmt: skip  (nvcc links the CUDA runtime statically)
     tag = hashlib.sha256(source.read_bytes() + " ".join(cmd).encode() + jax.__version__.encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("SSTE_JAX_CACHE", pathlib.Path.home() / ".cache" / "sste_jax"))
     out = cache / f"{stem}_{tag}.so"
