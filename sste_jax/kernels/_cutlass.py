@@ -63,8 +63,8 @@ def atom_k(dtype) -> int:
     """Logical ``K`` of one metadata atom for ``dtype``: the kernel's tile K (64 for bf16, 128 for 8-bit types).
 
     >>> import jax.numpy as jnp
-    >>> from sste_jax.kernels.cutlass import atom_k
-    >>> atom_k(jnp.bfloat16), atom_k(jnp.float8_e4m3fn)
+    >>> from sste_jax.kernels import cutlass
+    >>> cutlass.atom_k(jnp.bfloat16), cutlass.atom_k(jnp.float8_e4m3fn)
     (64, 128)
     """
     return 64 if _check_dtype(dtype).itemsize == 2 else 128
@@ -75,8 +75,8 @@ def meta_nbytes(m: int, k: int, dtype) -> int:
     whole atoms (64 rows by `atom_k` columns).
 
     >>> import jax.numpy as jnp
-    >>> from sste_jax.kernels.cutlass import meta_nbytes
-    >>> meta_nbytes(100, 64, jnp.bfloat16)  # 128 padded rows x 64 columns / 8 columns per byte
+    >>> from sste_jax.kernels import cutlass
+    >>> cutlass.meta_nbytes(100, 64, jnp.bfloat16)  # 128 padded rows x 64 columns / 8 columns per byte
     1024
     """
     ak = atom_k(dtype)
@@ -114,9 +114,9 @@ def emit_sm90(a: Shaped[Array, "M K"]) -> Sm90Sparse:
     Pure JAX: runs anywhere, jitted or not.
 
     >>> import jax.numpy as jnp
-    >>> from sste_jax.kernels.cutlass import emit_sm90
-    >>> a = jnp.zeros((64, 64), jnp.bfloat16).at[0, :4].set(jnp.array([0.0, 5.0, 0.0, 7.0]))
-    >>> packed = emit_sm90(a)
+    >>> from sste_jax.kernels import cutlass
+    >>> a = jnp.zeros((64, 64), jnp.bfloat16).at[0, :4].set(jnp.array([0, 5, 0, 7], jnp.bfloat16))
+    >>> packed = cutlass.emit_sm90(a)
     >>> packed.values[0, :2].tolist(), int(packed.meta[0])  # kept indices 1, 3: 1 | 3 << 2 = 13
     ([5.0, 7.0], 13)
     """
