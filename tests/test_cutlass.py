@@ -148,6 +148,15 @@ def test_missing_toolchain_is_named(monkeypatch):
         _toolchain.nvcc()
 
 
+def test_shared_cuda_runtime_is_linked_by_its_soname_from_the_wheel(tmp_path):
+    wheel, toolkit = tmp_path / "nvidia" / "cu13", tmp_path / "cuda"
+    for top, lib in ((wheel, "lib/libcudart.so.13"), (toolkit, "lib64/libcudart.so")):
+        (top / lib).parent.mkdir(parents=True)
+        (top / lib).touch()
+    assert "-l:libcudart.so.13" in _toolchain.cudart_link(str(wheel / "bin" / "nvcc"))
+    assert _toolchain.cudart_link(str(toolkit / "bin" / "nvcc")) == ["-lcudart"]
+
+
 # ---------------------------------------------------------------------------------------------- on a GPU
 
 

@@ -69,7 +69,8 @@ def build(force: bool = False) -> pathlib.Path:
     cmd = [
         nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
         f"-I{jax.ffi.include_dir()}", f"-I{lt / 'include'}", str(_SOURCE),
-        f"-L{lib.parent}", f"-l:{lib.name}", f"-Xlinker=-rpath,{lib.parent}", "-lcudart", "-o", str(out) + ".tmp",
+        f"-L{lib.parent}", f"-l:{lib.name}", f"-Xlinker=-rpath,{lib.parent}", *_toolchain.cudart_link(nvcc),
+        "-o", str(out) + ".tmp",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

@@ -20,7 +20,7 @@ import sys
 
 import jax
 
-__all__ = ["SM90A", "python_roots", "nvcc", "cutlass_includes", "compile_extension"]
+__all__ = ["SM90A", "python_roots", "nvcc", "cudart_link", "cutlass_includes", "compile_extension"]
 
 SM90A = ("-gencode", "arch=compute_90a,code=sm_90a")  # Hopper's wgmma/sparse instructions need the "a" target
 
@@ -48,6 +48,16 @@ def _missing_cccl(nvcc_path: str) -> bool:
     return top.parts[-2:] == ("nvidia", "cu13") and not (top / "include" / "cccl" / "cuda" / "std").is_dir()
 
 
+def cudart_link(nvcc_path: str) -> list[str]:
+    """nvcc arguments linking the shared CUDA runtime beside ``nvcc_path`` (the one JAX loads): the pip wheel ships
+    only ``libcudart.so.13``, so it is named with its soname; a toolkit's ``-lcudart`` resolves by itself."""
+    for lib in (pathlib.Path(nvcc_path).parent.parent / d for d in ("lib", "lib64")):
+        versioned = sorted(lib.glob("libcudart.so.*"))
+        if versioned and not (lib / "libcudart.so").exists():
+            return ["-cudart", "none", f"-L{lib}", f"-l:{versioned[0].name}", f"-Xlinker=-rpath,{lib}"]
+    return ["-lcudart"]
+
+
 def cutlass_includes() -> list[pathlib.Path]:
     """The ``nvidia-cutlass`` wheel's header folders (CUTLASS/CuTe and its ``tools/util``); raises when absent."""
     for root in python_roots():
@@ -71,7 +81,7 @@ def compile_extension(
         raise RuntimeError(f"{compiler} has no CCCL headers (cuda/std): `pip install nvidia-cuda-cccl`")
     includes = [f"-I{jax.ffi.include_dir()}"] + [f"-I{p}" for p in cutlass_includes()]
     cmd = [compiler, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-DNDEBUG",
-           *SM90A, *includes, *flags, str(source), *libs]  # fmt: skip  (nvcc links the CUDA runtime statically)
+           *SM90A, *includes, *flags, str(source), *libs, *cudart_link(compiler)]  # fmt: skip
     tag = hashlib.sha256(source.read_bytes() + " ".join(cmd).encode() + jax.__version__.encode()).hexdigest()[:16]
     cache = pathlib.Path(os.environ.get("SSTE_JAX_CACHE", pathlib.Path.home() / ".cache" / "sste_jax"))
     out = cache / f"{stem}_{tag}.so"
