@@ -6,8 +6,7 @@ as ``(N, M)`` (the "linear" layout of `sste_jax.kernels.cusparselt`). ``A`` ente
 ``E`` in the layout of CUTLASS's ``Sm90GemmSparseConfig::fill_layoutE`` (docs/kernels.md). Operand
 types: bf16 (tile 128×128×64), e4m3 and e5m2 (tile 128×256×128); float32 accumulation, bf16 out.
 The extension is compiled on first use with ``nvcc`` for ``sm_90a`` against the ``nvidia-cutlass``
-wheel's headers; without them `build` raises a `RuntimeError` saying
-what is missing.
+wheel's headers; without them `build` raises a `RuntimeError` saying what is missing.
 
 >>> import jax.numpy as jnp
 >>> from sste_jax.kernels import cutlass
@@ -33,12 +32,7 @@ __all__ = ["Sm90Sparse", "emit_sm90", "atom_k", "meta_nbytes", "build", "compres
 
 _SOURCE = pathlib.Path(__file__).parent / "csrc" / "cutlass_sm90_sparse.cu"
 ATOM_M = 64  # rows of one metadata atom (four 16-row WGMMA metadata blocks)
-# Sparse operand dtype -> (FFI target, the dense operand's dtype). The 8-bit kernels use tile K 128.
-_TARGETS = {
-    jnp.dtype(jnp.bfloat16): ("sste_cutlass_sparse_bf16", jnp.dtype(jnp.bfloat16)),
-    jnp.dtype(jnp.float8_e4m3fn): ("sste_cutlass_sparse_e4m3", jnp.dtype(jnp.float8_e4m3fn)),
-    jnp.dtype(jnp.float8_e5m2): ("sste_cutlass_sparse_e5m2", jnp.dtype(jnp.float8_e5m2)),
-}
+# Operand dtype (both operands share it) -> the FFI targets' suffix. The 8-bit kernels use tile K 128.
 _SUFFIX = {jnp.dtype(jnp.bfloat16): "bf16", jnp.dtype(jnp.float8_e4m3fn): "e4m3", jnp.dtype(jnp.float8_e5m2): "e5m2"}
 _SYMBOLS = {f"sste_cutlass_{op}_{t}": f"SsteCutlass{op.capitalize()}{t.capitalize()}"
             for op in ("sparse", "compress") for t in _SUFFIX.values()}  # fmt: skip
@@ -54,7 +48,7 @@ class Sm90Sparse(NamedTuple):
 
 def _check_dtype(dtype) -> jnp.dtype:
     dtype = jnp.dtype(dtype)
-    if dtype not in _TARGETS:
+    if dtype not in _SUFFIX:
         raise TypeError(f"the CUTLASS sm90 path takes bfloat16, float8_e4m3fn or float8_e5m2 operands, got {dtype}")
     return dtype
 
@@ -193,9 +187,8 @@ def matmul(
     """
     values, meta = packed
     dtype = _check_dtype(values.dtype)
-    target, b_dtype = _TARGETS[dtype]
-    if jnp.dtype(b.dtype) != b_dtype:
-        raise TypeError(f"a {dtype} sparse operand multiplies a {b_dtype} dense operand, got {b.dtype}")
+    if jnp.dtype(b.dtype) != dtype:
+        raise TypeError(f"a {dtype} sparse operand multiplies a {dtype} dense operand, got {b.dtype}")
     if b.ndim != 2 or values.ndim != 2:
         raise ValueError(f"values must be (M, K/2) and b (N, K); got {values.shape} and {b.shape}")
     (m, half), (n, k) = values.shape, b.shape
@@ -209,7 +202,7 @@ def matmul(
         raise ValueError(f"meta must be uint8[{meta_nbytes(m, k, dtype)}] for ({m}, {k}), got {meta.dtype}{meta.shape}")
     if jax.default_backend() == "gpu":
         _library()
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((n, m), jnp.bfloat16))
+    call = jax.ffi.ffi_call(f"sste_cutlass_sparse_{_SUFFIX[dtype]}", jax.ShapeDtypeStruct((n, m), jnp.bfloat16))
     alpha = jnp.asarray(alpha, jnp.float32)
     return call(values, meta, b, alpha, m=np.int64(m), n=np.int64(n), k=np.int64(k))
 
