@@ -250,3 +250,24 @@ def test_dispatch_lowers_both_products_to_the_cutlass_calls(fp8, fwd, wgrad):
     f = jax.jit(lambda x, g: _dispatch.cutlass_weight_grad(x, g, fp8, jnp.float32))
     text = f.trace(x, g).lower(**cuda).as_text()
     assert f"@sste_cutlass_sparse_{wgrad}" in text and "tensor<256x128xbf16>" in text
+
+
+@pytest.mark.parametrize("fp8,fwd,wgrad", [(False, "bf16", "bf16"), (True, "e4m3", "e5m2")])
+def test_sparse_dense_training_step_lowers_to_both_cutlass_products(monkeypatch, fp8, fwd, wgrad):
+    from types import SimpleNamespace
+
+    from sste_jax.kernels import _backend
+
+    monkeypatch.setattr(_backend, "jax", SimpleNamespace(default_backend=lambda: "gpu"))  # resolve as on a GPU
+    config = sste_jax.SparsityConfig(mvue=True, fp8=fp8, matmul="cutlass")
+
+    def loss(x, kernel):
+        y = sste_jax.sparse_dense(x, kernel, 1.0, jax.random.key(0), config)
+        return (y.astype(jnp.float32) ** 2).sum()
+
+    args = (jax.ShapeDtypeStruct((2, 128, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 384), jnp.float32))
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    calls = {f"stablehlo.custom_call @sste_cutlass_sparse_{t}" for t in (fwd, wgrad)}
+    assert sum(text.count(c) for c in calls) == 2 and all(c in text for c in calls)  # forward, weight gradient
+    assert "tensor<256x384xbf16>" in text  # the weight gradient's product: (in, out) from (N=in, M=out)
+
