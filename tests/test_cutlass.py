@@ -271,3 +271,21 @@ def test_sparse_dense_training_step_lowers_to_both_cutlass_products(monkeypatch,
     assert sum(text.count(c) for c in calls) == 2 and all(c in text for c in calls)  # forward, weight gradient
     assert "tensor<256x384xbf16>" in text  # the weight gradient's product: (in, out) from (N=in, M=out)
 
+
+
+def test_remat_policy_saves_the_pruned_weight_and_its_cutlass_operands(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from sste_jax.kernels import _backend
+
+    monkeypatch.setattr(_backend, "jax", SimpleNamespace(default_backend=lambda: "gpu"))  # resolve as on a GPU
+    config = sste_jax.SparsityConfig(mvue=True, matmul="cutlass")
+
+    def loss(x, kernel):
+        return (sste_jax.sparse_dense(x, kernel, 1.0, jax.random.key(0), config).astype(jnp.float32) ** 2).sum()
+
+    step = jax.checkpoint(loss, policy=sste_jax.remat_policy())
+    jax.ad_checkpoint.print_saved_residuals(step, jnp.ones((128, 256), jnp.bfloat16), jnp.ones((256, 384)))
+    saved = [line for line in capsys.readouterr().out.splitlines() if "named 'sste_forward_weight'" in line]
+    nbytes = cutlass.meta_nbytes(384, 256, jnp.bfloat16)
+    assert [line.split()[0] for line in saved] == ["f32[256,384]", "bf16[384,128]", f"u8[{nbytes}]"]  # W̃, values, E

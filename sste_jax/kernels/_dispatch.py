@@ -12,8 +12,10 @@ True
 """
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sste_jax import _fp8
+from sste_jax._linear import FORWARD_WEIGHT
 from sste_jax._sparsity import decompress_24
 from sste_jax.kernels import _cusparselt as cusparselt
 from sste_jax.kernels import _cutlass as cutlass
@@ -57,13 +59,16 @@ def cusparselt_weight_grad(x_TxI, g_hat_TxO, out_dtype):
 
 def cutlass_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
     """``x @ W̃`` as ``(W̃ᵀ xᵀ)ᵀ`` through CUTLASS: ``W̃ᵀ`` emitted once as sm90 values + metadata (bf16, or e4m3
-    with per-tensor scales folded into the epilogue's α)."""
+    with per-tensor scales folded into the epilogue's α), named like ``W̃`` so that `sste_jax.remat_policy`
+    saves them too and a rematerialised layer neither prunes nor emits again."""
     w_OxI = w_IxO.T
     if fp8:
         qx, sx = _fp8.quantize(x_TxI, _fp8.FORWARD)
         qw, sw = _fp8.quantize(w_OxI, _fp8.FORWARD)
-        return cutlass.matmul(cutlass.emit_sm90(qw), qx, 1.0 / (sx * sw)).astype(out_dtype)
-    return cutlass.sparse_linear(x_TxI.astype(jnp.bfloat16), w_OxI.astype(jnp.bfloat16)).astype(out_dtype)
+        packed, sw = checkpoint_name((cutlass.emit_sm90(qw), sw), FORWARD_WEIGHT)
+        return cutlass.matmul(packed, qx, 1.0 / (sx * sw)).astype(out_dtype)
+    packed = checkpoint_name(cutlass.emit_sm90(w_OxI.astype(jnp.bfloat16)), FORWARD_WEIGHT)
+    return cutlass.matmul(packed, x_TxI.astype(jnp.bfloat16)).astype(out_dtype)
 
 
 def cutlass_weight_grad(x_TxI, g_hat_TxO, fp8: bool, out_dtype):
