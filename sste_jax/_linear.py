@@ -29,14 +29,14 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, Real
 
 from sste_jax import _fp8
 from sste_jax._decay import srste_term
-from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, mvue_24, soft_threshold_nm
+from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, soft_threshold_nm
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
 
 Method = Literal["dense", "ste", "srste", "tsrste", "sste"]
 _METHODS = ("dense", "ste", "srste", "tsrste", "sste")
 _BACKENDS = ("xla", "pallas", "auto")
-_MATMULS = ("xla", "cusparselt")
+_MATMULS = ("xla", "cusparselt", "cutlass")
 FORWARD_WEIGHT = "sste_forward_weight"  # checkpoint name of W̃: a remat policy that saves it prunes once
 
 
@@ -63,8 +63,10 @@ class SparsityConfig:
         records α (in β's metadata and checkpoints) for the recipe that builds that optimizer.
       backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
-      matmul: ``"xla"`` (dense products) or ``"cusparselt"`` (forward and MVUE weight-gradient products
-        on Hopper's sparse tensor cores, bf16 or e4m3 forward; needs CUDA, see `sste_jax.kernels`).
+      matmul: ``"xla"`` (dense products), ``"cusparselt"`` (forward and MVUE weight-gradient products
+        on Hopper's sparse tensor cores, bf16 or e4m3 forward) or ``"cutlass"`` (the same through CUTLASS's
+        sm90 sparse GEMMs, also the e5m2 weight-gradient product with ``fp8``); both need an NVIDIA Hopper
+        GPU and raise on other platforms when the product runs, see `sste_jax.kernels`.
 
     >>> import sste_jax
     >>> config = sste_jax.SparsityConfig(method="srste")
@@ -78,7 +80,7 @@ class SparsityConfig:
     srste_decay: numbers.Real = 2e-4
     masked_decay: numbers.Real = 6e-5
     backend: Literal["xla", "pallas", "auto"] = "xla"
-    matmul: Literal["xla", "cusparselt"] = "xla"
+    matmul: Literal["xla", "cusparselt", "cutlass"] = "xla"
     fp8_fp16_grad: bool = False
     n: int = 2
     m: int = 4
@@ -115,8 +117,8 @@ class SparsityConfig:
                 raise ValueError(f"SparsityConfig(n={self.n}, m={self.m}): {', '.join(only_24)} exist for 2:4 only")
         if self.fp8_fp16_grad and not self.fp8:
             raise ValueError("SparsityConfig.fp8_fp16_grad=True rounds the gradient before FP8: it needs fp8=True")
-        if self.matmul == "cusparselt" and self.method == "dense":
-            raise ValueError("matmul='cusparselt' needs a 2:4 method, got method='dense'")
+        if self.matmul != "xla" and self.method == "dense":
+            raise ValueError(f"matmul={self.matmul!r} needs a 2:4 method, got method='dense'")
 
     @property
     def sparse(self) -> bool:
@@ -168,10 +170,9 @@ def forward_weight(
         return kernel
     if config.method == "tsrste":
         return jnp.where(mask, kernel, jnp.zeros((), kernel.dtype))
-    if config.is_24 and _resolve_backend(config) == "pallas" and kernel.ndim == 2 and axis % 2 == 0:
-        from sste_jax.kernels import _dispatch
-
-        return _dispatch.pallas_forward_weight(kernel, beta, config.method)
+    prune = _ops(config, products=False).prune
+    if prune is not None and kernel.ndim == 2 and axis % 2 == 0:
+        return prune(kernel, beta, config.method)
     if config.method in ("ste", "srste"):
         return hard_threshold_nm(kernel, config.n, config.m, axis)
     s = soft_threshold_nm(kernel.astype(jnp.float32), config.n, config.m, axis)  # one rounding, eager and jitted alike
@@ -234,19 +235,18 @@ def _product(a, b, contract, fp8_format):
     return jax.lax.dot_general(a, b, dims)
 
 
-def _resolve_backend(config):
-    if config.backend == "xla":
-        return "xla"
-    from sste_jax.kernels import _auto
+def _ops(config, products=True):
+    """The implementations ``config`` chooses, resolved in one place: `sste_jax.kernels._backend.resolve`
+    (imported on first use, as the kernels import Pallas)."""
+    from sste_jax.kernels import _backend
 
-    return _auto.resolve_backend(config.backend)
+    return _backend.resolve(config, products=products)
 
 
 def _forward(config, x_TxI, w_IxO, dtype):
-    if config.matmul == "cusparselt":
-        from sste_jax.kernels import _dispatch
-
-        return _dispatch.cusparselt_forward(x_TxI, w_IxO, config.fp8, dtype)
+    forward = _ops(config).forward
+    if forward is not None:
+        return forward(x_TxI, w_IxO, config.fp8, dtype)
     fmt = _fp8.FORWARD if config.fp8 else None
     return _product(x_TxI, w_IxO, (1, 0), fmt).astype(dtype)
 
@@ -271,16 +271,10 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     if config.fp8_fp16_grad:
         g_TxO = _fp8.to_float16(g_TxO)
     dx_TxI = _product(g_TxO, w_IxO, (1, 1), fmt)
-    if config.mvue and _resolve_backend(config) == "pallas":
-        from sste_jax.kernels import _dispatch
-
-        g_hat_TxO = _dispatch.pallas_mvue(key, g_TxO)
-    else:
-        g_hat_TxO = mvue_24(key, g_TxO, axis=0) if config.mvue else g_TxO
-    if config.matmul == "cusparselt" and config.mvue and not config.fp8:
-        from sste_jax.kernels import _dispatch
-
-        dw_IxO = _dispatch.cusparselt_weight_grad(x_TxI, g_hat_TxO, kernel_IxO.dtype)
+    ops = _ops(config)
+    g_hat_TxO = ops.mvue(key, g_TxO) if config.mvue else g_TxO
+    if ops.weight_grad is not None:
+        dw_IxO = ops.weight_grad(x_TxI, g_hat_TxO, config.fp8, kernel_IxO.dtype)
     else:
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":

@@ -105,15 +105,20 @@ def soft_threshold_24(w: Float[Array, "..."], axis: int = 0) -> Float[Array, "..
     return w - jnp.clip(w, -t, t)
 
 
-def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
-    """Per member of each group, whether it is among the top-2 magnitudes (ties: higher index wins)."""
-    a = [jnp.abs(p) for p in _split(w, axis)]
+def _top2_flags(a) -> tuple[jax.Array, ...]:
+    """Per member, whether its magnitude ``a[k]`` is among the group's top 2 (ties: higher index wins).
+    Elementwise on the four member arrays only, so the Pallas kernels use it as is."""
     beaten = [0, 0, 0, 0]
     for i, j in itertools.combinations(range(4), 2):
         j_wins = a[j] >= a[i]  # i < j: on a tie the higher index wins
-        beaten[i] = beaten[i] + j_wins.astype(jnp.int8)
-        beaten[j] = beaten[j] + (~j_wins).astype(jnp.int8)
+        beaten[i] = beaten[i] + j_wins.astype(jnp.int32)
+        beaten[j] = beaten[j] + (~j_wins).astype(jnp.int32)
     return tuple(b < 2 for b in beaten)
+
+
+def _keep_flags(w: jax.Array, axis: int) -> tuple[jax.Array, ...]:
+    """Per member of each group, whether it is among the top-2 magnitudes (ties: higher index wins)."""
+    return _top2_flags([jnp.abs(p) for p in _split(w, axis)])
 
 
 def mask_24(w: Float[Array, "..."], axis: int = 0) -> Bool[Array, "..."]:
@@ -335,9 +340,14 @@ def _uniform(key: PRNGKeyArray, shape: tuple[int, ...]) -> jax.Array:
     ):
         return jax.random.uniform(key, shape, jnp.float32)
     k0, k1 = jax.random.key_data(key)
+    return _threefry_uniform(k0, k1, jax.lax.iota(jnp.uint32, size).reshape(shape))
+
+
+def _threefry_uniform(k0, k1, counter):
+    """``jax.random.uniform``'s float32 in [0, 1) at uint32 ``counter`` (partitionable threefry-2x32 of the
+    counter pair ``(0, counter)``, 20 rounds) for the raw key ``(k0, k1)``; elementwise, Pallas uses it too."""
     ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-    x1 = jax.lax.iota(jnp.uint32, size).reshape(shape)  # partitionable threefry: counter (0, i)
-    x0, x1 = jnp.zeros_like(x1) + ks[0], x1 + ks[1]
+    x0, x1 = jnp.zeros_like(counter) + ks[0], counter + ks[1]
     for step in range(5):
         for r in _ROTATIONS[step % 2]:
             x0 = x0 + x1

@@ -17,15 +17,14 @@ import glob
 import hashlib
 import os
 import pathlib
-import shutil
-import site
 import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, UInt8
+
+from sste_jax.kernels import _toolchain
 
 __all__ = ["build", "compress", "matmul", "sparse_linear", "compressed_nbytes"]
 
@@ -39,8 +38,7 @@ _OUT_DTYPES = {
 
 
 def _cusparselt_dir() -> pathlib.Path:
-    roots = [pathlib.Path(p) for p in site.getsitepackages() + [site.getusersitepackages()] + sys.path if p]
-    for root in roots:
+    for root in _toolchain.python_roots():
         for header in glob.glob(str(root / "nvidia" / "**" / "cusparseLt.h"), recursive=True):
             base = pathlib.Path(header).parent.parent
             if list((base / "lib").glob("libcusparseLt.so*")):
@@ -52,10 +50,7 @@ def _cusparselt_dir() -> pathlib.Path:
 
 
 def _nvcc() -> str:
-    for cand in (os.environ.get("NVCC"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
-        if cand and os.path.exists(cand):
-            return cand
-    raise RuntimeError("nvcc not found: set $NVCC or put the CUDA toolkit's bin/ on PATH")
+    return _toolchain.nvcc()
 
 
 def build(force: bool = False) -> pathlib.Path:
@@ -74,7 +69,8 @@ def build(force: bool = False) -> pathlib.Path:
     cmd = [
         nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
         f"-I{jax.ffi.include_dir()}", f"-I{lt / 'include'}", str(_SOURCE),
-        f"-L{lib.parent}", f"-l:{lib.name}", f"-Xlinker=-rpath,{lib.parent}", "-lcudart", "-o", str(out) + ".tmp",
+        f"-L{lib.parent}", f"-l:{lib.name}", f"-Xlinker=-rpath,{lib.parent}", *_toolchain.cudart_link(nvcc),
+        "-o", str(out) + ".tmp",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:

@@ -1,7 +1,7 @@
-"""The kernel-backed pieces of `sste_jax.sparse_dense`: Pallas pruning/MVUE and cuSPARSELt products.
+"""The kernel-backed pieces of `sste_jax.sparse_dense`: Pallas pruning/MVUE, cuSPARSELt and CUTLASS products.
 
 Each function computes exactly what its pure-JAX counterpart in the core computes: the Pallas ones
-bit for bit, the cuSPARSELt ones up to the bf16/fp8 rounding of a different GEMM kernel.
+bit for bit, the GEMM ones up to the bf16/fp8 rounding of a different GEMM kernel.
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> from sste_jax.kernels._dispatch import pallas_forward_weight
@@ -12,14 +12,20 @@ True
 """
 
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sste_jax import _fp8
+from sste_jax._linear import FORWARD_WEIGHT
 from sste_jax._sparsity import decompress_24
 from sste_jax.kernels import _cusparselt as cusparselt
+from sste_jax.kernels import _cutlass as cutlass
 from sste_jax.kernels._mvue import mvue_compress_24
 from sste_jax.kernels._prune import prune_compress_24
 
-__all__ = ["pallas_forward_weight", "pallas_mvue", "cusparselt_forward", "cusparselt_weight_grad"]
+__all__ = [
+    "pallas_forward_weight", "pallas_mvue", "cusparselt_forward", "cusparselt_weight_grad", "cutlass_forward",
+    "cutlass_weight_grad",
+]  # fmt: skip
 
 
 def pallas_forward_weight(kernel_IxO, beta, method):
@@ -49,3 +55,28 @@ def cusparselt_weight_grad(x_TxI, g_hat_TxO, out_dtype):
     x_IxT = x_TxI.T.astype(jnp.bfloat16)
     g_OxT = g_hat_TxO.T.astype(jnp.bfloat16)
     return cusparselt.sparse_linear(x_IxT, g_OxT).astype(out_dtype)
+
+
+def cutlass_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
+    """``x @ W̃`` as ``(W̃ᵀ xᵀ)ᵀ`` through CUTLASS: ``W̃ᵀ`` emitted once as sm90 values + metadata (bf16, or e4m3
+    with per-tensor scales folded into the epilogue's α), named like ``W̃`` so that `sste_jax.remat_policy`
+    saves them too and a rematerialised layer neither prunes nor emits again."""
+    w_OxI = w_IxO.T
+    if fp8:
+        qx, sx = _fp8.quantize(x_TxI, _fp8.FORWARD)
+        qw, sw = _fp8.quantize(w_OxI, _fp8.FORWARD)
+        packed, sw = checkpoint_name((cutlass.emit_sm90(qw), sw), FORWARD_WEIGHT)
+        return cutlass.matmul(packed, qx, 1.0 / (sx * sw)).astype(out_dtype)
+    packed = checkpoint_name(cutlass.emit_sm90(w_OxI.astype(jnp.bfloat16)), FORWARD_WEIGHT)
+    return cutlass.matmul(packed, x_TxI.astype(jnp.bfloat16)).astype(out_dtype)
+
+
+def cutlass_weight_grad(x_TxI, g_hat_TxO, fp8: bool, out_dtype):
+    """``xᵀ ĝ`` with ``ĝ`` 2:4 along tokens: ``(ĝᵀ x)ᵀ``, A = ``ĝᵀ`` emitted with K = tokens (bf16, or both
+    operands e5m2 with per-tensor scales, as the FP8 backward products of the core)."""
+    x_IxT, g_OxT = x_TxI.T, g_hat_TxO.T
+    if fp8:
+        qg, sg = _fp8.quantize(g_OxT, _fp8.BACKWARD)
+        qx, sx = _fp8.quantize(x_IxT, _fp8.BACKWARD)
+        return cutlass.matmul(cutlass.emit_sm90(qg), qx, 1.0 / (sg * sx)).astype(out_dtype)
+    return cutlass.sparse_linear(x_IxT.astype(jnp.bfloat16), g_OxT.astype(jnp.bfloat16)).astype(out_dtype)

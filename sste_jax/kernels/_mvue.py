@@ -20,37 +20,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from sste_jax._sparsity import check_groupable
-from sste_jax.kernels._prune import select
+from sste_jax._sparsity import _EPS, check_groupable
+from sste_jax._sparsity import _select as select
+from sste_jax._sparsity import _threefry_uniform as _uniform
 
 __all__ = ["mvue_compress_24"]
-
-_EPS = float(np.finfo(np.float32).eps)
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _rotl(x, d):
-    return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
-
-
-def _threefry2x32(k0, k1, x0, x1):
-    """The threefry-2x32 block cipher (20 rounds), as jax.random uses it."""
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for step in range(5):
-        for r in _ROTATIONS[step % 2]:
-            x0 = x0 + x1
-            x1 = _rotl(x1, r) ^ x0
-        x0 = x0 + ks[(step + 1) % 3]
-        x1 = x1 + ks[(step + 2) % 3] + np.uint32(step + 1)
-    return x0, x1
-
-
-def _uniform(k0, k1, counter):
-    """``jax.random.uniform``'s float32 in [0, 1) for a flat counter below 2**32 (partitionable threefry)."""
-    b0, b1 = _threefry2x32(k0, k1, jnp.zeros_like(counter), counter)
-    bits = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32) - 1.0
 
 
 def _draw(weights, r):

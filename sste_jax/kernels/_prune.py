@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, ArrayLike, Float, Real, UInt8
 
-from sste_jax._sparsity import check_groupable
+from sste_jax._sparsity import _select as select
+from sste_jax._sparsity import _threshold, _top2_flags, check_groupable
 
 __all__ = ["Pruned24", "prune_compress_24"]
 
@@ -48,35 +49,10 @@ class Pruned24(NamedTuple):
     mask_bits: UInt8[Array, "..."]
 
 
-def keep_flags(mags):
-    """Top-2 of four magnitudes, ties to the higher index (same comparisons as `mask_24`)."""
-    beaten = [0, 0, 0, 0]
-    for i in range(4):
-        for j in range(i + 1, 4):
-            j_wins = mags[j] >= mags[i]
-            beaten[i] = beaten[i] + j_wins.astype(jnp.int32)
-            beaten[j] = beaten[j] + (~j_wins).astype(jnp.int32)
-    return [b < 2 for b in beaten]
-
-
-def select(parts, index):
-    """``parts[index]`` elementwise, by a chain of selects (lowers everywhere)."""
-    out = parts[0]
-    for k in range(1, 4):
-        out = jnp.where(index == k, parts[k], out)
-    return out
-
-
-def _threshold(a0, a1, a2, a3):
-    lo01, hi01 = jnp.minimum(a0, a1), jnp.maximum(a0, a1)
-    lo23, hi23 = jnp.minimum(a2, a3), jnp.maximum(a2, a3)
-    return jnp.minimum(jnp.maximum(lo01, lo23), jnp.minimum(hi01, hi23))
-
-
 def _prune_kernel(beta_ref, w_ref, values_ref, meta_ref, bits_ref, *, method, transpose):
     parts = [w_ref[:, k, :] for k in range(4)]  # (BG, BN) each: member k of every group
     mags = [jnp.abs(p) for p in parts]
-    keep = keep_flags(mags)
+    keep = _top2_flags(mags)
     idx0 = jnp.where(keep[0], 0, jnp.where(keep[1], 1, 2))
     idx1 = jnp.where(keep[3], 3, jnp.where(keep[2], 2, 1))
     if method == "sste":
