@@ -9,7 +9,8 @@ evaluation); the run's identity is a `Run`. `fit` then:
   to resume when metrics exist without a checkpoint (restarting would discard them);
 - trains with the recipe's `Schedule` (STEP's switch, dense finish, mask refresh, β refit), logs the
   means of the step metrics every ``log_every`` steps (the host waits on the device only there),
-  evaluates every ``eval_every`` steps and at the end, checkpoints every ``ckpt_every`` steps;
+  evaluates every ``eval_every`` steps and at the end, checkpoints every ``ckpt_every`` steps (one
+  `sste_jax.checkpoint.Checkpointer` writes them in the background while training goes on);
 - stops with `NonFiniteError` on a non-finite loss or gradient norm, before any checkpoint of that
   state is written, so the rotation never replaces finite checkpoints with diverged ones;
 - on Ctrl-C or SIGTERM writes the pending metrics, saves a checkpoint and re-raises
@@ -302,8 +303,10 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     tag = {"method": run.method, "seed": run.seed}
     stop = steps if until is None else min(steps, until)
 
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=loop.keep_checkpoints)  # writes in the background
+
     def save(step):
-        checkpoint.save_checkpoint(ckpt_dir, step, state, max_to_keep=loop.keep_checkpoints)
+        ckpt.save(step, state)
 
     def flush(step):
         """Writes the train record of the pending steps; raises NonFiniteError if it is not finite."""
@@ -373,9 +376,12 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
                 flush(done)  # raises NonFiniteError (nothing saved) if the pending steps diverged
             if done > last_saved:
                 save(done)
+            ckpt.close()  # every save committed before the interrupt propagates
         print(f"\ninterrupted ({e or 'SIGINT'}): saved step {done} in {ckpt_dir}; continue with --resume",
               file=sys.stderr)
         raise
+    finally:
+        ckpt.close()  # waits for the last save; a failed write raises here
     bar.close()
     if stop == steps:
         final_model = schedule.model(state)
