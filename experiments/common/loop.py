@@ -162,7 +162,7 @@ def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTrans
         metrics = {"train_loss": loss_sum / n, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
                    "phase": phase.astype(jnp.float32)}
         if schedule.recipe.optimizer == "step":
-            metrics["step_v_change"] = sste_jax.step_v_change(opt)
+            metrics["step_v_change"] = sste_jax.optim.step_v_change(opt)
         return {"params": params, "rest": rest, "opt": opt, "flip": flip, "step": step}, metrics
 
     return train_step
@@ -183,7 +183,7 @@ def _sparsity_stats(graphdef, variables):
 def layer_stats(model: nnx.Module) -> dict[str, float]:
     """Per sparse layer: β, zero fraction and relative error of the forward weights; their means.
     One jitted computation (so sharded weights on several processes reduce in one program)."""
-    stats = sste_jax.to_host(_sparsity_stats(*nnx.split(model)))
+    stats = sste_jax.metrics.to_host(_sparsity_stats(*nnx.split(model)))
     for name in ("beta", "zero_fraction"):
         values = [v for k, v in stats.items() if k.startswith(name + "/")]
         stats[f"{name}_mean"] = float(np.mean(values)) if values else float("nan")
@@ -323,7 +323,7 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         pending.clear()
         clock.update(tick=now, paused=0.0, last_train=train)
         if not _finite(train):
-            kept = checkpoint.checkpoint_steps(ckpt_dir)
+            kept = ckpt.steps()  # the pending save committed first
             raise NonFiniteError(
                 f"{workdir}: step {step}: train_loss={train['train_loss']}, grad_norm={train['grad_norm']}. "
                 f"Stopped without saving; the newest checkpoint ({kept[-1] if kept else 'none'}) holds the last "
