@@ -12,6 +12,8 @@ newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
 Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
 the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
+A training loop keeps one `Checkpointer` (one orbax manager, saves written in the background);
+`save_checkpoint`, `restore_checkpoint` and `restore_latest` are one synchronous call each.
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from sste_jax import checkpoint
