@@ -548,20 +548,34 @@ class _SettlingLoop(asyncio.SelectorEventLoop):
 _SETTLE_S = 120.0  # at most this long for the reads left pending by a failed read
 
 
-class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return _SettlingLoop()
+def _settling_policy():
+    class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return _SettlingLoop()
+
+    return _SettlingPolicy()
+
+
+def _set_policy(policy):
+    """Installs ``policy``, returning the previous one (event-loop policies warn from Python 3.14 on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(policy)
+    return previous
 
 
 @contextlib.contextmanager
 def _settling_loops():
     """The event loops orbax creates inside the block are `_SettlingLoop` instances."""
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_SettlingPolicy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        policy = _settling_policy()
+    previous = _set_policy(policy)
     try:
         yield
     finally:
-        asyncio.set_event_loop_policy(previous)
+        _set_policy(previous)
 
 
 def _quietly(path: pathlib.Path, what: str, read):
