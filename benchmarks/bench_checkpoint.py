@@ -1,10 +1,16 @@
 """Checkpoint cost on this machine: `sste_jax.checkpoint` against plain orbax on the same state.
 
 A 128 MiB float32 state (8 arrays of 4M values) is saved and restored, in interleaved rounds, by
-(a) a plain orbax ``CheckpointManager`` (synchronous save, ``StandardSave``/``StandardRestore``) and
-(b) `save_checkpoint` / `restore_checkpoint` (atomic, checksummed and verified: one `fingerprint`
-pass each way, and a read of every stored chunk before a restore). The checksum pass is also timed alone.
-Medians; ratios are to plain orbax timed in the same rounds.
+
+- ``plain_call``: a new synchronous orbax ``CheckpointManager`` per call (``StandardSave`` /
+  ``StandardRestore``), against ``ours_call``: `save_checkpoint` / `restore_checkpoint`;
+- ``plain_manager``: one long-lived orbax ``CheckpointManager`` with async saves, against
+  ``ours_manager``: one long-lived `Checkpointer`.
+
+Ours are atomic, checksummed and verified: one `fingerprint` pass each way (also timed alone).
+Every kind keeps the 2 newest steps. ``save`` is timed until the step is committed (an async save
+is waited for), ``save_blocking`` until the save call returns (training would go on from there).
+Medians; ratios are ours / plain orbax of the same kind, timed in the same rounds.
 
     python benchmarks/bench_checkpoint.py    # prints a table, writes benchmarks/results/bench_checkpoint_cpu.json
 """
@@ -24,6 +30,8 @@ import orbax.checkpoint as ocp
 
 from sste_jax import checkpoint
 
+KEEP = 2
+
 
 def _state(mib: int) -> dict:
     n = mib * 2**20 // 4 // 8
@@ -31,24 +39,39 @@ def _state(mib: int) -> dict:
     return {f"w{i}": jax.random.normal(k, (n,)) for i, k in enumerate(keys)}
 
 
-def _plain(root: Path, state: dict):
+def _abstract(state: dict) -> dict:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+def _plain_call(root: Path, state: dict):
     def save(step):
-        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
-        with ocp.CheckpointManager(root / "plain", options=options) as manager:
+        options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True, max_to_keep=KEEP)
+        with ocp.CheckpointManager(root, options=options) as manager:
             manager.save(step, args=ocp.args.StandardSave(state))
             manager.wait_until_finished()
 
     def restore(step):
-        with ocp.CheckpointManager(root / "plain") as manager:
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-            return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        with ocp.CheckpointManager(root) as manager:
+            return manager.restore(step, args=ocp.args.StandardRestore(_abstract(state)))
 
-    return save, restore
+    return save, (lambda: None), restore, (lambda: None)
 
 
-def _ours(root: Path, state: dict):
-    return (lambda step: checkpoint.save_checkpoint(root / "ours", step, state),
-            lambda step: checkpoint.restore_checkpoint(root / "ours", state, step))
+def _ours_call(root: Path, state: dict):
+    return (lambda step: checkpoint.save_checkpoint(root, step, state, max_to_keep=KEEP), (lambda: None),
+            lambda step: checkpoint.restore_checkpoint(root, state, step), (lambda: None))
+
+
+def _plain_manager(root: Path, state: dict):
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True, create=True, max_to_keep=KEEP)
+    manager = ocp.CheckpointManager(root, options=options)
+    return (lambda step: manager.save(step, args=ocp.args.StandardSave(state)), manager.wait_until_finished,
+            lambda step: manager.restore(step, args=ocp.args.StandardRestore(_abstract(state))), manager.close)
+
+
+def _ours_manager(root: Path, state: dict):
+    ckpt = checkpoint.Checkpointer(root, max_to_keep=KEEP)
+    return (lambda step: ckpt.save(step, state), ckpt.wait, lambda step: ckpt.restore(state, step), ckpt.close)
 
 
 def main() -> None:
@@ -59,38 +82,47 @@ def main() -> None:
     args = p.parse_args()
     state = jax.block_until_ready(_state(args.mib))
     root = Path(tempfile.mkdtemp())
-    times: dict[str, list[float]] = {k: [] for k in ("plain_save", "ours_save", "plain_restore", "ours_restore",
-                                                      "fingerprint")}
+    makers = {"plain_call": _plain_call, "ours_call": _ours_call,
+              "plain_manager": _plain_manager, "ours_manager": _ours_manager}
+    times: dict[str, list[float]] = {"fingerprint": []}
+    for name in makers:
+        times.update({f"{name}_{what}": [] for what in ("save", "save_blocking", "restore")})
+    kinds = {name: make(root / name, state) for name, make in makers.items()}
     try:
-        kinds = {"plain": _plain(root, state), "ours": _ours(root, state)}
         checkpoint.fingerprint(state)  # compile once
         for step in range(args.rounds + 1):  # round 0 warms up
-            for name, (save, restore) in kinds.items():
+            for name, (save, wait, restore, _) in kinds.items():
                 began = time.perf_counter()
                 save(step)
+                returned = time.perf_counter()
+                wait()
                 saved = time.perf_counter()
                 jax.block_until_ready(restore(step))
                 done = time.perf_counter()
                 if step:
                     times[f"{name}_save"].append(saved - began)
+                    times[f"{name}_save_blocking"].append(returned - began)
                     times[f"{name}_restore"].append(done - saved)
             began = time.perf_counter()
             checkpoint.fingerprint(state)
             if step:
                 times["fingerprint"].append(time.perf_counter() - began)
     finally:
+        for *_, close in kinds.values():
+            close()
         shutil.rmtree(root, ignore_errors=True)
     median = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {f"{kind}_{what}": median[f"ours_{kind}_{what}"] / median[f"plain_{kind}_{what}"]
+              for kind in ("call", "manager") for what in ("save", "save_blocking", "restore")}
     result = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "jax": jax.__version__, "orbax": ocp.__version__ if hasattr(ocp, "__version__") else "?"},
-        "mib": args.mib, "rounds": args.rounds, "median_s": median, "all_s": times,
-        "ratio_save": median["ours_save"] / median["plain_save"],
-        "ratio_restore": median["ours_restore"] / median["plain_restore"],
+        "mib": args.mib, "rounds": args.rounds, "median_s": median, "all_s": times, "ratio": ratios,
     }
     for k, v in median.items():
-        print(f"{k:14s} {v * 1e3:9.1f} ms")
-    print(f"ours / plain orbax: save {result['ratio_save']:.2f}x, restore {result['ratio_restore']:.2f}x")
+        print(f"{k:28s} {v * 1e3:9.1f} ms")
+    for k, v in ratios.items():
+        print(f"ours / plain orbax, {k:20s} {v:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

@@ -11,7 +11,7 @@ weights, a 32nd of a float32 copy of the old weights and half of ``compress_24``
 >>> w = {"fc": sste_jax.SparseWeight(jax.random.normal(jax.random.key(0), (8, 4)))}
 >>> state = sste_jax.init_flip_state(w)
 >>> rates, state = sste_jax.flip_rate(state, w)
->>> sste_jax.to_host(rates)
+>>> sste_jax.metrics.to_host(rates)
 {'flip_rate': 0.0, 'flip_rate/fc': 0.0}
 """
 
@@ -145,7 +145,7 @@ def flip_rate(
     >>> before = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [3.0], [2.0], [1.0]]))}
     >>> after = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [1.0], [2.0], [3.0]]))}
     >>> rates, state = sste_jax.flip_rate(sste_jax.init_flip_state(before), after)
-    >>> sste_jax.to_host(rates)  # index 1 left the mask, index 3 joined: 2 of 4 entries flipped
+    >>> sste_jax.metrics.to_host(rates)  # index 1 left the mask, index 3 joined: 2 of 4 entries flipped
     {'flip_rate': 0.5, 'flip_rate/fc': 0.5}
     """
     if set(state.masks) != set(weights):
@@ -173,7 +173,7 @@ def sparsity_stats(weights: Mapping[str, SparseWeight]) -> dict[str, Float[Array
 
     >>> import jax.numpy as jnp, sste_jax
     >>> weights = {"fc": sste_jax.SparseWeight(jnp.array([[4.0], [3.0], [2.0], [1.0]]), beta=1.0)}
-    >>> stats = sste_jax.to_host(sste_jax.sparsity_stats(weights))
+    >>> stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats(weights))
     >>> stats["beta/fc"], stats["zero_fraction/fc"]
     (1.0, 0.5)
     """
@@ -194,7 +194,7 @@ def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
     """One device-to-host transfer of a flat metrics dict; values become Python floats.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> sste_jax.to_host({"loss": jnp.float32(0.5)})
+    >>> sste_jax.metrics.to_host({"loss": jnp.float32(0.5)})
     {'loss': 0.5}
     """
     return {name: float(value) for name, value in jax.device_get(dict(metrics)).items()}

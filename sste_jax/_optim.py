@@ -29,7 +29,7 @@ from jaxtyping import Array, Bool, Int
 from sste_jax._decay import masked_decay_term, srste_term
 from sste_jax._sparsity import transposable_mask_24
 
-__all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "MaskedDecayState"]
+__all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "AddMaskedDecayState"]
 
 Predicate = Callable[[tuple[Any, ...], Any], bool]
 
@@ -47,7 +47,7 @@ def is_beta(path: tuple[Any, ...], leaf: Any) -> bool:
     ``"sparsity"`` (the Linen collection). ``path`` holds plain names (strings and indices).
 
     >>> import sste_jax
-    >>> sste_jax.is_beta(("fc", "beta"), 1.5), sste_jax.is_beta(("fc", "kernel"), 1.5)
+    >>> sste_jax.optim.is_beta(("fc", "beta"), 1.5), sste_jax.optim.is_beta(("fc", "kernel"), 1.5)
     (True, False)
     """
     return bool(path) and (path[-1] == "beta" or path[0] == "sparsity")
@@ -144,14 +144,14 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
     return optax.with_extra_args_support(optax.masked(_srste_term(decay), mask))
 
 
-class MaskedDecayState(NamedTuple):
+class AddMaskedDecayState(NamedTuple):
     """T-SR-STE: the step count and the current transposable masks of the selected kernels.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> tx = sste_jax.add_masked_decay({"kernel": True})
     >>> state = tx.init({"kernel": jnp.ones((4, 4))})
     >>> type(state.inner_state).__name__
-    'MaskedDecayState'
+    'AddMaskedDecayState'
     """
 
     count: Int[Array, ""]
@@ -164,7 +164,7 @@ def _masked_decay_term(decay: optax.ScalarOrSchedule, refresh_every: int) -> opt
             _check_kernel(w)
             return jnp.zeros(w.shape, bool)
 
-        return MaskedDecayState(jnp.zeros((), jnp.int32), jax.tree.map(placeholder, params))
+        return AddMaskedDecayState(jnp.zeros((), jnp.int32), jax.tree.map(placeholder, params))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -181,7 +181,7 @@ def _masked_decay_term(decay: optax.ScalarOrSchedule, refresh_every: int) -> opt
             return (g + masked_decay_term(w, m, alpha)).astype(g.dtype)
 
         updates = jax.tree.map(add, updates, params, masks)
-        return updates, MaskedDecayState(optax.safe_increment(state.count), masks)
+        return updates, AddMaskedDecayState(optax.safe_increment(state.count), masks)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -192,7 +192,7 @@ def add_masked_decay(
     """Adds T-SR-STE's masked decay ``decay·(1 − M)⊙W`` to the gradient of the kernels selected by ``mask``.
 
     ``M = transposable_mask_24(W)`` (2:4 along both axes), recomputed from the current weights at
-    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `MaskedDecayState` in between:
+    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `AddMaskedDecayState` in between:
     the mask ``"tsrste"`` layers refreshed by `sste_jax.nnx.refresh_masks` after the same steps use.
     ``decay`` may be a schedule of the step count (e.g. 0 during a dense finish). Chain it after
     `optax.clip_by_global_norm` and before the optimizer, as T-SR-STE's authors:

@@ -73,7 +73,7 @@ class ParamSparsity:
 
 
 def _names(key_path) -> Path:
-    """Plain names (strings, indices) of a key path, as `sste_jax.is_beta` sees them."""
+    """Plain names (strings, indices) of a key path, as `sste_jax.optim.is_beta` sees them."""
     return tuple(key_name(k) for k in key_path)
 
 
@@ -234,7 +234,7 @@ def spec_weights(params: Any, spec: Mapping[str, ParamSparsity]) -> dict[str, Sp
     >>> import jax, sste_jax
     >>> params = {"fc": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
     >>> spec = sste_jax.sparsity_spec(params, where=sste_jax.select_kernels())
-    >>> stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.spec_weights(params, spec)))
+    >>> stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats(sste_jax.spec_weights(params, spec)))
     >>> stats["zero_fraction/fc/kernel"]
     0.5
     """

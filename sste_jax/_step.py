@@ -9,7 +9,7 @@ uncorrected ``v``; ``statistic="geometric"``: the geometric mean of the same), k
 ``m̂ / (sqrt(v_switch) + eps^0.75)``: ``v_switch`` is its uncorrected ``v`` frozen at the switch, ``m̂``
 keeps updating and bias-correcting. The other parameters stay Adam throughout. The hard 2:4 STE
 forward of the second phase is the training loop's concern (``SparsityConfig(method="ste")`` layers
-once `step_switched` turns True).
+once `sste_jax.optim.step_switched` turns True).
 
 >>> import jax.numpy as jnp, optax, sste_jax
 >>> params = {"w": jnp.ones((4, 4))}
@@ -17,7 +17,7 @@ once `step_switched` turns True).
 >>> state = tx.init(params)
 >>> for _ in range(2):
 ...     _, state = tx.update(params, state)
->>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)
+>>> bool(sste_jax.optim.step_switched(state)), int(sste_jax.optim.step_state(state).switch_step)
 (True, 2)
 """
 
@@ -28,18 +28,18 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["StepState", "scale_by_step", "step_adam", "step_state", "step_switched", "step_v_change"]
+__all__ = ["ScaleByStepState", "scale_by_step", "step_adam", "step_state", "step_switched", "step_v_change"]
 
 _STATISTICS = ("mean", "geometric")
 
 
-class StepState(NamedTuple):
+class ScaleByStepState(NamedTuple):
     """STEP's Adam moments, the window of ``Z_t`` records and the switch.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> state = sste_jax.scale_by_step(b2=0.75).init({"w": jnp.ones(3)})  # a window of 1/(1 − 0.75) = 4
     >>> type(state).__name__, state.diffs.shape, bool(state.switched)
-    ('StepState', (4,), False)
+    ('ScaleByStepState', (4,), False)
     """
 
     count: Int[Array, ""]
@@ -93,7 +93,7 @@ def scale_by_step(
     >>> state = tx.init(params)
     >>> for _ in range(4):
     ...     updates, state = tx.update(params, state)
-    >>> bool(sste_jax.step_switched(state)), int(sste_jax.step_state(state).switch_step)  # at the end of step 4 > 3
+    >>> bool(sste_jax.optim.step_switched(state)), int(sste_jax.optim.step_state(state).switch_step)  # ends step 4 > 3
     (True, 4)
     """
     if not 0.0 <= b2 < 1.0:
@@ -114,7 +114,7 @@ def scale_by_step(
         if not any(jax.tree.leaves(_flag_tree(sparse, params))):
             raise ValueError("scale_by_step: `sparse` selects no parameter; STEP's statistic needs the sparse weights")
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        return StepState(
+        return ScaleByStepState(
             count=jnp.zeros((), jnp.int32),
             mu=zeros,
             nu=zeros,
@@ -152,7 +152,7 @@ def scale_by_step(
             return adam.astype(g.dtype)
 
         out = jax.tree.map(scale, updates, mu, nu, flags)
-        return out, StepState(count, mu, nu, diffs, switched, switch_step)
+        return out, ScaleByStepState(count, mu, nu, diffs, switched, switch_step)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -169,38 +169,38 @@ def step_adam(
 
     >>> import jax.numpy as jnp, sste_jax
     >>> tx = sste_jax.step_adam(1e-3, min_steps=10, max_steps=100)
-    >>> bool(sste_jax.step_switched(tx.init({"w": jnp.ones(3)})))
+    >>> bool(sste_jax.optim.step_switched(tx.init({"w": jnp.ones(3)})))
     False
     """
     return optax.chain(scale_by_step(b1, b2, eps, **switch), optax.scale_by_learning_rate(learning_rate))
 
 
-def step_state(opt_state: Any) -> StepState:
-    """The single `StepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze).
+def step_state(opt_state: Any) -> ScaleByStepState:
+    """The single `ScaleByStepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze).
 
     >>> import jax.numpy as jnp, sste_jax
     >>> tx = sste_jax.freeze_beta(sste_jax.step_adam(1e-3))
-    >>> type(sste_jax.step_state(tx.init({"w": jnp.ones(3)}))).__name__  # found inside the wrapper
-    'StepState'
+    >>> type(sste_jax.optim.step_state(tx.init({"w": jnp.ones(3)}))).__name__  # found inside the wrapper
+    'ScaleByStepState'
     """
-    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, StepState))
-             if isinstance(s, StepState)]
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ScaleByStepState))
+             if isinstance(s, ScaleByStepState)]
     if len(found) != 1:
-        raise ValueError(f"expected one StepState in the optimizer state, found {len(found)}")
+        raise ValueError(f"expected one ScaleByStepState in the optimizer state, found {len(found)}")
     return found[0]
 
 
 def step_switched(opt_state: Any) -> Bool[Array, ""]:
-    """Whether the (single) `StepState` inside ``opt_state`` has switched to frozen variance.
+    """Whether the (single) `ScaleByStepState` inside ``opt_state`` has switched to frozen variance.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> params = {"w": jnp.ones(3)}
     >>> tx = sste_jax.step_adam(1e-3, max_steps=1)
     >>> _, state = tx.update(params, tx.init(params))
-    >>> bool(sste_jax.step_switched(state))  # the switch needs step t > max_steps
+    >>> bool(sste_jax.optim.step_switched(state))  # the switch needs step t > max_steps
     False
     >>> _, state = tx.update(params, state)
-    >>> bool(sste_jax.step_switched(state))
+    >>> bool(sste_jax.optim.step_switched(state))
     True
     """
     return step_state(opt_state).switched
@@ -214,11 +214,11 @@ def step_v_change(opt_state: Any) -> Float[Array, ""]:
     >>> params = {"w": jnp.ones(3)}
     >>> tx = sste_jax.step_adam(1e-3, b2=0.5)  # a window of int(1/(1 − b2)) = 2 records
     >>> state = tx.init(params)
-    >>> float(sste_jax.step_v_change(state))  # no record yet
+    >>> float(sste_jax.optim.step_v_change(state))  # no record yet
     0.0
     >>> for _ in range(2):
     ...     _, state = tx.update(params, state)
-    >>> float(sste_jax.step_v_change(state))  # v: 0 → 0.5 → 0.75, so Z_1 = 0.5 and Z_2 = 0.25
+    >>> float(sste_jax.optim.step_v_change(state))  # v: 0 → 0.5 → 0.75, so Z_1 = 0.5 and Z_2 = 0.25
     0.375
     """
     state = step_state(opt_state)

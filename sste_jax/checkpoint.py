@@ -12,6 +12,8 @@ newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
 Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
 the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
+A training loop keeps one `Checkpointer` (one orbax manager, saves written in the background);
+`save_checkpoint`, `restore_checkpoint` and `restore_latest` are one synchronous call each.
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from sste_jax import checkpoint
@@ -23,14 +25,14 @@ the modules); restoring into a target whose sparse layers differ raises `Checkpo
 (3, True)
 """
 
+import asyncio
+import contextlib
 import dataclasses
-import gc
 import json
 import os
 import pathlib
 import re
 import shutil
-import sys
 import warnings
 import zlib
 from typing import Any
@@ -39,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from flax import nnx
 
 from sste_jax._metrics import sparse_modules
@@ -50,6 +51,7 @@ from sste_jax.linen import SparsityBeta
 from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
 
 __all__ = [
+    "Checkpointer",
     "CheckpointError",
     "CheckpointWriteError",
     "CheckpointConfigError",
@@ -390,8 +392,8 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0].split(' See full')[0][:300] if text else ''}"
 
 
-def _manager(directory: pathlib.Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+def _manager(directory: pathlib.Path, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
     handlers = {
         "default": ocp.StandardCheckpointHandler(),
         _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE),
@@ -500,7 +502,8 @@ def save_checkpoint(
     stored by path name (``"model/blocks/0/fc1/kernel"``); Python scalars as JAX (32-bit) arrays,
     and a 64-bit NumPy or Python value that 32 bits cannot hold (1e300, 2**40) raises ValueError
     (unless ``jax_enable_x64``). A failed write raises `CheckpointWriteError` (an ``OSError``)
-    after removing its temporary folder.
+    after removing its temporary folder. One call, written synchronously: a training loop keeps a
+    `Checkpointer` instead.
 
     The sparse layers are recorded next to the checksums and checked by `restore_checkpoint`: the
     path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
@@ -516,77 +519,73 @@ def save_checkpoint(
     >>> checkpoint.save_checkpoint(d, 5, {"w": jnp.ones(3), "step": 5}).name
     '5'
     """
-    directory = pathlib.Path(directory).absolute()
-    if int(step) != step or step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
-    if max_to_keep is not None and (int(max_to_keep) != max_to_keep or max_to_keep < 1):
-        raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
-    step = int(step)
-    flat, _, _ = _flatten(state)
-    directory.mkdir(parents=True, exist_ok=True)
-    steps = _all_steps(directory)
-    if steps and step <= max(steps):
-        raise FileExistsError(
-            f"cannot save step {step} in {directory}: it already holds step(s) up to {max(steps)}; "
-            "checkpoints are never overwritten"
-        )
-    checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
-    manager = _manager(directory)
+    with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False) as checkpointer:
+        return checkpointer.save(step, state)
+
+
+class _SettlingLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed with tasks still pending, first lets them finish.
+
+    orbax runs each read in a fresh event loop and closes it as soon as one array's read fails; the
+    other reads' tasks are left pending and, when tensorstore completes them later, raise "Event loop
+    is closed" from its threads. Waiting for them here ends every read inside the failing call.
+    """
+
+    def close(self) -> None:
+        pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+        if pending and not self.is_running() and not self.is_closed():
+            done, late = self.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_S))
+            for task in late:
+                task.cancel()
+            if late:
+                self.run_until_complete(asyncio.wait(late))
+            for task in done | late:  # retrieved, so asyncio does not log them as never retrieved
+                if not task.cancelled():
+                    task.exception()
+        super().close()
+
+
+_SETTLE_S = 120.0  # at most this long for the reads left pending by a failed read
+
+
+def _settling_policy():
+    class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self):
+            return _SettlingLoop()
+
+    return _SettlingPolicy()
+
+
+def _set_policy(policy):
+    """Installs ``policy``, returning the previous one (event-loop policies warn from Python 3.14 on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_event_loop_policy()
+        asyncio.set_event_loop_policy(policy)
+    return previous
+
+
+@contextlib.contextmanager
+def _settling_loops():
+    """The event loops orbax creates inside the block are `_SettlingLoop` instances."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        policy = _settling_policy()
+    previous = _set_policy(policy)
     try:
-        args = ocp.args.Composite(
-            default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)}
-        )
-        if not manager.save(step, args=args):
-            raise CheckpointError(f"orbax declined to save step {step} in {directory}")
-        manager.wait_until_finished()
-    except Exception as e:
-        partial = [p for p in directory.glob(f"{step}.orbax-checkpoint-tmp*")]
-        if (directory / str(step)).exists() and _step_problem(directory / str(step)):
-            partial.append(directory / str(step))
-        _write_failed(e, f"saving step {step} in {directory}", partial)
+        yield
     finally:
-        manager.close()
-    if max_to_keep is not None:
-        if jax.process_index() == 0:
-            _rotate(directory, int(max_to_keep))
-        _sync(f"rotated {directory}")
-    return directory / str(step)
-
-
-def _verify_store(path: pathlib.Path, store: pathlib.Path) -> None:
-    """Reads every stored value of an OCDBT array store, so truncation fails here, by key, before orbax
-    reads it (a failed read inside orbax leaves abandoned coroutines that surface later as warnings)."""
-    if not (store / "manifest.ocdbt").is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
-    key = None
-    try:
-        kvstore = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{store}/"}).result()
-        for key in kvstore.list().result():
-            kvstore.read(key).result()
-    except Exception as e:
-        where = f"reading {key.decode()!r} failed" if key is not None else "its index is unreadable"
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {where} ({_first_line(e)})") from None
+        _set_policy(previous)
 
 
 def _quietly(path: pathlib.Path, what: str, read):
     """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed)."""
     try:
-        return read()
+        with _settling_loops():
+            return read()
     except Exception as e:
         message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
     raise CheckpointError(message)
-
-
-def _close_quietly(manager: ocp.CheckpointManager | ocp.Checkpointer) -> None:
-    """Closes ``manager``. When one array read failed, orbax abandoned the coroutines of the others;
-    they are finalised here (their "exception ignored" reports muted) instead of surfacing later as
-    unrelated warnings."""
-    hook, sys.unraisablehook = sys.unraisablehook, lambda _: None
-    try:
-        manager.close()
-        gc.collect()
-    finally:
-        sys.unraisablehook = hook
 
 
 def _restore_from(
@@ -595,7 +594,8 @@ def _restore_from(
     """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
     shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
     flat, like, treedef = _flatten(target)
-    _verify_store(path, store)
+    if not (store / "manifest.ocdbt").is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
     metadata = _quietly(path, "reading its metadata", read_metadata)
     if getattr(metadata, "tree", None) is None:
         raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
@@ -621,6 +621,239 @@ def _restore_from(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+class Checkpointer:
+    """The checkpoints of one run in ``directory``, written and read through one long-lived orbax
+    ``CheckpointManager``; saves are asynchronous.
+
+    `save` returns once ``state``'s arrays are copied off their devices (they may then be donated
+    or changed) and its checksums computed; the write goes on in the background. The next `save`,
+    `restore`, `wait` or `close` (also leaving a ``with`` block) waits for it first, and a failed
+    write raises `CheckpointWriteError` there. Otherwise as `save_checkpoint`, `restore_checkpoint`
+    and `restore_latest` (which each use one, synchronously, for one call): a step is committed
+    atomically and never overwritten, every array is verified against its checksum at restore,
+    and ``max_to_keep`` deletes the oldest steps once a newer one is committed.
+    ``async_save=False`` makes `save` return only once the step is committed.
+
+    >>> import tempfile, jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> d = tempfile.mkdtemp()
+    >>> with checkpoint.Checkpointer(d, max_to_keep=2) as ckpt:
+    ...     for step in (1, 2, 3):
+    ...         _ = ckpt.save(step, {"w": jnp.full(3, step)})
+    ...     step, state = ckpt.restore_latest({"w": jnp.zeros(3, jnp.int32)})
+    >>> checkpoint.checkpoint_steps(d), step, state["w"].tolist()
+    ([2, 3], 3, [3, 3, 3])
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = True):
+        if max_to_keep is not None and (int(max_to_keep) != max_to_keep or max_to_keep < 1):
+            raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
+        self.directory = pathlib.Path(directory).absolute()
+        self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
+        self.async_save = bool(async_save)
+        self._manager: ocp.CheckpointManager | None = None
+        self._pending: int | None = None  # the step being written in the background
+        self._closed = False
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, steps: list[int]) -> ocp.CheckpointManager:
+        """The orbax manager, created on first use; told of steps that others added, moved or deleted."""
+        if self._closed:
+            raise RuntimeError(f"the Checkpointer of {self.directory} is closed")
+        if self._manager is None:
+            self._manager = _manager(self.directory, self.async_save)
+        elif sorted(self._manager.all_steps()) != steps:
+            self._manager.reload()
+        return self._manager
+
+    def _discard(self) -> None:
+        """Drops the manager after a failure; the next call starts a fresh one."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
+                pass
+
+    def _failed(self, step: int, e: Exception) -> None:
+        self._discard()
+        partial = list(self.directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        if (self.directory / str(step)).exists() and _step_problem(self.directory / str(step)):
+            partial.append(self.directory / str(step))
+        _write_failed(e, f"saving step {step} in {self.directory}", partial)
+
+    def steps(self) -> list[int]:
+        """The committed, intact steps (as `checkpoint_steps`), after waiting for a pending save.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from sste_jax import checkpoint
+        >>> with checkpoint.Checkpointer(tempfile.mkdtemp()) as ckpt:
+        ...     _ = ckpt.save(7, {"w": jnp.ones(3)})
+        ...     ckpt.steps()
+        [7]
+        """
+        self.wait()
+        return checkpoint_steps(self.directory)
+
+    def save(self, step: int, state: Any) -> pathlib.Path:
+        """Starts saving ``state`` as ``directory/<step>`` (see `save_checkpoint` for what is stored and
+        recorded); returns that path, which exists once the write is committed (`wait`).
+
+        Raises `FileExistsError` if ``step`` is not newer than every step there, pending ones included.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from sste_jax import checkpoint
+        >>> with checkpoint.Checkpointer(tempfile.mkdtemp()) as ckpt:
+        ...     path = ckpt.save(5, {"w": jnp.ones(3), "step": 5})
+        >>> path.name, path.is_dir()
+        ('5', True)
+        """
+        if int(step) != step or step < 0:
+            raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        step = int(step)
+        flat, _, _ = _flatten(state)
+        self.wait()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        steps = _all_steps(self.directory)
+        if steps and step <= max(steps):
+            raise FileExistsError(
+                f"cannot save step {step} in {self.directory}: it already holds step(s) up to {max(steps)}; "
+                "checkpoints are never overwritten"
+            )
+        checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
+        manager = self._open(steps)
+        try:
+            args = ocp.args.Composite(
+                default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)}
+            )
+            if not manager.save(step, args=args):
+                raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
+        except Exception as e:
+            self._failed(step, e)
+        self._pending = step
+        if not self.async_save:
+            self.wait()
+        return self.directory / str(step)
+
+    def wait(self) -> None:
+        """Waits for the pending save to commit, then applies ``max_to_keep``; raises
+        `CheckpointWriteError` (its partial folder removed) if the write failed.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from sste_jax import checkpoint
+        >>> ckpt = checkpoint.Checkpointer(tempfile.mkdtemp())
+        >>> path = ckpt.save(1, {"w": jnp.ones(3)})
+        >>> ckpt.wait()
+        >>> path.is_dir()
+        True
+        >>> ckpt.close()
+        """
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            self._failed(step, e)
+        if self.max_to_keep is not None:
+            if jax.process_index() == 0:
+                _rotate(self.directory, self.max_to_keep)
+            _sync(f"rotated {self.directory}")
+
+    def close(self) -> None:
+        """Waits for the pending save (raising if it failed) and releases the orbax manager.
+
+        >>> import tempfile
+        >>> from sste_jax import checkpoint
+        >>> ckpt = checkpoint.Checkpointer(tempfile.mkdtemp())
+        >>> ckpt.close()
+        """
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._manager is not None:
+                self._manager.close()
+                self._manager = None
+
+    def restore(self, target: Any, step: int | None = None, *, check_layers: bool = True) -> Any:
+        """Restores ``step`` (default: the latest) with the structure of ``target``; as `restore_checkpoint`.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from sste_jax import checkpoint
+        >>> with checkpoint.Checkpointer(tempfile.mkdtemp()) as ckpt:
+        ...     _ = ckpt.save(5, {"w": jnp.arange(3.0)})
+        ...     ckpt.restore({"w": jnp.zeros(3)})["w"].tolist()
+        [0.0, 1.0, 2.0]
+        """
+        self.wait()
+        steps = _all_steps(self.directory) if self.directory.is_dir() else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; it holds steps {steps}")
+        path = self.directory / str(step)
+        problem = _step_problem(path)
+        if problem:
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {problem}; restore_latest falls back to an older one"
+            )
+        checksums = _read_json(path, path / _CHECKSUMS / _CHECKSUM_FILE, required=(path / _CHECKSUMS).exists())
+        if check_layers:
+            _check_layers(path, checksums, target)
+        manager = self._open(steps)
+        try:
+            return _restore_from(
+                path,
+                path / "default",
+                lambda: manager.item_metadata(step)["default"],
+                lambda abstract: manager.restore(
+                    step, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract))
+                )["default"],
+                target,
+                checksums,
+            )
+        except CheckpointError:
+            self._discard()
+            raise
+
+    def restore_latest(self, target: Any, *, check_layers: bool = True) -> tuple[int, Any]:
+        """``(step, state)`` of the newest step that restores and verifies; as `restore_latest`.
+
+        >>> import tempfile, jax.numpy as jnp
+        >>> from sste_jax import checkpoint
+        >>> with checkpoint.Checkpointer(tempfile.mkdtemp()) as ckpt:
+        ...     for step in (1, 2):
+        ...         _ = ckpt.save(step, {"w": jnp.full(3, step)})
+        ...     ckpt.restore_latest({"w": jnp.zeros(3, jnp.int32)})[0]
+        2
+        """
+        self.wait()
+        steps = _all_steps(self.directory) if self.directory.is_dir() else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        failures = []
+        for step in reversed(steps):
+            try:
+                state = self.restore(target, step, check_layers=check_layers)
+            except CheckpointConfigError:
+                raise
+            except CheckpointError as e:
+                failures.append(f"step {step}: {e}")
+                warnings.warn(f"skipping checkpoint {self.directory / str(step)}: {e}", RuntimeWarning, stacklevel=2)
+                continue
+            return step, state
+        raise CheckpointError(f"no checkpoint in {self.directory} restores:\n  " + "\n  ".join(failures))
+
+
 def restore_checkpoint(
     directory: str | os.PathLike, target: Any, step: int | None = None, *, check_layers: bool = True
 ) -> Any:
@@ -643,34 +876,8 @@ def restore_checkpoint(
     >>> checkpoint.restore_checkpoint(d, {"w": jnp.zeros(3)})["w"].tolist()
     [0.0, 1.0, 2.0]
     """
-    directory = pathlib.Path(directory).absolute()
-    steps = _all_steps(directory) if directory.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; it holds steps {steps}")
-    path = directory / str(step)
-    problem = _step_problem(path)
-    if problem:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {problem}; restore_latest falls back to an older one")
-    checksums = _read_json(path, path / _CHECKSUMS / _CHECKSUM_FILE, required=(path / _CHECKSUMS).exists())
-    if check_layers:
-        _check_layers(path, checksums, target)
-    manager = _manager(directory)
-    try:
-        return _restore_from(
-            path,
-            path / "default",
-            lambda: manager.item_metadata(step)["default"],
-            lambda abstract: manager.restore(step, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract)))[
-                "default"
-            ],
-            target,
-            checksums,
-        )
-    finally:
-        _close_quietly(manager)
+    with Checkpointer(directory) as checkpointer:
+        return checkpointer.restore(target, step, check_layers=check_layers)
 
 
 def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: bool = True) -> tuple[int, Any]:
@@ -690,22 +897,8 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
     >>> step, state["w"].tolist()
     (2, [2, 2, 2])
     """
-    directory = pathlib.Path(directory).absolute()
-    steps = _all_steps(directory) if directory.is_dir() else []
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint found in {directory}")
-    failures = []
-    for step in reversed(steps):
-        try:
-            state = restore_checkpoint(directory, target, step, check_layers=check_layers)
-        except CheckpointConfigError:
-            raise
-        except CheckpointError as e:
-            failures.append(f"step {step}: {e}")
-            warnings.warn(f"skipping checkpoint {directory / str(step)}: {e}", RuntimeWarning, stacklevel=2)
-            continue
-        return step, state
-    raise CheckpointError(f"no checkpoint in {directory} restores:\n  " + "\n  ".join(failures))
+    with Checkpointer(directory) as checkpointer:
+        return checkpointer.restore_latest(target, check_layers=check_layers)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -796,7 +989,7 @@ def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Modu
             info["checksums"] if info is not None else None,
         )
     finally:
-        _close_quietly(checkpointer)
+        checkpointer.close()
     nnx.update(target, state)
     for name, layer in _compressed_layers(target).items():
         if not bool(jnp.all(_valid_meta(layer.meta[...]))):

@@ -287,7 +287,7 @@ def sparsify(
     Raises:
       ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
         not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
-        anything is changed; or when ``where`` selects no layer.
+        anything is changed; or when ``where`` selects no layer, dense or already sparse.
 
     >>> from flax import nnx
     >>> import sste_jax
@@ -315,6 +315,8 @@ def sparsify(
     if problems:
         raise ValueError("cannot sparsify the selected layers:\n  " + "\n  ".join(problems))
     if not chosen:
+        if any(isinstance(node, SparseLinear) and where(path, node) for path, node in nnx.iter_graph(model)):
+            return model  # every selected layer is sparse already: sparsifying again changes nothing
         found = ", ".join(_path_str(path) for path, _ in linears) or "none"
         raise ValueError(f"`where` selected no nnx.Linear layer (dense linear layers found: {found})")
     if config.mvue and rngs is None:

@@ -434,3 +434,35 @@ def test_linen_variables_record_each_layers_method_and_refuse_a_differently_spar
     bare = nn.unbox(variables(SparsityConfig(method="ste"), 1))  # bare arrays: which layers are sparse only
     assert np.asarray(checkpoint.restore_checkpoint(tmp_path, bare)["sparsity"]["beta"]).tobytes() == np.asarray(
         sste["sparsity"]["beta"].value).tobytes()
+
+
+def test_checkpointer_saves_in_the_background_from_a_host_copy(tmp_path):
+    state = _run(_init_state(0), 2)
+    with checkpoint.Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        path = ckpt.save(1, state)
+        for leaf in jax.tree.leaves(state):  # freed, as a donating train step would
+            if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+                leaf.delete()
+        _assert_bitwise_equal(ckpt.restore(_init_state(9)), _run(_init_state(0), 2))
+        with pytest.raises(FileExistsError, match="never overwritten"):
+            ckpt.save(1, _init_state(1))
+        ckpt.save(2, _init_state(2))
+        ckpt.save(3, _init_state(3))
+        assert ckpt.steps() == [2, 3] and not path.exists()
+    _assert_bitwise_equal(checkpoint.restore_checkpoint(tmp_path, _init_state(9)), _init_state(3))
+    with pytest.raises(RuntimeError, match="is closed"):
+        ckpt.save(4, _init_state(4))
+
+
+def test_checkpointer_follows_steps_moved_by_others(tmp_path):
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _init_state(1))
+        ckpt.save(2, _init_state(2))
+        ckpt.wait()
+        os.rename(tmp_path / "2", tmp_path / "2.damaged")  # as the experiments' loop sets a damaged step aside
+        ckpt.save(2, _init_state(4))
+        step, restored = ckpt.restore_latest(_init_state(9))
+        assert step == 2
+        _assert_bitwise_equal(restored, _init_state(4))
+        checkpoint.save_checkpoint(tmp_path, 3, _init_state(3))  # another writer
+        _assert_bitwise_equal(ckpt.restore(_init_state(9)), _init_state(3))

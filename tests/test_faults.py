@@ -168,7 +168,12 @@ _FULL_DISK = textwrap.dedent(
                                 where=sparse_nnx.all_linear)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     out = {}
+    def save_async():
+        with checkpoint.Checkpointer(d / "ckpt") as ckpt:
+            ckpt.save(2, {"a": big})
+
     for what, fn in (("save", lambda: checkpoint.save_checkpoint(d / "ckpt", 2, {"a": big})),
+                     ("async_save", save_async),
                      ("export", lambda: checkpoint.export_compressed(d / "export", model))):
         try:
             fn()
@@ -191,7 +196,7 @@ def test_a_full_disk_raises_an_os_error_and_leaves_no_partial_folder(tmp_path):
     line = [x for x in run.stdout.splitlines() if x.startswith("RESULT")]
     assert line, run.stderr[-3000:]
     out = json.loads(line[0][len("RESULT"):])
-    for what in ("save", "export"):
+    for what in ("save", "async_save", "export"):
         name, is_os_error, errno, message = out[what]
         assert name == "CheckpointWriteError" and is_os_error and errno == 27, out[what]
         assert "partial files removed" in message

@@ -25,7 +25,7 @@ def test_flip_rate_is_zero_when_weights_do_not_move():
     step = jax.jit(sste_jax.flip_rate)
     for _ in range(3):
         rates, state = step(state, weights)
-        assert sste_jax.to_host(rates) == {"flip_rate": 0.0, **{f"flip_rate/{n}": 0.0 for n in SHAPES}}
+        assert sste_jax.metrics.to_host(rates) == {"flip_rate": 0.0, **{f"flip_rate/{n}": 0.0 for n in SHAPES}}
 
 
 def test_flip_rate_exact_on_constructed_case():
@@ -38,13 +38,13 @@ def test_flip_rate_exact_on_constructed_case():
     b1 = jnp.array([[1.0, 2.0, 3.0], [2.0, 2.0, 0.0], [3.0, 2.0, -2.0], [4.0, 2.0, -1.0]])
     state = sste_jax.init_flip_state({"a": SparseWeight(a0), "b": SparseWeight(b0)})
     rates, state = sste_jax.flip_rate(state, {"a": SparseWeight(a1), "b": SparseWeight(b1)})
-    rates = sste_jax.to_host(rates)
+    rates = sste_jax.metrics.to_host(rates)
     assert rates["flip_rate/a"] == 2 / 8
     assert rates["flip_rate/b"] == pytest.approx(4 / 12, rel=1e-7)
     assert rates["flip_rate"] == pytest.approx((2 + 4) / (8 + 12), rel=1e-7)
     # The state now holds the new masks: moving back flips the same entries again.
     rates, _ = sste_jax.flip_rate(state, {"a": SparseWeight(a0), "b": SparseWeight(b0)})
-    assert sste_jax.to_host(rates)["flip_rate/a"] == 2 / 8
+    assert sste_jax.metrics.to_host(rates)["flip_rate/a"] == 2 / 8
 
 
 def test_flip_rate_global_is_element_weighted_mean_and_matches_numpy():
@@ -52,7 +52,7 @@ def test_flip_rate_global_is_element_weighted_mean_and_matches_numpy():
     noise = _random_weights(jax.random.key(2), SHAPES)
     w1 = {n: SparseWeight(w0[n].kernel + 0.3 * noise[n].kernel) for n in SHAPES}
     rates, _ = jax.jit(sste_jax.flip_rate)(sste_jax.init_flip_state(w0), w1)
-    rates = sste_jax.to_host(rates)
+    rates = sste_jax.metrics.to_host(rates)
     diffs = {n: np.asarray(sste_jax.mask_24(w0[n].kernel) != sste_jax.mask_24(w1[n].kernel)) for n in SHAPES}
     for n in SHAPES:
         assert rates[f"flip_rate/{n}"] == pytest.approx(diffs[n].mean(), rel=1e-6)
@@ -98,7 +98,7 @@ def test_sparsity_stats():
         "h": SparseWeight(kernel, config=SparsityConfig(method="ste")),
         "d": SparseWeight(kernel, config=SparsityConfig(method="dense")),
     }
-    stats = sste_jax.to_host(jax.jit(sste_jax.sparsity_stats)(weights))
+    stats = sste_jax.metrics.to_host(jax.jit(sste_jax.sparsity_stats)(weights))
     assert stats["beta/s"] == float(beta)
     w_tilde = np.asarray(beta * sste_jax.soft_threshold_24(kernel))
     k = np.asarray(kernel)
@@ -109,13 +109,13 @@ def test_sparsity_stats():
     assert stats["rel_error/h"] == pytest.approx(np.linalg.norm(k - hard) / np.linalg.norm(k), rel=1e-5)
     assert stats["zero_fraction/d"] == 0.0 and stats["rel_error/d"] == 0.0
     # β is fitted to minimise the error: the fitted scale beats β = 1.
-    unscaled = sste_jax.to_host(sste_jax.sparsity_stats({"s": SparseWeight(kernel)}))
+    unscaled = sste_jax.metrics.to_host(sste_jax.sparsity_stats({"s": SparseWeight(kernel)}))
     assert stats["rel_error/s"] < unscaled["rel_error/s"]
     assert all(type(v) is float for v in stats.values())
 
 
 def test_rel_error_of_all_zero_kernel_is_zero():
-    stats = sste_jax.to_host(sste_jax.sparsity_stats({"z": SparseWeight(jnp.zeros((8, 4)))}))
+    stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats({"z": SparseWeight(jnp.zeros((8, 4)))}))
     assert stats == {"beta/z": 1.0, "zero_fraction/z": 1.0, "rel_error/z": 0.0}
 
 
@@ -132,5 +132,5 @@ def test_sparse_weights_of_an_nnx_model():
     assert np.array_equal(weights["blocks/0/layers/1"].kernel, layer.kernel[...])
     assert float(weights["blocks/0/layers/1"].beta) == float(layer.beta[...])
     assert np.array_equal(weights["blocks/0/layers/1"].forward(), layer.forward_weight())
-    stats = sste_jax.to_host(sste_jax.sparsity_stats(weights))
+    stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats(weights))
     assert set(stats) == {f"{s}/blocks/0/layers/{i}" for s in ("beta", "zero_fraction", "rel_error") for i in (0, 1)}

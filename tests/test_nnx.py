@@ -84,9 +84,11 @@ def test_sparsify_swaps_feed_forward_layers_in_place_keeping_variables():
     assert jax.tree.structure(before) == jax.tree.structure(after)  # β is not a Param
     # Sparsifying again leaves sparse layers (and their β) alone.
     model.blocks[0].mlp.fc.kernel[...] *= 2
-    with pytest.raises(ValueError, match="selected no nnx.Linear"):
-        sparse_nnx.sparsify(model)
+    assert sparse_nnx.sparsify(model) is model
+    assert sorted(_sparse_layers(model)) == [f"blocks/{i}/mlp/{n}" for i in (0, 1) for n in ("fc", "proj")]
     assert float(model.blocks[0].mlp.fc.beta[...]) == float(sste_jax.fit_beta(kernels[0][...] / 2))
+    with pytest.raises(ValueError, match="selected no nnx.Linear"):  # a `where` that matches nothing at all
+        sparse_nnx.sparsify(model, where=lambda path, layer: False)
 
 
 def test_feed_forward_and_all_linear_presets():

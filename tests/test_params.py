@@ -76,7 +76,7 @@ def _train(model, where, axes, steps=15):
     for _ in range(steps):
         state, opt_state, flips, loss, rates = step(state, opt_state, flips)
         losses.append(float(loss))
-        moved |= sste_jax.to_host(rates)["flip_rate"] > 0
+        moved |= sste_jax.metrics.to_host(rates)["flip_rate"] > 0
     w = sste_jax.apply_sparsity(state["params"], state["spec"])
     for name, s in state["spec"].items():
         leaf = w
@@ -86,7 +86,7 @@ def _train(model, where, axes, steps=15):
         other = (s.axis + 1) % leaf.ndim
         assert leaf.shape[other] % 4 or not is_24(leaf, other), f"{name}: also 2:4 along axis {other}"
         np.testing.assert_array_equal(np.asarray(s.beta), beta0[name])
-    stats = sste_jax.to_host(sste_jax.sparsity_stats(sste_jax.spec_weights(state["params"], state["spec"])))
+    stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats(sste_jax.spec_weights(state["params"], state["spec"])))
     assert all(stats[f"zero_fraction/{name}"] >= 0.5 for name in state["spec"]), stats
     assert losses[-1] < 0.8 * losses[0], losses
     assert moved, "the masks never changed: the dense weights were not trained"

@@ -56,8 +56,8 @@ def test_step_switches_to_hard_24_the_step_after_max_steps():
         state, metrics = train_step(state, *_batch(i))
         logged.append(metrics)
     assert [float(m["phase"]) for m in logged] == [0, 0, 0, 0, 1, 1]  # steps 1-4 dense, then hard 2:4
-    assert int(sste_jax.step_switched(state["opt"])) and phases.current_phase(state) == 1
-    assert int(sste_jax.step_state(state["opt"]).switch_step) == 4
+    assert int(sste_jax.optim.step_switched(state["opt"])) and phases.current_phase(state) == 1
+    assert int(sste_jax.optim.step_state(state["opt"]).switch_step) == 4
     assert phases.second_phase_from(state) == 5
     for layer in _layers(phases, state, 1).values():
         assert layer.config.method == "ste"

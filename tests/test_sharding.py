@@ -61,7 +61,7 @@ def _train(params, betas, batches, put_params=lambda t: t, put_batch=lambda t: t
     for x, y in batches:
         params, opt, flips, loss, rates = _step(params, betas, opt, flips, put_batch(x), put_batch(y))
         losses.append(float(loss))
-    return params, losses, sste_jax.to_host(rates)
+    return params, losses, sste_jax.metrics.to_host(rates)
 
 
 def _assert_same_run(sharded, unsharded):

@@ -9,7 +9,7 @@ import pytest
 
 import sste_jax
 from sste_jax import _step
-from sste_jax._step import StepState, scale_by_step
+from sste_jax._step import ScaleByStepState, scale_by_step
 
 
 def _run(tx, grads):
@@ -26,7 +26,7 @@ def _run(tx, grads):
 
 
 def _switch_step(states) -> int:
-    flags = [bool(sste_jax.step_switched(s)) for s in states]
+    flags = [bool(sste_jax.optim.step_switched(s)) for s in states]
     assert flags == sorted(flags), "the switch must be permanent"
     return flags.index(True) + 1 if any(flags) else -1
 
@@ -108,7 +108,7 @@ def test_partial_window_and_strict_min_steps():
     _, states = _run(scale_by_step(b2=0.5, threshold=0.4, min_steps=1), grads)
     # step 1: the one-record window 0.5 is not below 0.4; step 2: mean(0.5, 0.25) = 0.375 < 0.4 and 2 > 1
     assert _switch_step(states) == 2
-    np.testing.assert_allclose(float(sste_jax.step_v_change(states[0])), 0.5)
+    np.testing.assert_allclose(float(sste_jax.optim.step_v_change(states[0])), 0.5)
     _, states = _run(scale_by_step(b2=0.5, threshold=0.4, min_steps=2), grads)
     assert _switch_step(states) == 3  # t > T_min is strict
 
@@ -123,7 +123,7 @@ def test_matches_adam_before_the_switch():
     grads = list(jax.random.normal(jax.random.key(1), (15, 6)))
     outs, states = _run(scale_by_step(b1=0.9, b2=0.99, threshold=0.0, max_steps=100), grads)
     ref, _ = _run(optax.scale_by_adam(b1=0.9, b2=0.99), grads)
-    assert not bool(sste_jax.step_switched(states[-1]))
+    assert not bool(sste_jax.optim.step_switched(states[-1]))
     np.testing.assert_allclose(np.stack([o["w"] for o in outs]), np.stack([r["w"] for r in ref]), rtol=1e-5, atol=1e-7)
 
 
@@ -148,9 +148,9 @@ def test_step_adam_with_freeze_beta_and_helper():
     for _ in range(3):
         updates, state = tx.update(params, state, params)
         assert float(updates["fc"]["beta"]) == 0.0
-    assert bool(sste_jax.step_switched(state))
+    assert bool(sste_jax.optim.step_switched(state))
     with pytest.raises(ValueError, match="found 0"):
-        sste_jax.step_switched(optax.adam(0.1).init(params))
+        sste_jax.optim.step_switched(optax.adam(0.1).init(params))
 
 
 def test_sparse_mask_inside_freeze_beta():
@@ -160,7 +160,7 @@ def test_sparse_mask_inside_freeze_beta():
     state = tx.init(params)
     for _ in range(2):
         _, state = tx.update(params, state, params)
-    assert bool(sste_jax.step_switched(state))
+    assert bool(sste_jax.optim.step_switched(state))
 
 
 @pytest.mark.outside_annotations
@@ -178,7 +178,7 @@ def test_a_mask_selecting_nothing_raises():
 
 def test_state_is_a_namedtuple_with_switched():
     state = scale_by_step().init({"w": jnp.zeros((2,))})
-    assert isinstance(state, StepState) and state.switched.dtype == jnp.bool_
+    assert isinstance(state, ScaleByStepState) and state.switched.dtype == jnp.bool_
 
 
 def test_module_doctests():

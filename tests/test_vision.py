@@ -221,3 +221,31 @@ def test_fashion_fetch_from_debian(tmp_path):
     x_train, y_train, x_test, y_test = data.load_data("fashion", cache_dir=tmp_path)
     assert x_train.shape == (60000, 28, 28) and x_test.shape == (10000, 28, 28)
     assert set(np.unique(y_train)) == set(range(10)) and np.bincount(y_test).tolist() == [1000] * 10
+
+
+def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("sklearn.datasets")
+    digits = datasets.load_digits()
+    x, y = digits.images.astype(np.float32), digits.target.astype(np.int32)
+    order = np.random.default_rng(3).permutation(len(y))
+    test, train_rows = order[: len(y) // 5], order[len(y) // 5 :]
+    x = (x - x[train_rows].mean()) / x[train_rows].std()
+    expected = (x[train_rows], y[train_rows], x[test], y[test])
+    from_wheel = data.load_digits_split(seed=3)
+    # Without scikit-learn: Debian's python3-sklearn, here already unpacked in the cache (its gzip
+    # header differs from the wheel's; the CSV inside is what is checked).
+    folder = tmp_path / data.DIGITS_PACKAGE / "usr/lib/python3/dist-packages/sklearn/datasets/data"
+    folder.mkdir(parents=True)
+    csv = gzip.decompress(data.digits_file().read_bytes())
+    (folder / "digits.csv.gz").write_bytes(gzip.compress(csv, mtime=1))
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda n: None if n == "sklearn" else real_find_spec(n))
+    assert data.digits_file(tmp_path) == folder / "digits.csv.gz"
+    from_debian = data.load_digits_split(seed=3, cache_dir=tmp_path)
+    for a, b, c in zip(expected, from_wheel, from_debian):
+        assert a.dtype == b.dtype == c.dtype and a.tobytes() == b.tobytes() == c.tobytes()
+    tampered = bytearray(csv)
+    tampered[100] ^= 1
+    (folder / "digits.csv.gz").write_bytes(gzip.compress(bytes(tampered)))
+    with pytest.raises(ValueError, match=r"SHA-256 .*\(scikit-learn's digits set\)"):
+        data.load_digits_split(cache_dir=tmp_path)

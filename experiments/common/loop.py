@@ -9,7 +9,8 @@ evaluation); the run's identity is a `Run`. `fit` then:
   to resume when metrics exist without a checkpoint (restarting would discard them);
 - trains with the recipe's `Schedule` (STEP's switch, dense finish, mask refresh, β refit), logs the
   means of the step metrics every ``log_every`` steps (the host waits on the device only there),
-  evaluates every ``eval_every`` steps and at the end, checkpoints every ``ckpt_every`` steps;
+  evaluates every ``eval_every`` steps and at the end, checkpoints every ``ckpt_every`` steps (one
+  `sste_jax.checkpoint.Checkpointer` writes them in the background while training goes on);
 - stops with `NonFiniteError` on a non-finite loss or gradient norm, before any checkpoint of that
   state is written, so the rotation never replaces finite checkpoints with diverged ones;
 - on Ctrl-C or SIGTERM writes the pending metrics, saves a checkpoint and re-raises
@@ -161,7 +162,7 @@ def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTrans
         metrics = {"train_loss": loss_sum / n, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
                    "phase": phase.astype(jnp.float32)}
         if schedule.recipe.optimizer == "step":
-            metrics["step_v_change"] = sste_jax.step_v_change(opt)
+            metrics["step_v_change"] = sste_jax.optim.step_v_change(opt)
         return {"params": params, "rest": rest, "opt": opt, "flip": flip, "step": step}, metrics
 
     return train_step
@@ -182,7 +183,7 @@ def _sparsity_stats(graphdef, variables):
 def layer_stats(model: nnx.Module) -> dict[str, float]:
     """Per sparse layer: β, zero fraction and relative error of the forward weights; their means.
     One jitted computation (so sharded weights on several processes reduce in one program)."""
-    stats = sste_jax.to_host(_sparsity_stats(*nnx.split(model)))
+    stats = sste_jax.metrics.to_host(_sparsity_stats(*nnx.split(model)))
     for name in ("beta", "zero_fraction"):
         values = [v for k, v in stats.items() if k.startswith(name + "/")]
         stats[f"{name}_mean"] = float(np.mean(values)) if values else float("nan")
@@ -302,8 +303,10 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     tag = {"method": run.method, "seed": run.seed}
     stop = steps if until is None else min(steps, until)
 
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=loop.keep_checkpoints)  # writes in the background
+
     def save(step):
-        checkpoint.save_checkpoint(ckpt_dir, step, state, max_to_keep=loop.keep_checkpoints)
+        ckpt.save(step, state)
 
     def flush(step):
         """Writes the train record of the pending steps; raises NonFiniteError if it is not finite."""
@@ -320,7 +323,7 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         pending.clear()
         clock.update(tick=now, paused=0.0, last_train=train)
         if not _finite(train):
-            kept = checkpoint.checkpoint_steps(ckpt_dir)
+            kept = ckpt.steps()  # the pending save committed first
             raise NonFiniteError(
                 f"{workdir}: step {step}: train_loss={train['train_loss']}, grad_norm={train['grad_norm']}. "
                 f"Stopped without saving; the newest checkpoint ({kept[-1] if kept else 'none'}) holds the last "
@@ -373,9 +376,12 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
                 flush(done)  # raises NonFiniteError (nothing saved) if the pending steps diverged
             if done > last_saved:
                 save(done)
+            ckpt.close()  # every save committed before the interrupt propagates
         print(f"\ninterrupted ({e or 'SIGINT'}): saved step {done} in {ckpt_dir}; continue with --resume",
               file=sys.stderr)
         raise
+    finally:
+        ckpt.close()  # waits for the last save; a failed write raises here
     bar.close()
     if stop == steps:
         final_model = schedule.model(state)

@@ -46,7 +46,7 @@ class Recipe:
         of the run's steps; its window is ``int(1/(1 − b2))`` steps, as its authors'.
       switch_threshold: STEP's threshold on the windowed ``mean|v_t − v_{t−1}|`` of the sparse
         kernels. The default came from a pilot of the ``small`` LM config with the older statistic
-        (over every parameter, a full window: `sste_jax.step_v_change`, logged as ``step_v_change``,
+        (over every parameter, a full window: `sste_jax.optim.step_v_change`, logged as ``step_v_change``,
         fell from 5.5e-8 to a plateau of ~2.2e-8 by step ~250 of 800); it has not been re-piloted for
         the sparse-kernel statistic. Other tasks need their own (``--recipe switch_threshold=...``).
       switch_statistic: ``"mean"`` or ``"geometric"`` (the authors' option 2).

@@ -64,7 +64,7 @@ class Schedule:
     def phase(self, step, opt_state) -> jax.Array:
         """0 or 1: the graph that trains step ``step + 1`` (traced or concrete)."""
         if self.recipe.then is not None:
-            return sste_jax.step_switched(opt_state).astype(jnp.int32)
+            return sste_jax.optim.step_switched(opt_state).astype(jnp.int32)
         if self.dense_finish_from is not None:
             return (step + 1 >= self.dense_finish_from).astype(jnp.int32)
         return jnp.zeros((), jnp.int32)
@@ -93,7 +93,7 @@ class Schedule:
         """The first step trained with the second graph, or None if the run has none or has not
         reached it (waits on the device)."""
         if self.recipe.then is not None:
-            switch = sste_jax.step_state(state["opt"])
+            switch = sste_jax.optim.step_state(state["opt"])
             return int(switch.switch_step) + 1 if bool(switch.switched) else None
         start = self.dense_finish_from
         return start if start is not None and int(state["step"]) >= start else None

@@ -1,6 +1,9 @@
-"""Image classification data: scikit-learn's digits (no download) or Fashion-MNIST's idx files.
+"""Image classification data: scikit-learn's digits set or Fashion-MNIST's idx files.
 
-Digits: ``sklearn.datasets.load_digits()``, a fixed 80/20 split. Fashion-MNIST: its own 60k/10k
+Digits: scikit-learn's ``digits.csv.gz`` (what ``sklearn.datasets.load_digits()`` reads), a fixed 80/20
+split. The file comes from an installed scikit-learn (located, not imported), else from the Debian
+package ``python3-sklearn`` unpacked once into the cache; its CSV is hash-checked, so both sources
+give the same arrays. Fashion-MNIST: its own 60k/10k
 split from the idx files of the Debian package ``dataset-fashion-mnist``, which `fetch_fashion`
 unpacks once into the cache (``$SSTE_CACHE`` or ``~/.cache/sste_jax``) with ``apt-get download`` +
 ``dpkg-deb -x`` (no root), unless a data folder is given. Images are standardised by the training
@@ -12,6 +15,9 @@ split's mean and standard deviation.
 """
 
 import gzip
+import hashlib
+import importlib.util
+import io
 import pathlib
 
 import numpy as np
@@ -20,19 +26,38 @@ from experiments.lm.data import cache_dir_default, fetch_debian
 
 DATASETS = {"digits": (8, 2), "fashion": (28, 4)}  # image size, patch size
 
+DIGITS_PACKAGE = "python3-sklearn"  # Debian; scikit-learn's digits.csv.gz is in its sklearn/datasets/data
+# the SHA-256 of the decompressed digits.csv.gz, the same in scikit-learn's wheels and Debian's package
+DIGITS_CSV_SHA256 = "6ebb3d2fee246a4e99363262ddf8a00a3c41bee6014c373ed9d9216ba7f651b8"
 FASHION_PACKAGE = "dataset-fashion-mnist"  # Debian; its idx files are in usr/share/datasets/fashion-mnist
 FASHION_FILES = tuple(
     f"{split}-{kind}-ubyte.gz" for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")
 )
 
 
-def load_digits_split(seed: int = 0):
-    """``(x_train, y_train, x_test, y_test)``: images ``(N, 8, 8)`` standardised by train statistics."""
-    from sklearn.datasets import load_digits
+def digits_file(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """scikit-learn's ``digits.csv.gz``: an installed scikit-learn's, else Debian ``python3-sklearn``'s."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    target = pathlib.Path(cache_dir or cache_dir_default()) / DIGITS_PACKAGE
+    folder = fetch_debian(DIGITS_PACKAGE, target, "usr/lib/python3/dist-packages/sklearn/datasets/data",
+                          "the digits set", "pip install scikit-learn, or use --set dataset=fashion")
+    return folder / "digits.csv.gz"
 
-    digits = load_digits()
-    x_Nx8x8 = digits.images.astype(np.float32)
-    y_N = digits.target.astype(np.int32)
+
+def load_digits_split(seed: int = 0, cache_dir: str | pathlib.Path | None = None):
+    """``(x_train, y_train, x_test, y_test)``: images ``(N, 8, 8)`` standardised by train statistics."""
+    path = digits_file(cache_dir)
+    csv = gzip.decompress(path.read_bytes())
+    digest = hashlib.sha256(csv).hexdigest()
+    if digest != DIGITS_CSV_SHA256:
+        raise ValueError(f"{path}: its CSV has SHA-256 {digest}, not {DIGITS_CSV_SHA256} (scikit-learn's digits set)")
+    table = np.loadtxt(io.BytesIO(csv), delimiter=",")
+    x_Nx8x8 = table[:, :-1].reshape(-1, 8, 8).astype(np.float32)
+    y_N = table[:, -1].astype(np.int32)
     order = np.random.default_rng(seed).permutation(len(y_N))
     n_test = len(y_N) // 5
     test, train = order[:n_test], order[n_test:]
@@ -74,7 +99,7 @@ def fetch_fashion(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
 def load_data(dataset: str, data_dir: str | pathlib.Path | None = None, cache_dir: str | pathlib.Path | None = None):
     """``(x_train, y_train, x_test, y_test)`` of ``"digits"`` or ``"fashion"`` (from ``data_dir``, else fetched)."""
     if dataset == "digits":
-        return load_digits_split()
+        return load_digits_split(cache_dir=cache_dir)
     if dataset == "fashion":
         return load_fashion_split(data_dir or fetch_fashion(cache_dir))
     raise ValueError(f"unknown dataset {dataset!r}: use one of {sorted(DATASETS)}")
