@@ -200,9 +200,10 @@ def prune(
     config: SparsityConfig,
     mask: Bool[Array, "in out"] | None = None,
 ) -> Pruned:
-    """The `Pruned` weight of ``kernel``: what `sparse_dense` (``pruned=``) then reuses for every call with the
-    same kernel, e.g. once per optimizer step outside a gradient-accumulation loop (`sste_jax.nnx.accumulate_gradients`).
-    Gradients still reach ``kernel`` through `sparse_dense`'s rule; none flows through the `Pruned` values.
+    """The `Pruned` weight of ``kernel``, which `sparse_dense` (``pruned=``) then reuses for every call with the
+    same kernel: e.g. once per optimizer step outside a gradient-accumulation loop, as
+    `sste_jax.nnx.accumulate_gradients` does. Gradients still reach ``kernel`` through `sparse_dense`'s rule;
+    none flows through the `Pruned` values.
 
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> from sste_jax._linear import prune
