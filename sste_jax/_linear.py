@@ -31,7 +31,7 @@ from sste_jax import _fp8
 from sste_jax._decay import srste_term
 from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, soft_threshold_nm
 
-__all__ = ["SparsityConfig", "sparse_dense", "forward_weight", "Pruned", "prune"]
+__all__ = ["SparsityConfig", "sparse_dense", "forward_weight", "Pruned", "prune_weight"]
 
 Method = Literal["dense", "ste", "srste", "tsrste", "sste"]
 _METHODS = ("dense", "ste", "srste", "tsrste", "sste")
@@ -180,13 +180,20 @@ def forward_weight(
 
 
 class Pruned(NamedTuple):
-    """What a sparse product computes from its weight alone, computed once (`prune`) and passed to
+    """What a sparse product computes from its weight alone, computed once (`prune_weight`) and passed to
     `sparse_dense` as ``pruned=`` so that a loop over micro-batches neither prunes nor emits again.
 
     Attributes:
       weight: the forward weight ``W̃`` (`forward_weight`), ``(in, out)`` in the kernel's dtype.
       operands: the GEMM backend's operands emitted from ``W̃`` (``matmul="cutlass"``), else None.
       decay: the gradient's weight-only term (SR-STE's ``srste_decay·(1 − mask)⊙W``), else None.
+
+    >>> import jax, sste_jax
+    >>> from sste_jax._linear import prune_weight
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> pruned = prune_weight(kernel, 1.0, sste_jax.SparsityConfig(method="srste"))
+    >>> pruned.weight.shape, pruned.operands is None, pruned.decay.shape
+    ((8, 3), True, (8, 3))
     """
 
     weight: Array
@@ -194,7 +201,7 @@ class Pruned(NamedTuple):
     decay: Array | None = None
 
 
-def prune(
+def prune_weight(
     kernel: Float[Array, "in out"],
     beta: Real[ArrayLike, ""],
     config: SparsityConfig,
@@ -206,17 +213,17 @@ def prune(
     none flows through the `Pruned` values.
 
     >>> import jax, jax.numpy as jnp, sste_jax
-    >>> from sste_jax._linear import prune
+    >>> from sste_jax._linear import prune_weight
     >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
-    >>> pruned = prune(kernel, 1.5, sste_jax.SparsityConfig())
+    >>> pruned = prune_weight(kernel, 1.5, sste_jax.SparsityConfig())
     >>> y = sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5, pruned=pruned)
     >>> bool(jnp.array_equal(y, sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5)))
     True
     """
-    check_config(config, "prune")
+    check_config(config, "prune_weight")
     kernel = jnp.asarray(kernel)
     if kernel.ndim != 2:
-        raise ValueError(f"prune: kernel must be 2-D (in, out), got shape {kernel.shape}")
+        raise ValueError(f"prune_weight: kernel must be 2-D (in, out), got shape {kernel.shape}")
     w_IxO = jax.lax.stop_gradient(forward_weight(kernel, beta, config, mask=mask))
     emit = _ops(config).emit if config.sparse else None
     operands = jax.lax.stop_gradient(emit(w_IxO, config.fp8)) if emit is not None else None
@@ -229,15 +236,19 @@ def prune(
 def check_pruned(pruned: Pruned, kernel: jax.Array, config: SparsityConfig) -> None:
     """Raises unless ``pruned`` is a `Pruned` of ``kernel``'s shape and dtype made for ``config``."""
     if not isinstance(pruned, Pruned):
-        raise TypeError(f"pruned must be a Pruned from prune(kernel, beta, config), got {type(pruned).__name__}")
+        raise TypeError(f"pruned must be a Pruned from prune_weight(kernel, beta, config), got {type(pruned).__name__}")
     w = pruned.weight
     if w.shape != kernel.shape or w.dtype != kernel.dtype:
         raise ValueError(
             f"pruned.weight is {w.dtype}{list(w.shape)} but the kernel is {kernel.dtype}{list(kernel.shape)}: "
             "prune the kernel the product uses"
         )
-    if (pruned.decay is not None) != (config.method == "srste"):
-        raise ValueError(f"pruned was not made for method={config.method!r}: prune with the product's config")
+    emitted = config.sparse and config.matmul == "cutlass"
+    if (pruned.decay is not None) != (config.method == "srste") or (pruned.operands is not None) != emitted:
+        raise ValueError(
+            f"pruned was not made for method={config.method!r}, matmul={config.matmul!r}: "
+            "prune_weight with the product's config"
+        )
 
 
 def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None) -> None:
@@ -377,7 +388,7 @@ def sparse_dense(
         acts in the backward pass only, which needs the token count divisible by 4.
       config: a `SparsityConfig`.
       mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
-      pruned: ``W̃`` (and the GEMM operands) computed beforehand by `prune` from this kernel, β, config and
+      pruned: ``W̃`` (and the GEMM operands) computed beforehand by `prune_weight` from this kernel, β, config and
         mask, reused instead of pruning here; the kernel's gradient is the same.
 
     >>> import jax, jax.numpy as jnp, sste_jax

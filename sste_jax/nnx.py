@@ -40,7 +40,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
-from sste_jax._linear import Pruned, SparsityConfig, check_config, forward_weight, prune, sparse_dense
+from sste_jax._linear import Pruned, SparsityConfig, check_config, forward_weight, prune_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
 from sste_jax._select import check_rules, match_rule
 from sste_jax._select import feed_forward as _feed_forward_rules
@@ -565,7 +565,7 @@ def _prune_layers(model: nnx.Module) -> dict[Path, Pruned]:
         if isinstance(layer, SparseLinear) and layer.config.sparse and layer.kernel[...].ndim == 2:
             kernel = layer.kernel[...]
             kernel = kernel.astype(layer.dtype) if layer.dtype is not None else kernel  # as promote_dtype makes it
-            out[path] = prune(kernel, layer.beta[...], layer.config, layer._mask())
+            out[path] = prune_weight(kernel, layer.beta[...], layer.config, layer._mask())
     return out
 
 
@@ -589,7 +589,8 @@ def accumulate_gradients(loss_fn: Callable[..., jax.Array], model: nnx.Module, *
     gradient is exactly the one ``nnx.grad`` computes for it (same straight-through rule, MVUE drawing a fresh
     key per micro-batch), summed in order and divided by their number. The model's other variables (MVUE key
     counters, batch statistics) are updated as after the last micro-batch. Layers inside ``nnx.scan`` or
-    ``nnx.vmap`` (stacked kernels) still prune in their call. See ``docs/kernels.md``.
+    ``nnx.vmap`` (stacked kernels), and those whose kernel wider inputs promote to another dtype, still prune in
+    their call. See ``docs/kernels.md``.
 
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from sste_jax._linear import prune
+from sste_jax._linear import prune_weight
 from sste_jax.nnx import SparseLinear, accumulate_gradients
 
 
@@ -129,7 +129,7 @@ def test_sparse_dense_takes_a_pruned_weight_with_the_same_gradient():
     kernel = jax.random.normal(jax.random.key(0), (16, 8))
     x = jax.random.normal(jax.random.key(1), (4, 16))
     config = sste_jax.SparsityConfig(method="srste")
-    pruned = prune(kernel, 1.0, config)
+    pruned = prune_weight(kernel, 1.0, config)
     loss = lambda k, p: jnp.sum(jnp.sin(sste_jax.sparse_dense(x, k, 1.0, config=config, pruned=p)))  # noqa: E731
     np.testing.assert_array_equal(jax.grad(loss)(kernel, pruned), jax.grad(loss)(kernel, None))
     np.testing.assert_array_equal(jax.grad(loss, argnums=1)(kernel, pruned).weight, 0)  # nothing flows to W̃
@@ -138,12 +138,12 @@ def test_sparse_dense_takes_a_pruned_weight_with_the_same_gradient():
 @pytest.mark.outside_annotations
 def test_a_pruned_weight_of_another_kernel_or_method_is_refused():
     kernel = jnp.ones((16, 8))
-    pruned = prune(kernel, 1.0, sste_jax.SparsityConfig())
+    pruned = prune_weight(kernel, 1.0, sste_jax.SparsityConfig())
     with pytest.raises(ValueError, match=r"pruned.weight is float32\[16, 8\] but the kernel is bfloat16\[16, 8\]"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel.astype(jnp.bfloat16), 1.0, pruned=pruned)
     with pytest.raises(ValueError, match=r"pruned.weight is float32\[16, 8\] but the kernel is float32\[16, 4\]"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel[:, :4], 1.0, pruned=pruned)
-    with pytest.raises(ValueError, match="not made for method='srste'"):
+    with pytest.raises(ValueError, match="not made for method='srste', matmul='xla'"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel, 1.0, config=sste_jax.SparsityConfig(method="srste"),
                               pruned=pruned)
     with pytest.raises(TypeError, match="pruned must be a Pruned"):
@@ -211,3 +211,31 @@ def test_train_step_matches_pruning_per_micro_batch(method, grad_accum):  # "ste
     # summed in the same order; XLA may fuse the two programs differently
     np.testing.assert_allclose(metrics["train_loss"], ref_loss, rtol=4 * np.finfo(np.float32).eps)
     np.testing.assert_allclose(metrics["grad_norm"], optax.tree.norm(ref_grads), rtol=8 * np.finfo(np.float32).eps)
+
+
+def test_parameter_path_prunes_once_by_pulling_the_mean_gradient_back_once():
+    params = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (16, 8))}}
+    spec = sste_jax.sparsity_spec(params, sste_jax.select_kernels(path="mlp"), sste_jax.SparsityConfig(method="srste"))
+    x, y = _batches()
+
+    def loss(w, x, y):
+        return jnp.mean((jnp.tanh(x @ w["mlp"]["kernel"]) - y) ** 2)
+
+    def once(params):
+        w, pull_back = jax.vjp(lambda p: sste_jax.apply_sparsity(p, spec), params)
+        mean = jax.lax.scan(lambda c, b: (jax.tree.map(jnp.add, c, jax.grad(loss)(w, *b)), None),
+                            jax.tree.map(jnp.zeros_like, w), (x, y))[0]
+        return pull_back(jax.tree.map(lambda g: g / x.shape[0], mean))[0]
+
+    def naive(params):
+        grad = jax.grad(lambda p, x, y: loss(sste_jax.apply_sparsity(p, spec), x, y))
+        total = jax.lax.scan(lambda c, b: (jax.tree.map(jnp.add, c, grad(params, *b)), None),
+                             jax.tree.map(jnp.zeros_like, params), (x, y))[0]
+        return jax.tree.map(lambda g: g / x.shape[0], total)
+
+    jaxpr = jax.make_jaxpr(once)(params)
+    assert str(_scan_eqn(jaxpr.jaxpr).params["jaxpr"]).count(" abs ") == 0 < str(jaxpr).count(" abs ")
+    ref = naive(params)["mlp"]["kernel"]  # SR-STE's term added once to the mean, not averaged: float round-off
+    eps = np.finfo(np.float32).eps
+    atol = 8 * eps * float(jnp.abs(ref).max())
+    np.testing.assert_allclose(jax.jit(once)(params)["mlp"]["kernel"], ref, rtol=0, atol=atol)
