@@ -19,7 +19,7 @@ import functools
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from sste_jax import _fp8
 from sste_jax._decay import srste_term
 from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, soft_threshold_nm
 
-__all__ = ["SparsityConfig", "sparse_dense", "forward_weight"]
+__all__ = ["SparsityConfig", "sparse_dense", "forward_weight", "Pruned", "prune_weight"]
 
 Method = Literal["dense", "ste", "srste", "tsrste", "sste"]
 _METHODS = ("dense", "ste", "srste", "tsrste", "sste")
@@ -179,6 +179,78 @@ def forward_weight(
     return (jnp.asarray(beta, jnp.float32) * s).astype(kernel.dtype)
 
 
+class Pruned(NamedTuple):
+    """What a sparse product computes from its weight alone, computed once (`prune_weight`) and passed to
+    `sparse_dense` as ``pruned=`` so that a loop over micro-batches neither prunes nor emits again.
+
+    Attributes:
+      weight: the forward weight ``W̃`` (`forward_weight`), ``(in, out)`` in the kernel's dtype.
+      operands: the GEMM backend's operands emitted from ``W̃`` (``matmul="cutlass"``), else None.
+      decay: the gradient's weight-only term (SR-STE's ``srste_decay·(1 − mask)⊙W``), else None.
+
+    >>> import jax, sste_jax
+    >>> from sste_jax._linear import prune_weight
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> pruned = prune_weight(kernel, 1.0, sste_jax.SparsityConfig(method="srste"))
+    >>> pruned.weight.shape, pruned.operands is None, pruned.decay.shape
+    ((8, 3), True, (8, 3))
+    """
+
+    weight: Array
+    operands: Any = None
+    decay: Array | None = None
+
+
+def prune_weight(
+    kernel: Float[Array, "in out"],
+    beta: Real[ArrayLike, ""],
+    config: SparsityConfig,
+    mask: Bool[Array, "in out"] | None = None,
+) -> Pruned:
+    """The `Pruned` weight of ``kernel``, which `sparse_dense` (``pruned=``) then reuses for every call with the
+    same kernel: e.g. once per optimizer step outside a gradient-accumulation loop, as
+    `sste_jax.nnx.accumulate_gradients` does. Gradients still reach ``kernel`` through `sparse_dense`'s rule;
+    none flows through the `Pruned` values.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> from sste_jax._linear import prune_weight
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> pruned = prune_weight(kernel, 1.5, sste_jax.SparsityConfig())
+    >>> y = sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5, pruned=pruned)
+    >>> bool(jnp.array_equal(y, sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5)))
+    True
+    """
+    check_config(config, "prune_weight")
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim != 2:
+        raise ValueError(f"prune_weight: kernel must be 2-D (in, out), got shape {kernel.shape}")
+    w_IxO = jax.lax.stop_gradient(forward_weight(kernel, beta, config, mask=mask))
+    emit = _ops(config).emit if config.sparse else None
+    operands = jax.lax.stop_gradient(emit(w_IxO, config.fp8)) if emit is not None else None
+    decay = None
+    if config.method == "srste":
+        decay = jax.lax.stop_gradient(srste_term(kernel, config.srste_decay, n=config.n, m=config.m))
+    return Pruned(w_IxO, operands, decay)
+
+
+def check_pruned(pruned: Pruned, kernel: jax.Array, config: SparsityConfig) -> None:
+    """Raises unless ``pruned`` is a `Pruned` of ``kernel``'s shape and dtype made for ``config``."""
+    if not isinstance(pruned, Pruned):
+        raise TypeError(f"pruned must be a Pruned from prune_weight(kernel, beta, config), got {type(pruned).__name__}")
+    w = pruned.weight
+    if w.shape != kernel.shape or w.dtype != kernel.dtype:
+        raise ValueError(
+            f"pruned.weight is {w.dtype}{list(w.shape)} but the kernel is {kernel.dtype}{list(kernel.shape)}: "
+            "prune the kernel the product uses"
+        )
+    emitted = config.sparse and config.matmul == "cutlass"
+    if (pruned.decay is not None) != (config.method == "srste") or (pruned.operands is not None) != emitted:
+        raise ValueError(
+            f"pruned was not made for method={config.method!r}, matmul={config.matmul!r}: "
+            "prune_weight with the product's config"
+        )
+
+
 def check_mask(kernel: jax.Array, config: SparsityConfig, mask: jax.Array | None) -> None:
     """Raises unless ``mask`` is given exactly for ``"tsrste"``, boolean and shaped like ``kernel``."""
     if config.method != "tsrste":
@@ -243,8 +315,10 @@ def _ops(config, products=True):
     return _backend.resolve(config, products=products)
 
 
-def _forward(config, x_TxI, w_IxO, dtype):
+def _forward(config, x_TxI, w_IxO, dtype, operands=None):
     forward = _ops(config).forward
+    if operands is not None:
+        return forward(x_TxI, w_IxO, config.fp8, dtype, operands)
     if forward is not None:
         return forward(x_TxI, w_IxO, config.fp8, dtype)
     fmt = _fp8.FORWARD if config.fp8 else None
@@ -252,19 +326,26 @@ def _forward(config, x_TxI, w_IxO, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key, mask):
-    w_IxO = forward_weight(kernel_IxO, beta, config, mask=mask)
-    return _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
+def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key, mask, pruned):
+    dtype = jnp.result_type(x_TxI, kernel_IxO)
+    if pruned is not None:
+        return _forward(config, x_TxI, pruned.weight, dtype, pruned.operands)
+    return _forward(config, x_TxI, forward_weight(kernel_IxO, beta, config, mask=mask), dtype)
 
 
-def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask):
-    w_IxO = checkpoint_name(forward_weight(kernel_IxO, beta, config, mask=mask), FORWARD_WEIGHT)
-    y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
-    return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key, mask)
+def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask, pruned):
+    if pruned is None:
+        w_IxO = checkpoint_name(forward_weight(kernel_IxO, beta, config, mask=mask), FORWARD_WEIGHT)
+        y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
+    else:  # pruned once by the caller: no prune, no emit here
+        w_IxO = pruned.weight
+        y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO), pruned.operands)
+    decay = None if pruned is None else pruned.decay
+    return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key, mask, decay)
 
 
 def _sparse_matmul_bwd(config, residuals, g_TxO):
-    x_TxI, kernel_IxO, w_IxO, beta, key, mask = residuals
+    x_TxI, kernel_IxO, w_IxO, beta, key, mask, decay = residuals
     if config.mvue:
         check_mvue_tokens(g_TxO.shape[0])
     fmt = _fp8.BACKWARD if config.fp8 else None
@@ -278,8 +359,10 @@ def _sparse_matmul_bwd(config, residuals, g_TxO):
     else:
         dw_IxO = _product(x_TxI, g_hat_TxO, (0, 0), fmt).astype(kernel_IxO.dtype)
     if config.method == "srste":
-        dw_IxO = dw_IxO + srste_term(kernel_IxO, config.srste_decay, n=config.n, m=config.m)
-    return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None
+        if decay is None:
+            decay = srste_term(kernel_IxO, config.srste_decay, n=config.n, m=config.m)
+        dw_IxO = dw_IxO + decay
+    return dx_TxI.astype(x_TxI.dtype), dw_IxO, jnp.zeros_like(beta), None, None, None  # nothing flows to `pruned`
 
 
 _sparse_matmul.defvjp(_sparse_matmul_fwd, _sparse_matmul_bwd)
@@ -292,6 +375,8 @@ def sparse_dense(
     key: PRNGKeyArray | None = None,
     config: SparsityConfig = SparsityConfig(),
     mask: Bool[Array, "in out"] | None = None,
+    *,
+    pruned: Pruned | None = None,
 ) -> Float[Array, "*batch out"]:
     """``x @ W̃`` with the gradient rule of ``config.method`` (no bias).
 
@@ -303,6 +388,8 @@ def sparse_dense(
         acts in the backward pass only, which needs the token count divisible by 4.
       config: a `SparsityConfig`.
       mask: ``"tsrste"`` only (required there): the forward mask, e.g. ``transposable_mask_24(kernel)``.
+      pruned: ``W̃`` (and the GEMM operands) computed beforehand by `prune_weight` from this kernel, β, config and
+        mask, reused instead of pruning here; the kernel's gradient is the same.
 
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
@@ -329,5 +416,9 @@ def sparse_dense(
     else:
         key = None
     beta = jnp.asarray(beta, jnp.float32)
-    y_TxO = _sparse_matmul(config, x_TxI, kernel, beta, key, mask)
+    if pruned is not None:
+        check_pruned(pruned, kernel, config)
+        if not config.sparse:
+            pruned = None  # nothing to prune
+    y_TxO = _sparse_matmul(config, x_TxI, kernel, beta, key, mask, pruned)
     return y_TxO.reshape(x.shape[:-1] + (kernel.shape[1],))

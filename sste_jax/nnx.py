@@ -29,6 +29,8 @@ differ across layers and steps, are reproducible from the seed, and live in ``nn
 ('SparseLinear', (2, 8))
 """
 
+import contextlib
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +40,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
-from sste_jax._linear import SparsityConfig, check_config, forward_weight, sparse_dense
+from sste_jax._linear import Pruned, SparsityConfig, check_config, forward_weight, prune_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
 from sste_jax._select import check_rules, match_rule
 from sste_jax._select import feed_forward as _feed_forward_rules
@@ -59,6 +61,7 @@ __all__ = [
     "compress_layers",
     "densify_layers",
     "decompress_layers",
+    "accumulate_gradients",
 ]
 
 Path = tuple[Any, ...]
@@ -179,7 +182,10 @@ class SparseLinear(nnx.Linear):
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         key = self.rngs() if self.config.mvue else None
-        y = sparse_dense(inputs, kernel, self.beta[...], key, self.config, self._mask())
+        pruned = _PRUNED.get().get(id(self))
+        if pruned is not None and pruned.weight.dtype != kernel.dtype:  # promoted by wider inputs: prune here
+            pruned = None
+        y = sparse_dense(inputs, kernel, self.beta[...], key, self.config, self._mask(), pruned=pruned)
         if bias is not None:
             y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
@@ -548,3 +554,78 @@ def decompress_layers(model: nnx.Module) -> nnx.Module:
         if isinstance(node, CompressedLinear) and not node.fp8:
             _set_child(model, path, _dense_linear(node, node.forward_weight()))
     return model
+
+
+# ``id(layer) -> Pruned`` of the layers whose forward weight `accumulate_gradients` computed once for this step.
+_PRUNED: contextvars.ContextVar[dict[int, Pruned]] = contextvars.ContextVar("sste_pruned", default={})
+
+
+def _prune_layers(model: nnx.Module) -> dict[Path, Pruned]:
+    """``path -> Pruned`` of every sparse `SparseLinear` with a 2-D kernel (stacked layers prune in their call)."""
+    out = {}
+    for path, layer in nnx.iter_graph(model):
+        if isinstance(layer, SparseLinear) and layer.config.sparse and layer.kernel[...].ndim == 2:
+            kernel = layer.kernel[...]
+            kernel = kernel.astype(layer.dtype) if layer.dtype is not None else kernel  # as promote_dtype makes it
+            out[path] = prune_weight(kernel, layer.beta[...], layer.config, layer._mask())
+    return out
+
+
+@contextlib.contextmanager
+def _using(model: nnx.Module, pruned: dict[Path, Pruned]):
+    """Within the block, the layers of ``model`` at the paths of ``pruned`` use those forward weights."""
+    by_id = {id(layer): pruned[path] for path, layer in nnx.iter_graph(model) if path in pruned}
+    token = _PRUNED.set({**_PRUNED.get(), **by_id})
+    try:
+        yield
+    finally:
+        _PRUNED.reset(token)
+
+
+def accumulate_gradients(loss_fn: Callable[..., jax.Array], model: nnx.Module, *micro_batches: Any):
+    """``(loss, grads)`` of ``loss_fn(model, *micro_batch)`` averaged over the micro-batches (the leading axis
+    of every array in ``micro_batches``, scanned with ``jax.lax.scan``), with each `SparseLinear`'s forward
+    weight ``W̃`` (and its GEMM operands) computed once, before the scan, not once per micro-batch.
+
+    ``grads`` is the ``nnx.State`` of the ``nnx.Param`` variables, as ``nnx.grad`` gives it; each micro-batch's
+    gradient is exactly the one ``nnx.grad`` computes for it (same straight-through rule, MVUE drawing a fresh
+    key per micro-batch), summed in order and divided by their number. The model's other variables (MVUE key
+    counters, batch statistics) are updated as after the last micro-batch. Layers inside ``nnx.scan`` or
+    ``nnx.vmap`` (stacked kernels), and those whose kernel wider inputs promote to another dtype, still prune in
+    their call. See ``docs/kernels.md``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from sste_jax.nnx import SparseLinear, accumulate_gradients
+    >>> layer = SparseLinear(8, 4, rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
+    >>> loss, grads = accumulate_gradients(loss_fn, layer, jnp.ones((3, 16, 8)))  # 3 micro-batches of 16
+    >>> grads["kernel"][...].shape
+    (8, 4)
+    """
+    if not micro_batches:
+        raise ValueError("accumulate_gradients needs at least one micro-batch array (leading axis: micro-batches)")
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in jax.tree.leaves(micro_batches)}
+    if len(sizes) != 1 or None in sizes or 0 in sizes:
+        raise ValueError(f"every micro-batch array needs the same leading axis (>= 1) of micro-batches, got {sizes}")
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pruned = _prune_layers(model)  # once per optimizer step: a constant of the scan below
+
+    def loss(params, rest, batch):
+        micro_model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))  # fresh variables in this trace
+        with _using(micro_model, pruned):
+            value = loss_fn(micro_model, *batch)
+        return value, nnx.split(micro_model, nnx.Param, ...)[2]
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def micro(carry, batch):
+        rest, total, loss_sum = carry
+        (value, rest), g = grad_fn(params, rest, batch)
+        return (rest, jax.tree.map(jnp.add, total, g), loss_sum + value), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    rest, total, loss_sum = jax.lax.scan(micro, (rest, zeros, jnp.zeros((), jnp.float32)), micro_batches)[0]
+    nnx.update(model, rest)
+    n = sizes.pop()
+    return loss_sum / n, jax.tree.map(lambda g: g / n, total)

@@ -57,6 +57,7 @@ from experiments.common.recipes import Recipe, get_recipe, make_optimizer
 from experiments.common.records import append_record, keep_until, read_records
 from experiments.common.schedule import Schedule
 from sste_jax import checkpoint
+from sste_jax.nnx import accumulate_gradients
 
 LossFn = Callable[..., jax.Array]  # (model, *micro_batch arrays) -> scalar loss
 
@@ -122,44 +123,31 @@ class Task:
     eval_dense_w: bool = False
 
 
-def _loss(loss_fn: LossFn, graphdef, params, rest, batch):
-    rest = jax.tree.map(lambda v: v, rest)  # fresh variables in this trace: MVUE advances its key counters
-    model = nnx.merge(graphdef, params, rest)
-    return loss_fn(model, *batch), nnx.split(model, nnx.Param, ...)[2]
-
-
 def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTransformation):
     """``train_step(state, *batch_A)`` → ``(state, metrics)``: one optimizer step averaged over the
-    ``A`` micro-batches of the leading axis, with the schedule's graph switch and between-step updates."""
+    ``A`` micro-batches of the leading axis (`sste_jax.nnx.accumulate_gradients`: each sparse layer prunes
+    once per step), with the schedule's graph switch and between-step updates."""
     graphdefs = schedule.graphdefs
 
     @jax.jit
     def train_step(state, *batch_A):
         def grads(graphdef):
-            grad_fn = jax.value_and_grad(lambda p, r, b: _loss(loss_fn, graphdef, p, r, b), has_aux=True)
-
-            def micro(carry, batch):
-                rest, total, loss_sum = carry
-                (loss, rest), g = grad_fn(state["params"], rest, batch)
-                return (rest, jax.tree.map(jnp.add, total, g), loss_sum + loss), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state["params"])
-            return jax.lax.scan(micro, (state["rest"], zeros, jnp.zeros((), jnp.float32)), batch_A)[0]
+            model = nnx.merge(graphdef, state["params"], jax.tree.map(lambda v: v, state["rest"]))  # fresh variables
+            loss, total = accumulate_gradients(loss_fn, model, *batch_A)
+            return nnx.split(model, nnx.Param, ...)[2], total, loss
 
         phase = schedule.phase(state["step"], state["opt"])
         if len(graphdefs) == 1:
-            rest, total, loss_sum = grads(graphdefs[0])
+            rest, total, loss = grads(graphdefs[0])
         else:
-            rest, total, loss_sum = jax.lax.switch(phase, [lambda g=g: grads(g) for g in graphdefs])
-        n = batch_A[0].shape[0]
-        total = jax.tree.map(lambda g: g / n, total)
+            rest, total, loss = jax.lax.switch(phase, [lambda g=g: grads(g) for g in graphdefs])
         updates, opt = tx.update(total, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         step = state["step"] + 1
         rest = schedule.after_update(params, rest, step)
         weights = sste_jax.sparse_weights(nnx.merge(graphdefs[0], params, rest))
         rates, flip = sste_jax.flip_rate(state["flip"], weights)
-        metrics = {"train_loss": loss_sum / n, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
+        metrics = {"train_loss": loss, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
                    "phase": phase.astype(jnp.float32)}
         if schedule.recipe.optimizer == "step":
             metrics["step_v_change"] = sste_jax.optim.step_v_change(opt)

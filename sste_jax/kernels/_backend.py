@@ -30,13 +30,16 @@ _GEMMS = {
 
 class Ops(NamedTuple):
     """The pieces of the sparse product: ``prune(kernel_IxO, beta, method) -> W̃`` (2-D kernels, groups along
-    axis 0), ``mvue(key, g_TxO) -> ĝ``, ``forward(x_TxI, w_IxO, fp8, dtype) -> y`` and
-    ``weight_grad(x_TxI, g_hat_TxO, fp8, dtype) -> dW``; ``None`` where the core's pure-JAX code runs."""
+    axis 0), ``mvue(key, g_TxO) -> ĝ``, ``forward(x_TxI, w_IxO, fp8, dtype[, operands]) -> y``,
+    ``weight_grad(x_TxI, g_hat_TxO, fp8, dtype) -> dW`` and ``emit(w_IxO, fp8) -> operands`` (the forward
+    GEMM's operands from ``W̃``, which ``forward`` then takes); ``None`` where the core's pure-JAX code runs
+    (or, for ``emit``, where the forward product takes ``W̃`` as is)."""
 
     prune: Callable | None
     mvue: Callable
     forward: Callable | None
     weight_grad: Callable | None
+    emit: Callable | None = None
 
 
 def resolve(config, platform: str | None = None, products: bool = True) -> Ops:
@@ -54,7 +57,9 @@ def resolve(config, platform: str | None = None, products: bool = True) -> Ops:
     """
     platform = platform or jax.default_backend()
     pallas = config.is_24 and _auto.resolve_backend(config.backend, platform) == "pallas"
-    forward = weight_grad = None
+    forward = weight_grad = emit = None
+    if products and config.matmul == "cutlass":
+        emit = _dispatch.cutlass_emit
     if products and config.matmul != "xla":
         name, forward, weight_grad = _GEMMS[config.matmul]
         if platform not in ("gpu", "cuda"):
@@ -69,4 +74,5 @@ def resolve(config, platform: str | None = None, products: bool = True) -> Ops:
         mvue=_dispatch.pallas_mvue if pallas else mvue_24,
         forward=forward,
         weight_grad=weight_grad,
+        emit=emit,
     )

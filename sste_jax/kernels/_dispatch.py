@@ -24,7 +24,7 @@ from sste_jax.kernels._prune import prune_compress_24
 
 __all__ = [
     "pallas_forward_weight", "pallas_mvue", "cusparselt_forward", "cusparselt_weight_grad", "cutlass_forward",
-    "cutlass_weight_grad",
+    "cutlass_weight_grad", "cutlass_emit",
 ]  # fmt: skip
 
 
@@ -57,17 +57,24 @@ def cusparselt_weight_grad(x_TxI, g_hat_TxO, out_dtype):
     return cusparselt.sparse_linear(x_IxT, g_OxT).astype(out_dtype)
 
 
-def cutlass_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
-    """``x @ W̃`` as ``(W̃ᵀ xᵀ)ᵀ`` through CUTLASS: ``W̃ᵀ`` emitted once as sm90 values + metadata (bf16, or e4m3
-    with per-tensor scales folded into the epilogue's α), named like ``W̃`` so that `sste_jax.remat_policy`
-    saves them too and a rematerialised layer neither prunes nor emits again."""
+def cutlass_emit(w_IxO, fp8: bool):
+    """The CUTLASS forward operands of ``W̃``: ``(packed W̃ᵀ, scale)``, sm90 values + metadata in bf16 (scale None)
+    or e4m3 with its per-tensor scale, named like ``W̃`` so that `sste_jax.remat_policy` saves them too and a
+    rematerialised layer neither prunes nor emits again."""
     w_OxI = w_IxO.T
     if fp8:
-        qx, sx = _fp8.quantize(x_TxI, _fp8.FORWARD)
         qw, sw = _fp8.quantize(w_OxI, _fp8.FORWARD)
-        packed, sw = checkpoint_name((cutlass.emit_sm90(qw), sw), FORWARD_WEIGHT)
+        return checkpoint_name((cutlass.emit_sm90(qw), sw), FORWARD_WEIGHT)
+    return checkpoint_name(cutlass.emit_sm90(w_OxI.astype(jnp.bfloat16)), FORWARD_WEIGHT), None
+
+
+def cutlass_forward(x_TxI, w_IxO, fp8: bool, out_dtype, operands=None):
+    """``x @ W̃`` as ``(W̃ᵀ xᵀ)ᵀ`` through CUTLASS: ``W̃ᵀ`` emitted once by `cutlass_emit` (or given as its
+    ``operands``), with the e4m3 per-tensor scales folded into the epilogue's α."""
+    packed, sw = cutlass_emit(w_IxO, fp8) if operands is None else operands
+    if fp8:
+        qx, sx = _fp8.quantize(x_TxI, _fp8.FORWARD)
         return cutlass.matmul(packed, qx, 1.0 / (sx * sw)).astype(out_dtype)
-    packed = checkpoint_name(cutlass.emit_sm90(w_OxI.astype(jnp.bfloat16)), FORWARD_WEIGHT)
     return cutlass.matmul(packed, x_TxI.astype(jnp.bfloat16)).astype(out_dtype)
 
 
