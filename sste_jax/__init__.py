@@ -11,8 +11,10 @@ import warnings
 
 from sste_jax import metrics as metrics
 from sste_jax import optim as optim
+from sste_jax._linear import Pruned as Pruned
 from sste_jax._linear import SparsityConfig as SparsityConfig
 from sste_jax._linear import forward_weight as forward_weight
+from sste_jax._linear import prune_weight as prune_weight
 from sste_jax._linear import sparse_dense as sparse_dense
 from sste_jax._metrics import FlipState as FlipState
 from sste_jax._metrics import SparseWeight as SparseWeight
@@ -62,7 +64,8 @@ __all__ = [
     "soft_threshold_24", "mask_24", "hard_threshold_24", "fit_beta", "mvue_24", "compress_24", "decompress_24",
     "transposable_mask_24", "mask_nm", "soft_threshold_nm", "hard_threshold_nm",
     # the sparse linear transform
-    "SparsityConfig", "sparse_dense", "forward_weight", "sparse_dot_general", "sparse_einsum", "remat_policy",
+    "SparsityConfig", "sparse_dense", "forward_weight", "prune_weight", "Pruned", "sparse_dot_general",
+    "sparse_einsum", "remat_policy",
     # optimizer transforms and their states
     "freeze_beta", "add_srste_decay", "add_masked_decay", "AddMaskedDecayState", "scale_by_step", "step_adam",
     "ScaleByStepState",
