@@ -327,20 +327,16 @@ def _forward(config, x_TxI, w_IxO, dtype, operands=None):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sparse_matmul(config, x_TxI, kernel_IxO, beta, key, mask, pruned):
-    dtype = jnp.result_type(x_TxI, kernel_IxO)
-    if pruned is not None:
-        return _forward(config, x_TxI, pruned.weight, dtype, pruned.operands)
-    return _forward(config, x_TxI, forward_weight(kernel_IxO, beta, config, mask=mask), dtype)
+    return _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask, pruned)[0]
 
 
 def _sparse_matmul_fwd(config, x_TxI, kernel_IxO, beta, key, mask, pruned):
-    if pruned is None:
+    if pruned is None:  # prune here (a GEMM backend emits its operands in the product)
         w_IxO = checkpoint_name(forward_weight(kernel_IxO, beta, config, mask=mask), FORWARD_WEIGHT)
-        y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO))
+        operands = decay = None
     else:  # pruned once by the caller: no prune, no emit here
-        w_IxO = pruned.weight
-        y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO), pruned.operands)
-    decay = None if pruned is None else pruned.decay
+        w_IxO, operands, decay = pruned
+    y_TxO = _forward(config, x_TxI, w_IxO, jnp.result_type(x_TxI, kernel_IxO), operands)
     return y_TxO, (x_TxI, kernel_IxO, w_IxO, beta, key, mask, decay)
 
 
