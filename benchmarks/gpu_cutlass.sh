@@ -10,12 +10,7 @@ set -u
 OUTDIR=${1:-${OUT:-benchmarks/results/raw}}
 STEPS=${2:-install,build,golden,bench}
 PARTS=${3:-gemm,emit,ffn,gpt2}
-mkdir -p "$OUTDIR"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
-export SSTE_JAX_CACHE=${SSTE_JAX_CACHE:-/tmp/sste_jax_cache}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PY=${PY:-python3}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
+. "$(dirname "$0")/gpu_env.sh"
 
 if has install && ls .whl/*.whl > /dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \

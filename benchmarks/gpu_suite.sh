@@ -7,12 +7,7 @@ set -u
 OUTDIR=${1:-${OUT:-benchmarks/results/raw}}
 STEPS=${2:-probe,build,test,kernels,gemm,ffn,gpt2}
 BENCH_ARGS=${3:-}  # e.g. --quick
-mkdir -p "$OUTDIR"
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
-export SSTE_JAX_CACHE=${SSTE_JAX_CACHE:-/tmp/sste_jax_cache}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-PY=${PY:-python3}
-has() { [[ ",$STEPS," == *",$1,"* ]]; }
+. "$(dirname "$0")/gpu_env.sh"
 
 if has probe; then
   {
