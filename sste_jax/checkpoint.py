@@ -26,6 +26,7 @@ A training loop keeps one `Checkpointer` (one orbax manager, saves written in th
 """
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -200,13 +201,32 @@ def _mix(x: jax.Array) -> jax.Array:
     return x ^ (x >> 16)
 
 
+def _halving_sum(terms: jax.Array, stop: int = 2**16) -> jax.Array:
+    """``sum(terms)`` modulo 2**32 by adding halves until ``stop`` remain: XLA on CPU vectorises the
+    elementwise adds but not an integer reduction (about 3x faster there); the temporaries take up
+    to half of ``terms``."""
+    size = max(stop, 1 << (terms.size - 1).bit_length())
+    terms = jnp.pad(terms, (0, size - terms.size))
+    while terms.size > stop:
+        half = terms.size // 2
+        terms = terms[:half] + terms[half:]
+    return jnp.sum(terms, dtype=jnp.uint32)
+
+
+def _sum(terms: jax.Array) -> jax.Array:
+    """``sum(terms)`` modulo 2**32: halving on CPU, one reduction (no temporaries) elsewhere."""
+    return jax.lax.platform_dependent(
+        terms, cpu=_halving_sum, default=lambda t: jnp.sum(t, dtype=jnp.uint32)
+    )
+
+
 @jax.jit
 def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     def one(a):
         words = _as_words(a).reshape(-1)
         index = jax.lax.iota(jnp.uint32, words.size)
-        weighted = jnp.sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)), dtype=jnp.uint32)
-        mixed = jnp.sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))), dtype=jnp.uint32)
+        weighted = _sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)))
+        mixed = _sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))))
         return jnp.stack([weighted, mixed])
 
     return {name: one(a) for name, a in flat.items()}
@@ -227,14 +247,50 @@ def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
     >>> checkpoint.fingerprint({"a": a}) == checkpoint.fingerprint({"a": a.at[3].set(3.0000002)})
     False
     """
-    arrays = {n: jnp.asarray(a) for n, a in arrays.items()}  # host leaves as JAX stores them
-    sums = jax.device_get(_fingerprints(arrays))
-    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in sums.items()}
+    return _hex(_dispatch_fingerprints(arrays))
 
 
-def _checksums(flat: dict[str, Any]) -> dict:
-    """``{"algorithm": "fingerprint64", "arrays": {name: checksum}}`` of the stored arrays."""
-    return {"algorithm": "fingerprint64", "arrays": fingerprint(flat)}
+def _dispatch_fingerprints(arrays: dict[str, Any]) -> dict[str, jax.Array]:
+    """Starts computing the fingerprints (JAX dispatches asynchronously); `_hex` waits for them."""
+    return _fingerprints({n: jnp.asarray(a) for n, a in arrays.items()})  # host leaves as JAX stores them
+
+
+def _hex(sums: dict[str, jax.Array]) -> dict[str, str]:
+    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in jax.device_get(sums).items()}
+
+
+def _record(flat: dict[str, Any]) -> dict:
+    """``{"algorithm": "fingerprint64", "layout": {name: [dtype, shape]}}`` of the stored arrays; their
+    checksums go under ``"arrays"``. The layout lets a restore check the target without reading
+    orbax's metadata."""
+    layout = {n: [str(a.dtype), list(a.shape)] for n, a in ((n, _abstract(a)) for n, a in flat.items())}
+    return {"algorithm": "fingerprint64", "layout": layout}
+
+
+class _ChecksumHandler(ocp.JsonCheckpointHandler):
+    """Writes a checkpoint's checksum record, fetching its checksums (dispatched by `Checkpointer.save`)
+    in the background with the arrays' write, so that `save` does not wait for them."""
+
+    async def async_save(self, directory, item=None, args=None):
+        async def write():
+            record = {**args.record, "arrays": _hex(args.sums.result())}
+            if jax.process_index() == 0:
+                (directory / _CHECKSUM_FILE).write_text(json.dumps(record))
+
+        return [ocp.future.CommitFutureAwaitingContractedSignals(write(), name="sste_checksums")]
+
+
+@ocp.args.register_with_handler(_ChecksumHandler, for_save=True)
+@dataclasses.dataclass
+class _ChecksumSave(ocp.args.CheckpointArgs):
+    record: dict
+    sums: concurrent.futures.Future  # of the dispatched `_fingerprints`
+
+
+@ocp.args.register_with_handler(_ChecksumHandler, for_restore=True)
+@dataclasses.dataclass
+class _ChecksumRestore(ocp.args.CheckpointArgs):
+    """Unused (restores read the record with `_read_json`); orbax wants a handler's restore arguments."""
 
 
 def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict[str, Any]) -> None:
@@ -392,11 +448,11 @@ def _first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text[0].split(' See full')[0][:300] if text else ''}"
 
 
-def _manager(directory: pathlib.Path, async_save: bool) -> ocp.CheckpointManager:
+def _manager(directory: pathlib.Path, async_save: bool, compress: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save, create=True)
     handlers = {
-        "default": ocp.StandardCheckpointHandler(),
-        _CHECKSUMS: ocp.JsonCheckpointHandler(filename=_CHECKSUM_FILE),
+        "default": ocp.PyTreeCheckpointHandler(use_compression=compress),
+        _CHECKSUMS: _ChecksumHandler(filename=_CHECKSUM_FILE),
     }
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -492,13 +548,15 @@ def _rotate(directory: pathlib.Path, max_to_keep: int) -> None:
 
 
 def save_checkpoint(
-    directory: str | os.PathLike, step: int, state: Any, *, max_to_keep: int | None = None
+    directory: str | os.PathLike, step: int, state: Any, *, max_to_keep: int | None = None, compress: bool = False
 ) -> pathlib.Path:
     """Saves ``state`` as ``directory/<step>``, atomically, with a checksum per array (`fingerprint`);
     returns that path.
 
     Raises `FileExistsError` if ``step`` is not newer than every checkpoint already there (nothing
-    is overwritten). ``max_to_keep`` deletes the oldest checkpoints beyond that count. Leaves are
+    is overwritten). ``max_to_keep`` deletes the oldest checkpoints beyond that count. ``compress``
+    zstd-compresses the arrays (orbax's default; off here: training states are mostly random mantissa
+    bits, so it saves little space and slows saving and restoring). Leaves are
     stored by path name (``"model/blocks/0/fc1/kernel"``); Python scalars as JAX (32-bit) arrays,
     and a 64-bit NumPy or Python value that 32 bits cannot hold (1e300, 2**40) raises ValueError
     (unless ``jax_enable_x64``). A failed write raises `CheckpointWriteError` (an ``OSError``)
@@ -519,7 +577,7 @@ def save_checkpoint(
     >>> checkpoint.save_checkpoint(d, 5, {"w": jnp.ones(3), "step": 5}).name
     '5'
     """
-    with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False) as checkpointer:
+    with Checkpointer(directory, max_to_keep=max_to_keep, async_save=False, compress=compress) as checkpointer:
         return checkpointer.save(step, state)
 
 
@@ -588,6 +646,21 @@ def _quietly(path: pathlib.Path, what: str, read):
     raise CheckpointError(message)
 
 
+def _stored_layout(path: pathlib.Path, checksums: dict | None, read_metadata) -> dict[str, tuple[tuple, np.dtype]]:
+    """``{name: (shape, dtype)}`` of the stored arrays: from the checksum record, or (checkpoints
+    written before it held the layout) from orbax's metadata, ``read_metadata()``."""
+    layout = checksums.get("layout") if checksums is not None else None
+    if layout is None:
+        metadata = _quietly(path, "reading its metadata", read_metadata)
+        if getattr(metadata, "tree", None) is None:
+            raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
+        return {n: (tuple(m.shape), np.dtype(m.dtype)) for n, m in _unnest(metadata.tree).items()}
+    try:
+        return {n: (tuple(shape), np.dtype(dtype)) for n, (dtype, shape) in layout.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {path}: its checksum file is malformed (layout)") from None
+
+
 def _restore_from(
     path: pathlib.Path, store: pathlib.Path, read_metadata, read, target: Any, checksums: dict | None
 ) -> Any:
@@ -596,10 +669,7 @@ def _restore_from(
     flat, like, treedef = _flatten(target)
     if not (store / "manifest.ocdbt").is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
-    metadata = _quietly(path, "reading its metadata", read_metadata)
-    if getattr(metadata, "tree", None) is None:
-        raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
-    stored = _unnest(metadata.tree)
+    stored = _stored_layout(path, checksums, read_metadata)
     missing = [n for n in flat if n not in stored]
     extra = [n for n in stored if n not in flat]
     if missing or extra:
@@ -609,7 +679,7 @@ def _restore_from(
         )
     abstract = {n: _abstract(leaf) for n, leaf in flat.items()}
     for n, a in abstract.items():
-        shape, dtype = tuple(stored[n].shape), np.dtype(stored[n].dtype)
+        shape, dtype = stored[n]
         if shape != a.shape or dtype != a.dtype:
             raise CheckpointError(
                 f"checkpoint {path}: {n!r} is stored as {dtype}{list(shape)} "
@@ -621,18 +691,25 @@ def _restore_from(
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def _pytree_restore(abstract: dict) -> ocp.args.PyTreeRestore:
+    """Restores ``abstract``'s arrays with its shapes, dtypes and shardings."""
+    return ocp.args.PyTreeRestore(abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+
+
 class Checkpointer:
     """The checkpoints of one run in ``directory``, written and read through one long-lived orbax
     ``CheckpointManager``; saves are asynchronous.
 
     `save` returns once ``state``'s arrays are copied off their devices (they may then be donated
-    or changed) and its checksums computed; the write goes on in the background. The next `save`,
+    or changed) and their checksums dispatched; the checksums are fetched and the step written in
+    the background. The next `save`,
     `restore`, `wait` or `close` (also leaving a ``with`` block) waits for it first, and a failed
     write raises `CheckpointWriteError` there. Otherwise as `save_checkpoint`, `restore_checkpoint`
     and `restore_latest` (which each use one, synchronously, for one call): a step is committed
     atomically and never overwritten, every array is verified against its checksum at restore,
     and ``max_to_keep`` deletes the oldest steps once a newer one is committed.
-    ``async_save=False`` makes `save` return only once the step is committed.
+    ``async_save=False`` makes `save` return only once the step is committed; ``compress`` as in
+    `save_checkpoint`.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
@@ -645,12 +722,20 @@ class Checkpointer:
     ([2, 3], 3, [3, 3, 3])
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = None, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None = None,
+        async_save: bool = True,
+        compress: bool = False,
+    ):
         if max_to_keep is not None and (int(max_to_keep) != max_to_keep or max_to_keep < 1):
             raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}")
         self.directory = pathlib.Path(directory).absolute()
         self.max_to_keep = None if max_to_keep is None else int(max_to_keep)
         self.async_save = bool(async_save)
+        self.compress = bool(compress)
         self._manager: ocp.CheckpointManager | None = None
         self._pending: int | None = None  # the step being written in the background
         self._closed = False
@@ -662,13 +747,16 @@ class Checkpointer:
         self.close()
 
     def _open(self, steps: list[int]) -> ocp.CheckpointManager:
-        """The orbax manager, created on first use; told of steps that others added, moved or deleted."""
+        """The orbax manager, created on first use; told of steps that others added or moved away (it may
+        still list the older steps that `wait` rotated away: they matter to neither save nor restore)."""
         if self._closed:
             raise RuntimeError(f"the Checkpointer of {self.directory} is closed")
         if self._manager is None:
-            self._manager = _manager(self.directory, self.async_save)
-        elif sorted(self._manager.all_steps()) != steps:
-            self._manager.reload()
+            self._manager = _manager(self.directory, self.async_save, self.compress)
+        else:
+            known = set(self._manager.all_steps())
+            if not known >= set(steps) or max(known, default=None) != max(steps, default=None):
+                self._manager.reload()
         return self._manager
 
     def _discard(self) -> None:
@@ -725,15 +813,22 @@ class Checkpointer:
                 f"cannot save step {step} in {self.directory}: it already holds step(s) up to {max(steps)}; "
                 "checkpoints are never overwritten"
             )
-        checksums = {**_checksums(flat), _LAYERS: _sparse_layers(state)}
+        record, sums = {**_record(flat), _LAYERS: _sparse_layers(state)}, concurrent.futures.Future()
+        if not self.async_save:  # orbax writes the record inside its save call
+            sums.set_result(_dispatch_fingerprints(flat))
         manager = self._open(steps)
         try:
             args = ocp.args.Composite(
-                default=ocp.args.StandardSave(_nest(flat)), **{_CHECKSUMS: ocp.args.JsonSave(checksums)}
+                default=ocp.args.PyTreeSave(_nest(flat)), **{_CHECKSUMS: _ChecksumSave(record, sums)}
             )
-            if not manager.save(step, args=args):
+            saved = manager.save(step, args=args)
+            if not sums.done():  # once orbax has its host copy: the two do not compete for the arrays
+                sums.set_result(_dispatch_fingerprints(flat))
+            if not saved:
                 raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
         except Exception as e:
+            if not sums.done():
+                sums.set_exception(e)
             self._failed(step, e)
         self._pending = step
         if not self.async_save:
@@ -816,7 +911,7 @@ class Checkpointer:
                 path / "default",
                 lambda: manager.item_metadata(step)["default"],
                 lambda abstract: manager.restore(
-                    step, args=ocp.args.Composite(default=ocp.args.StandardRestore(abstract))
+                    step, args=ocp.args.Composite(default=_pytree_restore(abstract))
                 )["default"],
                 target,
                 checksums,
@@ -935,7 +1030,7 @@ def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathli
     compressed = compress_layers(nnx.clone(model))
     flat, _, _ = _flatten(nnx.state(compressed))
     info = {
-        "checksums": _checksums(flat),
+        "checksums": {**_record(flat), "arrays": fingerprint(flat)},
         "layers": {name: {"fp8": bool(layer.fp8)} for name, layer in _compressed_layers(compressed).items()},
     }
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 import warnings
 
 import jax
@@ -452,6 +453,26 @@ def test_checkpointer_saves_in_the_background_from_a_host_copy(tmp_path):
     _assert_bitwise_equal(checkpoint.restore_checkpoint(tmp_path, _init_state(9)), _init_state(3))
     with pytest.raises(RuntimeError, match="is closed"):
         ckpt.save(4, _init_state(4))
+
+
+def test_checkpointer_fetches_the_checksums_in_the_background(tmp_path, monkeypatch):
+    fetched_in, fetch = [], checkpoint._hex
+    monkeypatch.setattr(checkpoint, "_hex", lambda sums: fetched_in.append(threading.current_thread()) or fetch(sums))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, _init_state(1))
+    assert fetched_in and threading.main_thread() not in fetched_in  # save() did not wait for them
+    _assert_bitwise_equal(checkpoint.restore_checkpoint(tmp_path, _init_state(9)), _init_state(1))
+
+    def full(sums):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_hex", full)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(2, _init_state(2))
+    with pytest.raises(checkpoint.CheckpointWriteError, match="saving step 2 .* No space left"):
+        ckpt.wait()
+    assert checkpoint.checkpoint_steps(tmp_path) == [1] and sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+    ckpt.close()
 
 
 def test_checkpointer_follows_steps_moved_by_others(tmp_path):

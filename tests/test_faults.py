@@ -251,6 +251,72 @@ def test_the_fingerprint_does_not_depend_on_the_sharding():
     assert checkpoint.fingerprint({"w": w.T})["w"] != want["w"]  # same values, other positions
 
 
+def _reference_fingerprint(a: np.ndarray) -> str:
+    """`checkpoint.fingerprint` of one array, written out in NumPy (64-bit arithmetic, then mod 2**32)."""
+    if a.dtype == np.bool_:
+        words = a.astype(np.uint64).reshape(-1)
+    else:
+        words = a.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize]).astype(np.uint64)
+    index, wrap = np.arange(words.size, dtype=np.uint64), np.uint64(2**32)
+
+    def mix(x):
+        x = x ^ (x >> np.uint64(16))
+        x = (x * np.uint64(0x85EBCA6B)) % wrap
+        x = x ^ (x >> np.uint64(13))
+        x = (x * np.uint64(0xC2B2AE35)) % wrap
+        return x ^ (x >> np.uint64(16))
+
+    weighted = np.sum((words * ((index * np.uint64(0x9E3779B1)) % wrap | np.uint64(1))) % wrap) % wrap
+    mixed = np.sum(mix(words ^ mix((index + np.uint64(0x7F4A7C15)) % wrap))) % wrap
+    return f"{int(weighted):08x}{int(mixed):08x}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 2**16, 2**16 + 1, 300_001])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "bool"])
+def test_the_fingerprint_is_its_documented_formula_at_every_size(size, dtype):
+    """Pins the formula (checkpoints already written must keep verifying), through the halving sums
+    used on CPU: sizes below, at and above where the halving stops, and not powers of two."""
+    values = jax.random.normal(jax.random.key(size), (size,)) * 100
+    a = np.asarray(values > 0 if dtype == "bool" else values.astype(dtype))
+    assert checkpoint.fingerprint({"a": a})["a"] == _reference_fingerprint(a)
+
+
+def test_a_restore_checks_the_target_against_the_recorded_layout(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    checkpoint.save_checkpoint(tmp_path, 1, _state(1))
+    file = tmp_path / "1" / "sste_checksums" / "checksums.json"
+    record = json.loads(file.read_text())
+    assert record["layout"] == {"w": ["float32", [4096]], "b": ["float32", [8]], "step": ["int32", []]}
+    mismatch = {**_state(0), "b": jnp.ones(9)}
+    with monkeypatch.context() as m:  # the record suffices: orbax's metadata is not read
+        m.setattr(ocp.CheckpointManager, "item_metadata", lambda *a, **k: pytest.fail("read orbax's metadata"))
+        assert _equal(checkpoint.restore_checkpoint(tmp_path, _state(0)), _state(1))
+        with pytest.raises(checkpoint.CheckpointError, match=r"'b' is stored as float32\[8\] but the target is"):
+            checkpoint.restore_checkpoint(tmp_path, mismatch)
+    file.write_text(json.dumps({k: v for k, v in record.items() if k != "layout"}))  # as written before the layout
+    assert _equal(checkpoint.restore_checkpoint(tmp_path, _state(0)), _state(1))
+    with pytest.raises(checkpoint.CheckpointError, match=r"'b' is stored as float32\[8\] but the target is"):
+        checkpoint.restore_checkpoint(tmp_path, mismatch)
+    file.write_text(json.dumps({**record, "layout": {"w": "float32"}}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"checksum file is malformed \(layout\)"):
+        checkpoint.restore_checkpoint(tmp_path, _state(0))
+
+
+def test_arrays_are_stored_uncompressed_unless_asked(tmp_path):
+    state = {"zeros": jnp.zeros(2**16), "step": jnp.int32(3)}
+
+    def stored_bytes(path):
+        return sum(f.stat().st_size for f in (path / "default").rglob("*") if f.is_file())
+
+    plain = checkpoint.save_checkpoint(tmp_path / "plain", 1, state)
+    with checkpoint.Checkpointer(tmp_path / "zstd", compress=True) as ckpt:
+        zstd = ckpt.save(1, state)
+    assert stored_bytes(plain) > 2**18 > 10 * stored_bytes(zstd)  # 256 KiB of zeros, raw and compressed
+    for path in (plain, zstd):
+        assert _equal(checkpoint.restore_checkpoint(path.parent, state), state)
+
+
 def test_checkpoints_with_crc32_checksums_still_verify(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _state(1))
     file = tmp_path / "1" / "sste_checksums" / "checksums.json"
