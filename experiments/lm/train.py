@@ -106,7 +106,7 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
     """Trains ``run`` in ``workdir`` (`loop.fit`, on ``mesh``) and returns the final training state."""
     cfg = run.config
     corpus = data.load_corpus(cfg.data.corpus, cache_dir)
-    tokenizer = data.get_tokenizer(cfg.data.tokenizer)
+    tokenizer = data.get_tokenizer(cfg.data.tokenizer, cache_dir)
     train_tokens, val_tokens = data.token_splits(corpus, tokenizer, cache_dir)
     init_from = dict(run.options)["init_from"]
     weights = _dense_weights(pathlib.Path(init_from), run, tokenizer.vocab_size) if init_from else None
@@ -135,7 +135,8 @@ def main(argv=None) -> None:
         cfg = get_config(args.config, args.set)
         recipe = cli.parse_recipe(args.recipe)
         if args.sparse_lr_scale == "beta":
-            scale = beta_lr_scale(cfg, args.seed, data.get_tokenizer(cfg.data.tokenizer).vocab_size, args.sparsify)
+            vocab_size = data.get_tokenizer(cfg.data.tokenizer, args.cache_dir).vocab_size
+            scale = beta_lr_scale(cfg, args.seed, vocab_size, args.sparsify)
         else:
             scale = cli.parse_float("--sparse-lr-scale", args.sparse_lr_scale)
         run = make_run(cfg, args.method, args.seed, sparsify_=args.sparsify, sparse_lr_scale=scale,
