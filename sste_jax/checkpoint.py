@@ -703,10 +703,11 @@ class Checkpointer:
     `save` returns once ``state``'s arrays are copied off their devices (they may then be donated
     or changed) and their checksums dispatched; the checksums are fetched and the step written in
     the background. The next `save`, `restore`, `wait` or `close` (also leaving a ``with`` block)
-    waits for it first, and a failed write raises `CheckpointWriteError` there. Otherwise as `save_checkpoint`, `restore_checkpoint`
-    and `restore_latest` (which each use one, synchronously, for one call): a step is committed
-    atomically and never overwritten, every array is verified against its checksum at restore,
-    and ``max_to_keep`` deletes the oldest steps once a newer one is committed.
+    waits for it first, and a failed write raises `CheckpointWriteError` there. Otherwise as
+    `save_checkpoint`, `restore_checkpoint` and `restore_latest` (which each use one, synchronously,
+    for one call): a step is committed atomically and never overwritten, every array is verified
+    against its checksum at restore, and ``max_to_keep`` deletes the oldest steps once a newer one
+    is committed.
     ``async_save=False`` makes `save` return only once the step is committed; ``compress`` as in
     `save_checkpoint`.
 
