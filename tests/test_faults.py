@@ -281,6 +281,13 @@ def test_the_fingerprint_is_its_documented_formula_at_every_size(size, dtype):
     assert checkpoint.fingerprint({"a": a})["a"] == _reference_fingerprint(a)
 
 
+def test_the_fingerprint_halves_only_on_cpu():
+    arrays = {"a": jnp.ones(300_001)}
+    for platform, slices in (("cpu", True), ("cuda", False)):  # halving slices; elsewhere one reduction
+        hlo = checkpoint._fingerprints.trace(arrays).lower(lowering_platforms=(platform,)).as_text()
+        assert ("stablehlo.slice" in hlo) is slices and hlo.count("stablehlo.reduce") == 2
+
+
 def test_a_restore_checks_the_target_against_the_recorded_layout(tmp_path, monkeypatch):
     import orbax.checkpoint as ocp
 
