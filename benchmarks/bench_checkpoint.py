@@ -102,7 +102,6 @@ def main() -> None:
     for name in makers:
         times.update({f"{name}_{what}": [] for what in ("save", "save_blocking", "restore")})
     kinds = {name: make(root / name, state) for name, make in makers.items()}
-    stored = {}
     try:
         checkpoint.fingerprint(state)  # compile once
         for step in range(args.rounds + 1):  # round 0 warms up

@@ -822,7 +822,7 @@ class Checkpointer:
                 default=ocp.args.PyTreeSave(_nest(flat)), **{_CHECKSUMS: _ChecksumSave(record, sums)}
             )
             saved = manager.save(step, args=args)
-            if not sums.done():  # once orbax has its host copy: the two do not compete for the arrays
+            if self.async_save:  # once orbax has its host copy: the two do not compete for the arrays
                 sums.set_result(_dispatch_fingerprints(flat))
             if not saved:
                 raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
@@ -878,6 +878,15 @@ class Checkpointer:
                 self._manager.close()
                 self._manager = None
 
+    def _restorable_steps(self) -> list[int]:
+        """Every committed step folder (intact or not), after waiting for a pending save; raises
+        `FileNotFoundError` if there is none."""
+        self.wait()
+        steps = _all_steps(self.directory) if self.directory.is_dir() else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        return steps
+
     def restore(self, target: Any, step: int | None = None, *, check_layers: bool = True) -> Any:
         """Restores ``step`` (default: the latest) with the structure of ``target``; as `restore_checkpoint`.
 
@@ -888,10 +897,7 @@ class Checkpointer:
         ...     ckpt.restore({"w": jnp.zeros(3)})["w"].tolist()
         [0.0, 1.0, 2.0]
         """
-        self.wait()
-        steps = _all_steps(self.directory) if self.directory.is_dir() else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        steps = self._restorable_steps()
         step = max(steps) if step is None else step
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; it holds steps {steps}")
@@ -931,10 +937,7 @@ class Checkpointer:
         ...     ckpt.restore_latest({"w": jnp.zeros(3, jnp.int32)})[0]
         2
         """
-        self.wait()
-        steps = _all_steps(self.directory) if self.directory.is_dir() else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        steps = self._restorable_steps()
         failures = []
         for step in reversed(steps):
             try:
