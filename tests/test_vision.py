@@ -1,4 +1,5 @@
 import gzip
+import importlib.util
 import json
 
 import chex
@@ -238,8 +239,8 @@ def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     csv = gzip.decompress(data.digits_file().read_bytes())
     (folder / "digits.csv.gz").write_bytes(gzip.compress(csv, mtime=1))
-    real_find_spec = data.importlib.util.find_spec
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda n: None if n == "sklearn" else real_find_spec(n))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "sklearn" else real_find_spec(n))
     assert data.digits_file(tmp_path) == folder / "digits.csv.gz"
     from_debian = data.load_digits_split(seed=3, cache_dir=tmp_path)
     for a, b, c in zip(expected, from_wheel, from_debian):

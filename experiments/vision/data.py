@@ -16,13 +16,12 @@ split's mean and standard deviation.
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import pathlib
 
 import numpy as np
 
-from experiments.lm.data import cache_dir_default, fetch_debian
+from experiments.lm.data import cache_dir_default, fetch_debian, installed_file
 
 DATASETS = {"digits": (8, 2), "fashion": (28, 4)}  # image size, patch size
 
@@ -37,11 +36,9 @@ FASHION_FILES = tuple(
 
 def digits_file(cache_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     """scikit-learn's ``digits.csv.gz``: an installed scikit-learn's, else Debian ``python3-sklearn``'s."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is not None and spec.submodule_search_locations:
-        path = pathlib.Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
+    installed = installed_file("sklearn", "datasets/data/digits.csv.gz")
+    if installed is not None:
+        return installed
     target = pathlib.Path(cache_dir or cache_dir_default()) / DIGITS_PACKAGE
     folder = fetch_debian(DIGITS_PACKAGE, target, "usr/lib/python3/dist-packages/sklearn/datasets/data",
                           "the digits set", "pip install scikit-learn, or use --set dataset=fashion")
