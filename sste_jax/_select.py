@@ -4,8 +4,8 @@
 regex that matches both a module path (``h/0/mlp/c_fc``) and a parameter path (``h/0/mlp/c_fc/kernel``).
 
 >>> import sste_jax
->>> rules = sste_jax.feed_forward()
->>> [bool(sste_jax.match_rule(rules, p)) for p in ("h/0/mlp/c_fc", "h/0/attn/c_attn", "layers_3/wi", "fc")]
+>>> rules = check_rules(sste_jax.feed_forward(), "example")
+>>> [bool(match_rule(rules, p)) for p in ("h/0/mlp/c_fc", "h/0/attn/c_attn", "layers_3/wi", "fc")]
 [True, False, True, False]
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from sste_jax._linear import SparsityConfig, check_config
 
-__all__ = ["FEED_FORWARD", "feed_forward", "match_rule", "check_rules"]
+__all__ = ["FEED_FORWARD", "feed_forward", "match_rule", "match_weight", "check_rules"]
 
 _CONTAINER = r"[^/]*(?:mlp|ffn|feed_?forward)[^/]*"
 _NAME = (
@@ -40,8 +40,8 @@ def feed_forward(config: SparsityConfig = SparsityConfig()) -> dict[str, Sparsit
 
     >>> import sste_jax
     >>> rules = sste_jax.feed_forward(sste_jax.SparsityConfig(mvue=True))
-    >>> bool(sste_jax.match_rule(rules, "h/0/mlp/c_fc")), bool(sste_jax.match_rule(rules, "h/0/attn/c_attn"))
-    (True, False)
+    >>> list(rules.values())[0].mvue
+    True
     """
     return {FEED_FORWARD: config}
 
@@ -68,8 +68,22 @@ def match_rule(rules: Rules | list, path: str) -> tuple[str, SparsityConfig] | N
 
     >>> import sste_jax
     >>> rules = {r".*mlp.*": sste_jax.SparsityConfig(method="ste"), r".*": sste_jax.SparsityConfig()}
-    >>> sste_jax.match_rule(rules, "h/0/mlp/c_fc")[1].method, sste_jax.match_rule(rules, "h/0/attn")[1].method
+    >>> match_rule(rules, "h/0/mlp/c_fc")[1].method, match_rule(rules, "h/0/attn")[1].method
     ('ste', 'sste')
     """
     checked = rules if isinstance(rules, list) else check_rules(rules, "match_rule")
     return next(((p, c) for p, compiled, c in checked if compiled.fullmatch(path)), None)
+
+
+def match_weight(rules: list, path: str) -> tuple[str, SparsityConfig] | None:
+    """The first rule ``(pattern, config)`` that fully matches weight ``path`` (``"h/0/mlp/c_fc/kernel"``) or
+    the path of the module holding it (``"h/0/mlp/c_fc"``), or None.
+
+    >>> import sste_jax
+    >>> from sste_jax._select import check_rules
+    >>> rules = check_rules({"h/0/mlp/c_fc": sste_jax.SparsityConfig()}, "example")
+    >>> match_weight(rules, "h/0/mlp/c_fc/kernel")[0], match_weight(rules, "h/0/mlp/c_fc/bias/x")
+    ('h/0/mlp/c_fc', None)
+    """
+    module = path.rpartition("/")[0]
+    return next(((p, c) for p, compiled, c in rules if compiled.fullmatch(path) or compiled.fullmatch(module)), None)

@@ -13,7 +13,7 @@ once `sste_jax.optim.step_switched` turns True).
 
 >>> import jax.numpy as jnp, optax, sste_jax
 >>> params = {"w": jnp.ones((4, 4))}
->>> tx = sste_jax.step_adam(0.1, threshold=0.0, max_steps=1)
+>>> tx = sste_jax.optim.step_adam(0.1, threshold=0.0, max_steps=1)
 >>> state = tx.init(params)
 >>> for _ in range(2):
 ...     _, state = tx.update(params, state)
@@ -37,7 +37,7 @@ class ScaleByStepState(NamedTuple):
     """STEP's Adam moments, the window of ``Z_t`` records and the switch.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> state = sste_jax.scale_by_step(b2=0.75).init({"w": jnp.ones(3)})  # a window of 1/(1 − 0.75) = 4
+    >>> state = sste_jax.optim.scale_by_step(b2=0.75).init({"w": jnp.ones(3)})  # a window of 1/(1 − 0.75) = 4
     >>> type(state).__name__, state.diffs.shape, bool(state.switched)
     ('ScaleByStepState', (4,), False)
     """
@@ -80,7 +80,7 @@ def scale_by_step(
     Args:
       b1, b2, eps: Adam's; the window is ``int(1/(1 − b2))`` records.
       sparse: which leaves are the sparse weights (None: all), e.g.
-        ``sste_jax.nnx.sparse_kernel_mask(model)``: the statistic and the frozen variance apply to them only.
+        ``sste_jax.optim.sparse_kernel_mask(model)``: the statistic and the frozen variance apply to them only.
       threshold: the switch threshold on the window's mean (None: ``eps``, as the authors).
       min_steps, max_steps: ``T_min`` and ``T_max`` (None: no bound); the authors suggest 10% and 50%
         of the run.
@@ -89,7 +89,7 @@ def scale_by_step(
 
     >>> import jax.numpy as jnp, optax, sste_jax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = optax.chain(sste_jax.scale_by_step(threshold=0.0, max_steps=3), optax.scale(-0.1))
+    >>> tx = optax.chain(sste_jax.optim.scale_by_step(threshold=0.0, max_steps=3), optax.scale(-0.1))
     >>> state = tx.init(params)
     >>> for _ in range(4):
     ...     updates, state = tx.update(params, state)
@@ -168,7 +168,7 @@ def step_adam(
     ``statistic``) then the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> tx = sste_jax.step_adam(1e-3, min_steps=10, max_steps=100)
+    >>> tx = sste_jax.optim.step_adam(1e-3, min_steps=10, max_steps=100)
     >>> bool(sste_jax.optim.step_switched(tx.init({"w": jnp.ones(3)})))
     False
     """
@@ -179,7 +179,7 @@ def step_state(opt_state: Any) -> ScaleByStepState:
     """The single `ScaleByStepState` inside ``opt_state`` (its ``switch_step`` says when ``v`` froze).
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> tx = sste_jax.freeze_beta(sste_jax.step_adam(1e-3))
+    >>> tx = sste_jax.freeze_beta(sste_jax.optim.step_adam(1e-3))
     >>> type(sste_jax.optim.step_state(tx.init({"w": jnp.ones(3)}))).__name__  # found inside the wrapper
     'ScaleByStepState'
     """
@@ -195,7 +195,7 @@ def step_switched(opt_state: Any) -> Bool[Array, ""]:
 
     >>> import jax.numpy as jnp, sste_jax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = sste_jax.step_adam(1e-3, max_steps=1)
+    >>> tx = sste_jax.optim.step_adam(1e-3, max_steps=1)
     >>> _, state = tx.update(params, tx.init(params))
     >>> bool(sste_jax.optim.step_switched(state))  # the switch needs step t > max_steps
     False
@@ -212,7 +212,7 @@ def step_v_change(opt_state: Any) -> Float[Array, ""]:
 
     >>> import jax.numpy as jnp, sste_jax
     >>> params = {"w": jnp.ones(3)}
-    >>> tx = sste_jax.step_adam(1e-3, b2=0.5)  # a window of int(1/(1 − b2)) = 2 records
+    >>> tx = sste_jax.optim.step_adam(1e-3, b2=0.5)  # a window of int(1/(1 − b2)) = 2 records
     >>> state = tx.init(params)
     >>> float(sste_jax.optim.step_v_change(state))  # no record yet
     0.0

@@ -10,8 +10,8 @@ missing, truncated, corrupt or mismatched checkpoint raises `FileNotFoundError` 
 naming the path and what is wrong, and is never written to; `restore_latest` falls back to the
 newest checkpoint that verifies. A failed write
 (e.g. a full disk) raises `CheckpointWriteError` (an ``OSError``) and leaves no partial folder.
-Each checkpoint also records its sparse layers (and their `SparsityConfig` when the state holds
-the modules); restoring into a target whose sparse layers differ raises `CheckpointConfigError`.
+Each checkpoint also records its sparse weights (the `SparseSpec` of every β); restoring into a target
+whose sparse weights differ raises `CheckpointConfigError`.
 A training loop keeps one `Checkpointer` (one orbax manager, saves written in the background);
 `save_checkpoint`, `restore_checkpoint` and `restore_latest` are one synchronous call each.
 
@@ -44,11 +44,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sste_jax._metrics import sparse_modules
+from sste_jax._fingerprint import digest
+from sste_jax._layout import SparseSpec, SparsityBeta
 from sste_jax._optim import key_name
-from sste_jax._params import ParamSparsity
 from sste_jax._sparsity import _valid_meta
-from sste_jax.linen import SparsityBeta
 from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
 
 __all__ = [
@@ -182,54 +181,9 @@ def _crc32(array) -> int:  # the checksum of checkpoints written before `fingerp
     return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
 
 
-def _as_words(a: jax.Array) -> jax.Array:
-    """The bits of ``a`` as uint32 words, one per element (two per 64-bit element)."""
-    if a.dtype == jnp.bool_:
-        return a.astype(jnp.uint32)
-    size = a.dtype.itemsize
-    if size in (4, 8):  # a 64-bit element becomes two words (a trailing axis of 2)
-        return jax.lax.bitcast_convert_type(a, jnp.uint32)
-    return jax.lax.bitcast_convert_type(a, {2: jnp.uint16, 1: jnp.uint8}[size]).astype(jnp.uint32)
-
-
-def _mix(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: every input bit moves every output bit."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _halving_sum(terms: jax.Array, stop: int = 2**16) -> jax.Array:
-    """``sum(terms)`` modulo 2**32 by adding halves until ``stop`` remain: XLA on CPU vectorises the
-    elementwise adds but not an integer reduction (about 3x faster there); the temporaries take up
-    to half of ``terms``."""
-    size = max(stop, 1 << (terms.size - 1).bit_length())
-    terms = jnp.pad(terms, (0, size - terms.size))
-    while terms.size > stop:
-        half = terms.size // 2
-        terms = terms[:half] + terms[half:]
-    return jnp.sum(terms, dtype=jnp.uint32)
-
-
-def _sum(terms: jax.Array) -> jax.Array:
-    """``sum(terms)`` modulo 2**32: halving on CPU, one reduction (no temporaries) elsewhere."""
-    return jax.lax.platform_dependent(
-        terms, cpu=_halving_sum, default=lambda t: jnp.sum(t, dtype=jnp.uint32)
-    )
-
-
 @jax.jit
 def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    def one(a):
-        words = _as_words(a).reshape(-1)
-        index = jax.lax.iota(jnp.uint32, words.size)
-        weighted = _sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)))
-        mixed = _sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))))
-        return jnp.stack([weighted, mixed])
-
-    return {name: one(a) for name, a in flat.items()}
+    return {name: digest(a) for name, a in flat.items()}
 
 
 def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
@@ -316,79 +270,63 @@ def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict
 _LAYERS = "sparse_layers"  # the key, in the checksum item, of the sparse-layer record
 
 
-def _sparse_layers(tree) -> dict[str, dict]:
-    """``{layer path: {"beta": bool, "config": {...}}}`` of the sparse layers derivable from ``tree``.
+def _spec(leaf) -> SparseSpec | None:
+    """The `SparseSpec` a β carries: an NNX `SparsityBeta` variable's metadata or a `SparsityBeta` box's."""
+    if isinstance(leaf, SparsityBeta):
+        return leaf.spec
+    if hasattr(type(leaf), "get_metadata") and hasattr(leaf, "get_value"):  # an nnx.Variable
+        spec = leaf.get_metadata().get("spec")
+        return spec if isinstance(spec, SparseSpec) else None
+    return None
 
-    ``"beta"``: the layer has a ``beta`` leaf in ``tree`` (an NNX `SparseLinear` state, a Linen
-    ``"sparsity"`` collection, a `ParamSparsity`); ``"config"`` (the `SparsityConfig` as a dict) only
-    for the layers of NNX modules held in ``tree`` itself, or the compared fields from the metadata of
-    a `SparsityBeta` variable (an ``nnx.State``) or box (a Linen ``"sparsity"`` collection); bare β
-    arrays carry neither.
-    """
-    layers: dict[str, dict] = {}
-    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        head, _, last = _path_name(path).rpartition("/")
-        if last == "beta":
-            layers[head] = {"beta": True}
-    is_spec = lambda x: isinstance(x, ParamSparsity)  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]:
-        if is_spec(leaf):  # a parameter-path spec entry carries its config
-            layers.setdefault(_path_name(path), {"beta": True})["config"] = dataclasses.asdict(leaf.config)
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    is_box = lambda x: isinstance(x, SparsityBeta)  # noqa: E731
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: is_variable(x) or is_box(x))[0]:
-        meta = leaf.get_metadata() if is_variable(leaf) else dataclasses.asdict(leaf) if is_box(leaf) else {}
-        head, _, last = _path_name(path).rpartition("/")
-        if last == "beta" and "sparse_method" in meta:  # a sparse layer's β names its layer's method
-            config = {"method": meta["sparse_method"], "mvue": meta["sparse_mvue"], "fp8": meta["sparse_fp8"]}
-            config.update({f: meta[f"sparse_{f}"] for f in ("n", "m") if f"sparse_{f}" in meta})
-            decay = {"srste": "srste_decay", "tsrste": "masked_decay"}.get(meta["sparse_method"])
-            if decay:
-                config[decay] = meta["sparse_decay"]
-            layers.setdefault(head, {"beta": True})["config"] = config
-    is_module = lambda x: isinstance(x, nnx.Module)  # noqa: E731
-    for prefix, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_module)[0]:
-        if not is_module(node):
-            continue
-        for path, layer in sparse_modules(node):
-            name = "/".join(n for n in (_path_name(prefix), "/".join(str(p) for p in path)) if n)
-            layers.setdefault(name, {"beta": False})["config"] = dataclasses.asdict(layer.config)
+
+def _sparse_layers(tree) -> dict[str, dict]:
+    """``{β path: what its weight trains}`` of every β in ``tree`` (`_spec`): the `SparsityConfig` as a dict,
+    the grouped axis and the layout (as JSON gives them back)."""
+    layers = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: _spec(x) is not None)[0]:
+        spec = _spec(leaf)
+        if spec is not None:
+            record = {"config": dataclasses.asdict(spec.config), "axis": spec.axis, "layout": spec.layout}
+            layers[_path_name(path)] = json.loads(json.dumps(record))
     return layers
 
 
-def _compared(config: dict) -> dict:
-    """The fields of a stored config that define training: ``method``, ``mvue``, ``fp8``, ``n``, ``m`` and the decay
-    its method uses. ``backend`` and ``matmul`` (how the same product is computed) may change."""
-    fields = ["method", "mvue", "fp8", "n", "m"]
+def _compared(record: dict) -> dict:
+    """The fields of a β's record that define training: the weight's layout and grouped axis, and of its config
+    ``method``, ``mvue``, ``fp8``, ``n``, ``m``, ``group_axis`` and the decay its method uses. ``backend`` and
+    ``matmul`` (how the same product is computed) may change."""
+    config = record.get("config", {})
+    fields = ["method", "mvue", "fp8", "n", "m", "group_axis"]
     fields += {"srste": ["srste_decay"], "tsrste": ["masked_decay"]}.get(config.get("method"), [])
-    return {f: config[f] for f in fields if f in config}
+    return {"axis": record.get("axis"), "layout": record.get("layout"), **{f: config[f] for f in fields if f in config}}
 
 
 def _check_layers(path: pathlib.Path, record: dict | None, target: Any) -> None:
-    """Raises `CheckpointConfigError` naming each sparse layer whose presence or compared config fields
-    differ between the checkpoint's ``record`` and ``target``; a checkpoint without a record passes."""
+    """Raises `CheckpointConfigError` naming each β whose presence or compared fields differ between the
+    checkpoint's ``record`` and ``target``."""
     if record is None or _LAYERS not in record:
-        return  # written before sparse layers were recorded
+        what = "has no checksum file" if record is None else "has no sparse-layer record in its checksum file"
+        raise CheckpointError(f"checkpoint {path} {what}; it was not written by sste_jax.checkpoint")
     stored = record[_LAYERS]
     if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
         raise CheckpointError(f"checkpoint {path}: its sparse-layer record is malformed")
     wanted = _sparse_layers(target)
     problems = []
     for name in sorted(set(stored) | set(wanted)):
-        s, t = stored.get(name, {}), wanted.get(name, {})
-        if bool(s.get("beta")) != bool(t.get("beta")):
-            where = "the checkpoint" if s.get("beta") else "the target"
-            problems.append(f"{name}: sparse (has a beta) only in {where}")
-        elif isinstance(s.get("config"), dict) and "config" in t:
-            a, b = _compared(s["config"]), _compared(t["config"])
-            diff = [f"{f}={a.get(f)!r} in the checkpoint, {b.get(f)!r} in the target"
-                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f) and f in a and f in b]
-            if diff:
-                problems.append(f"{name}: " + ", ".join(diff))
+        if (name in stored) != (name in wanted):
+            where = "the checkpoint" if name in stored else "the target"
+            problems.append(f"{name}: a sparse weight's β only in {where}")
+            continue
+        a, b = _compared(stored[name]), _compared(wanted[name])
+        diff = [f"{f}={a.get(f)!r} in the checkpoint, {b.get(f)!r} in the target"
+                for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        if diff:
+            problems.append(f"{name}: " + ", ".join(diff))
     if problems:
         shown = problems[:8] + ([f"... and {len(problems) - 8} more"] if len(problems) > 8 else [])
         raise CheckpointConfigError(
-            f"checkpoint {path} was saved from differently sparsified layers than the target's:\n  "
+            f"checkpoint {path} was saved from differently sparsified weights than the target's:\n  "
             + "\n  ".join(shown)
             + "\nBuild the target with the checkpoint's configs (or pass check_layers=False to restore anyway)"
         )
@@ -563,13 +501,10 @@ def save_checkpoint(
     after removing its temporary folder. One call, written synchronously: a training loop keeps a
     `Checkpointer` instead.
 
-    The sparse layers are recorded next to the checksums and checked by `restore_checkpoint`: the
-    path of every layer with a ``beta`` leaf and, for the `SparseLinear` layers of NNX modules held
-    in ``state`` itself (``state=model`` or ``{"model": model, ...}``), its `SparsityConfig`; for an
-    ``nnx.state(model)`` or ``nnx.split`` part, the method, MVUE, FP8 and decay that each β variable
-    carries as metadata (NNX) or in its `sste_jax.linen.SparsityBeta` box (Linen); for a
-    parameter-path spec, each `ParamSparsity`'s config. β leaves saved as bare arrays (e.g. after
-    ``nn.unbox``) record only which layers are sparse.
+    The sparse weights are recorded next to the checksums and checked by `restore_checkpoint`: for
+    every β in ``state`` (an NNX `sste_jax.nnx.SparsityBeta` variable, or a `SparsityBeta` box of a
+    ``"sparsity"`` collection) the config, grouped axis and layout its `SparseSpec` carries. β saved as
+    bare arrays (e.g. ``nnx.to_pure_dict``) are not recorded.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint

@@ -1,32 +1,32 @@
-"""Flax NNX layers: `SparseLinear`, a 2:4 sparse ``nnx.Linear``, and `sparsify` for existing models.
+"""Flax NNX layers: `SparseLinear`, a 2:4 sparse ``nnx.Linear`` for models you write yourself.
 
-`sparsify` swaps the chosen ``nnx.Linear`` layers of a model in place for `SparseLinear` layers
-holding the same ``kernel`` and ``bias`` variables, and fits each frozen β from the weights at that
-moment (``docs/algorithm.md#beta-and-the-optimizer``). β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an
-``nnx.Optimizer(model, tx, wrt=nnx.Param)`` never sees it (and `sste_jax.freeze_beta` protects it
-under any other filter).
+A `SparseLinear` fits its frozen β to its initial kernel (``docs/algorithm.md#beta-and-the-optimizer``);
+`SparseLinear.from_linear` makes one from an existing ``nnx.Linear`` (same kernel and bias variables).
+β lives in a `SparsityBeta` variable, not an ``nnx.Param``: an ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+never sees it (and `sste_jax.freeze_beta` protects it under any other filter). For a model you did not
+write, use `sste_jax.sparsify`.
 
 For inference, `densify_layers` and `compress_layers` swap each sparse layer, in place, for an
 ``nnx.Linear`` holding its forward weight or a `CompressedLinear` holding it packed by
 `sste_jax.compress_24`; both ask the layer (``layer.forward_weight()``), so every method, T-SR-STE's
 masked layers included, converts.
 
-MVUE (``SparsityConfig(mvue=True)``) draws its key from an ``nnx.Rngs`` stream forked per layer
-(the ``"sparsity"`` stream, else ``"default"``): every call advances the layer's counter, so keys
-differ across layers and steps, are reproducible from the seed, and live in ``nnx.state(model)``
-(checkpointed, carried through ``nnx.jit``).
+MVUE (``SparsityConfig(mvue=True)``) takes its key from the layer's `MVUEKey`, drawn once from
+``rngs`` (the ``"sparsity"`` stream, else ``"default"``) and never advanced: each draw folds in the
+product's input and weight (``docs/algorithm.md#mvue-keys``), so it is fresh every step without RNG
+state that a scan or a decoding loop would have to carry, and inference needs no key.
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
 >>> from sste_jax import nnx as sparse_nnx
 >>> class Block(nnx.Module):
 ...     def __init__(self, rngs):
-...         self.mlp = nnx.Sequential(nnx.Linear(8, 32, rngs=rngs), nnx.relu, nnx.Linear(32, 8, rngs=rngs))
+...         self.up = sparse_nnx.SparseLinear(8, 32, rngs=rngs)
+...         self.down = sparse_nnx.SparseLinear(32, 8, rngs=rngs)
 ...     def __call__(self, x):
-...         return x + self.mlp(x)
->>> model = sparse_nnx.sparsify(Block(nnx.Rngs(0)))
->>> type(model.mlp.layers[0]).__name__, model(jnp.ones((2, 8))).shape
-('SparseLinear', (2, 8))
+...         return x + self.down(nnx.relu(self.up(x)))
+>>> Block(nnx.Rngs(0))(jnp.ones((2, 8))).shape
+(2, 8)
 """
 
 import contextlib
@@ -40,20 +40,24 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
-from sste_jax._linear import Pruned, SparsityConfig, check_config, forward_weight, prune_weight, sparse_dense
+from sste_jax._layout import SparseSpec
+from sste_jax._linear import (
+    Pruned,
+    SparsityConfig,
+    check_config,
+    forward_weight,
+    fresh_key,
+    prune_weight,
+    sparse_dense,
+)
 from sste_jax._metrics import sparse_modules
-from sste_jax._select import check_rules, match_rule
-from sste_jax._select import feed_forward as _feed_forward_rules
 from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
 __all__ = [
     "SparsityBeta",
     "SparsityMask",
+    "MVUEKey",
     "SparseLinear",
-    "sparsify",
-    "all_linear",
-    "feed_forward",
-    "sparse_kernel_mask",
     "refresh_masks",
     "refit_beta",
     "Packed24",
@@ -65,32 +69,37 @@ __all__ = [
 ]
 
 Path = tuple[Any, ...]
-_FEED_FORWARD_RULES = check_rules(_feed_forward_rules(), "feed_forward")
-Where = Callable[[Path, nnx.Linear], bool]
 
 
 class SparsityBeta(nnx.Variable):
-    """The frozen S-STE scale β of a `SparseLinear` (a float32 scalar); not an ``nnx.Param``.
+    """A frozen S-STE scale β (float32; one per layer of a stacked weight); not an ``nnx.Param``.
 
-    Its metadata names what the layer trains (``sparse_method``, ``sparse_mvue``, ``sparse_fp8``,
-    ``sparse_decay``, ``sparse_n``, ``sparse_m``), so that a checkpoint of a model's state knows its
-    layers' methods.
+    Its metadata ``spec`` (a `SparseSpec`: config, grouped axis, layout) says what the weight trains, so
+    that metrics, checkpoints and export know each β's weight. `SparseLinear` and `sste_jax.sparsify`
+    keep their β in it.
 
     >>> from flax import nnx
     >>> import sste_jax
     >>> from sste_jax import nnx as sparse_nnx
     >>> layer = sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))
-    >>> isinstance(layer.beta, nnx.Param), layer.beta.sparse_method
+    >>> isinstance(layer.beta, nnx.Param), layer.beta.spec.config.method
     (False, 'sste')
     """
 
     sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
 
 
-def _beta_variable(value, config: SparsityConfig) -> SparsityBeta:
-    decay = {"srste": config.srste_decay, "tsrste": config.masked_decay}.get(config.method, 0.0)
-    return SparsityBeta(value, sparse_method=config.method, sparse_mvue=bool(config.mvue),
-                        sparse_fp8=bool(config.fp8), sparse_decay=float(decay), sparse_n=config.n, sparse_m=config.m)
+class MVUEKey(nnx.Variable):
+    """The MVUE key of a `SparseLinear` with ``mvue=True``: drawn once, never advanced (each draw folds in
+    the product's input and weight: `sste_jax._linear.fresh_key`); not an ``nnx.Param``.
+
+    >>> import jax, sste_jax
+    >>> from flax import nnx
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 4, config=sste_jax.SparsityConfig(mvue=True), rngs=nnx.Rngs(0))
+    >>> isinstance(layer.mvue_key, sparse_nnx.MVUEKey), layer.mvue_key[...].shape
+    (True, ())
+    """
 
 
 class SparsityMask(nnx.Variable):
@@ -107,26 +116,14 @@ class SparsityMask(nnx.Variable):
     """
 
 
-def _initial_mask(kernel: jax.Array, config: SparsityConfig):
-    return SparsityMask(transposable_mask_24(kernel)) if config.method == "tsrste" else nnx.data(None)
-
-
-def _initial_beta(kernel: jax.Array, config: SparsityConfig, name: str, beta=None) -> jax.Array:
-    """``beta`` or `fit_beta` of the kernel for ``"sste"`` (raising if it cannot be fitted); 1.0 for the
-    other methods, which ignore β."""
-    if config.method == "sste":
-        return initial_beta(kernel, 0, name, beta, n=config.n, m=config.m)
-    return jnp.ones((), jnp.float32)
-
-
-def _mvue_stream(rngs: nnx.Rngs | nnx.RngStream | None, config: SparsityConfig):
+def _mvue_key(rngs: nnx.Rngs | nnx.RngStream | None, config: SparsityConfig, name: str):
     if not config.mvue:
         return nnx.data(None)
     if isinstance(rngs, nnx.Rngs):
-        return rngs["sparsity"].fork()
+        return MVUEKey(rngs["sparsity"]())
     if isinstance(rngs, nnx.RngStream):
-        return rngs.fork()
-    raise ValueError("SparsityConfig(mvue=True) needs rngs (an nnx.Rngs or nnx.RngStream) for its keys")
+        return MVUEKey(rngs())
+    raise ValueError(f"{name}: SparsityConfig(mvue=True) needs rngs (an nnx.Rngs or nnx.RngStream) for its key")
 
 
 class SparseLinear(nnx.Linear):
@@ -135,10 +132,9 @@ class SparseLinear(nnx.Linear):
     Same constructor and parameters (``kernel``, ``bias``) as ``nnx.Linear``, plus ``config``; the
     frozen scale ``beta`` (`SparsityBeta`) is fitted to the initial kernel (1.0 for methods other than
     ``"sste"``, which ignore it), or given as ``beta=`` (e.g. for a zero-initialised kernel, whose β
-    cannot be fitted and raises). With ``config.mvue`` the layer forks an MVUE key stream from
-    ``rngs`` (``"sparsity"``, else ``"default"``). Products use the global
-    ``jax.default_matmul_precision``; a per-layer ``precision``, ``dot_general`` or
-    ``preferred_element_type`` is rejected.
+    cannot be fitted and raises). With ``config.mvue`` the layer draws its `MVUEKey` from ``rngs``
+    (``"sparsity"``, else ``"default"``). Products use the global ``jax.default_matmul_precision``; a
+    per-layer ``precision``, ``dot_general`` or ``preferred_element_type`` is rejected.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -156,16 +152,78 @@ class SparseLinear(nnx.Linear):
         beta: Real[ArrayLike, ""] | None = None,
         **kwargs,
     ):
-        check_config(config, f"SparseLinear({in_features}, {out_features})")
+        name = f"SparseLinear({in_features}, {out_features})"
+        check_config(config, name)
         super().__init__(in_features, out_features, **kwargs)
+        self._become_sparse(config, beta, kwargs["rngs"], name)
+
+    def _become_sparse(self, config: SparsityConfig, beta, rngs, name: str) -> None:
         reason = _unsupported(self, config)
         if reason:
-            raise ValueError(f"SparseLinear({in_features}, {out_features}): {reason}")
+            raise ValueError(f"{name}: {reason}")
         self.config = config
-        name = f"SparseLinear({in_features}, {out_features})"
-        self.beta = _beta_variable(_initial_beta(self.kernel[...], config, name, beta), config)
-        self.mask = _initial_mask(self.kernel[...], config)
-        self.rngs = _mvue_stream(kwargs["rngs"], config)
+        value = initial_beta(self.kernel[...], 0, name, beta, n=config.n, m=config.m) if config.method == "sste" \
+            else jnp.ones((), jnp.float32)
+        self.beta = SparsityBeta(value, spec=SparseSpec(config))
+        tsrste = config.method == "tsrste"
+        self.mask = SparsityMask(transposable_mask_24(self.kernel[...])) if tsrste else nnx.data(None)
+        self.mvue_key = _mvue_key(rngs, config, name)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nnx.Linear,
+        config: SparsityConfig = SparsityConfig(),
+        *,
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+        beta: Real[ArrayLike, ""] | None = None,
+    ) -> "SparseLinear":
+        """A `SparseLinear` holding ``linear``'s own ``kernel`` and ``bias`` variables (same arrays, names and
+        metadata), β fitted to the kernel now (or ``beta``); ``rngs`` draws the MVUE key.
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> dense = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
+        >>> sparse = SparseLinear.from_linear(dense)
+        >>> sparse.kernel is dense.kernel, sparse(jnp.ones((2, 8))).shape
+        (True, (2, 4))
+        """
+        if type(linear) is not nnx.Linear:
+            raise TypeError(f"from_linear takes a plain nnx.Linear, got {type(linear).__name__}")
+        name = f"SparseLinear.from_linear({linear.in_features}, {linear.out_features})"
+        check_config(config, name)
+        reason = _unsupported(linear, config)
+        if reason:
+            raise ValueError(f"{name}: {reason}")
+        sparse = cls(
+            linear.in_features,
+            linear.out_features,
+            use_bias=linear.use_bias,
+            dtype=linear.dtype,
+            param_dtype=linear.param_dtype,
+            kernel_init=lambda *_: linear.kernel[...],
+            bias_init=lambda *_: linear.bias[...],
+            promote_dtype=linear.promote_dtype,
+            config=SparsityConfig(method="dense"),  # no β fit, no key: both are set below
+            rngs=nnx.Rngs(0),
+        )
+        sparse.kernel = linear.kernel
+        if linear.use_bias:
+            sparse.bias = linear.bias
+        sparse._become_sparse(config, beta, rngs, name)
+        return sparse
+
+    def to_linear(self) -> nnx.Linear:
+        """An ``nnx.Linear`` (same dtypes, bias) whose kernel is this layer's forward weight ``W̃``: the layer
+        for inference, which needs nothing from sste_jax to run.
+
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> layer = SparseLinear(8, 4, rngs=nnx.Rngs(0))
+        >>> bool(jnp.allclose(layer.to_linear()(jnp.ones((2, 8))), layer(jnp.ones((2, 8)))))
+        True
+        """
+        return _dense_linear(self, self.forward_weight())
 
     def forward_weight(self) -> Float[Array, "in out"]:
         """The forward weight ``W̃`` (β·S(W) for ``"sste"``), for inspection and export."""
@@ -181,7 +239,7 @@ class SparseLinear(nnx.Linear):
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
         inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-        key = self.rngs() if self.config.mvue else None
+        key = fresh_key(self.mvue_key[...], inputs, kernel) if self.config.mvue else None
         pruned = _PRUNED.get().get(id(self))
         if pruned is not None and pruned.weight.dtype != kernel.dtype:  # promoted by wider inputs: prune here
             pruned = None
@@ -193,8 +251,8 @@ class SparseLinear(nnx.Linear):
 
 def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
     """Why ``layer`` cannot become a `SparseLinear` with ``config``, or None."""
-    if not isinstance(layer, SparseLinear) and type(layer) is not nnx.Linear:
-        return f"{type(layer).__name__} subclasses nnx.Linear; only plain nnx.Linear layers are swapped"
+    if config.group_axis not in (None, 0, -2):
+        return f"a linear layer groups along its kernel's axis 0; got SparsityConfig(group_axis={config.group_axis})"
     if config.sparse and layer.in_features % config.m:
         shape = layer.kernel.shape
         return f"the contraction length in_features={layer.in_features} (kernel {shape}) is not divisible by {config.m}"
@@ -210,57 +268,8 @@ def _unsupported(layer: nnx.Linear, config: SparsityConfig) -> str | None:
     return None
 
 
-def all_linear(path: Path, module: nnx.Linear) -> bool:
-    """Every linear layer whose contraction length (``in_features``) is divisible by 4.
-
-    >>> from flax import nnx
-    >>> import sste_jax
-    >>> from sste_jax import nnx as sparse_nnx
-    >>> sparse_nnx.all_linear(("head",), nnx.Linear(16, 8, rngs=nnx.Rngs(0)))
-    True
-    """
-    return module.in_features % 4 == 0
-
-
-def feed_forward(path: Path, module: nnx.Linear) -> bool:
-    """The feed-forward linears of transformer blocks: the path matches `sste_jax.FEED_FORWARD` (the
-    paper's default, ``docs/algorithm.md#what-is-sparsified``; one rule set for every path).
-
-    >>> from flax import nnx
-    >>> from sste_jax import nnx as sparse_nnx
-    >>> layer = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
-    >>> sparse_nnx.feed_forward(("blocks", 0, "mlp", "c_fc"), layer), sparse_nnx.feed_forward(("head",), layer)
-    (True, False)
-    """
-    return bool(match_rule(_FEED_FORWARD_RULES, _path_str(path)))
-
-
 def _path_str(path: Path) -> str:
     return "/".join(str(p) for p in path) or "<root>"
-
-
-def _to_sparse(layer: nnx.Linear, config: SparsityConfig, rngs, beta: jax.Array) -> SparseLinear:
-    """A `SparseLinear` holding ``layer``'s own kernel and bias variables, with the given β."""
-    sparse = SparseLinear(
-        layer.in_features,
-        layer.out_features,
-        use_bias=layer.use_bias,
-        dtype=layer.dtype,
-        param_dtype=layer.param_dtype,
-        kernel_init=lambda *_: layer.kernel[...],
-        bias_init=lambda *_: layer.bias[...],
-        promote_dtype=layer.promote_dtype,
-        config=SparsityConfig(method="dense"),  # no β fit, no key stream: both are set below
-        rngs=nnx.Rngs(0),
-    )
-    sparse.kernel = layer.kernel
-    if layer.use_bias:
-        sparse.bias = layer.bias
-    sparse.config = config
-    sparse.beta = _beta_variable(beta, config)
-    sparse.mask = _initial_mask(layer.kernel[...], config)
-    sparse.rngs = _mvue_stream(rngs, config)
-    return sparse
 
 
 def _set_child(model: nnx.Module, path: Path, child: nnx.Module) -> None:
@@ -271,92 +280,6 @@ def _set_child(model: nnx.Module, path: Path, child: nnx.Module) -> None:
         parent[path[-1]] = child
     else:
         setattr(parent, path[-1], child)
-
-
-def sparsify(
-    model: nnx.Module,
-    config: SparsityConfig = SparsityConfig(),
-    where: Where = feed_forward,
-    *,
-    rngs: nnx.Rngs | nnx.RngStream | None = None,
-    beta: Real[ArrayLike, ""] | None = None,
-) -> nnx.Module:
-    """Swaps, in place, the ``nnx.Linear`` layers selected by ``where`` for `SparseLinear`; returns ``model``.
-
-    Each new layer keeps the old ``kernel``/``bias`` variables (same arrays, names and metadata, so
-    dense checkpoints load by name) and fits β to the current kernel. Layers already sparse are left
-    alone. ``where(path, layer)`` selects layers by their path in the model (a tuple of attribute
-    names and indices) and the layer itself; presets: `feed_forward` (default) and `all_linear`.
-    ``rngs`` seeds the MVUE key streams (required when ``config.mvue``). ``beta`` sets every new
-    layer's β instead of fitting it.
-
-    Raises:
-      ValueError: naming every selected layer that cannot be sparsified (e.g. a contraction length
-        not divisible by 4, or an all-zero or non-finite kernel whose β cannot be fitted), before
-        anything is changed; or when ``where`` selects no layer, dense or already sparse.
-
-    >>> from flax import nnx
-    >>> import sste_jax
-    >>> from sste_jax import nnx as sparse_nnx
-    >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 8, rngs=nnx.Rngs(1)))
-    >>> model = sparse_nnx.sparsify(model, sste_jax.SparsityConfig(), where=sparse_nnx.all_linear)
-    >>> [type(layer).__name__ for layer in (model.layers[0], model.layers[2])]
-    ['SparseLinear', 'SparseLinear']
-    """
-    check_config(config, "sparsify")
-    linears = [
-        (path, node)
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Linear) and not isinstance(node, SparseLinear)
-    ]
-    chosen = [(path, layer) for path, layer in linears if where(path, layer)]
-    problems = [f"{_path_str(path)}: {reason}" for path, layer in chosen if (reason := _unsupported(layer, config))]
-    betas = {}
-    if not problems:
-        for path, layer in chosen:
-            try:
-                betas[path] = _initial_beta(layer.kernel[...], config, _path_str(path), beta)
-            except ValueError as e:
-                problems.append(str(e))
-    if problems:
-        raise ValueError("cannot sparsify the selected layers:\n  " + "\n  ".join(problems))
-    if not chosen:
-        if any(isinstance(node, SparseLinear) and where(path, node) for path, node in nnx.iter_graph(model)):
-            return model  # every selected layer is sparse already: sparsifying again changes nothing
-        found = ", ".join(_path_str(path) for path, _ in linears) or "none"
-        raise ValueError(f"`where` selected no nnx.Linear layer (dense linear layers found: {found})")
-    if config.mvue and rngs is None:
-        raise ValueError("SparsityConfig(mvue=True) needs rngs= (an nnx.Rngs) to seed the MVUE key streams")
-    for path, layer in chosen:
-        if not path:
-            raise ValueError("the model itself is an nnx.Linear: build a SparseLinear instead")
-        _set_child(model, path, _to_sparse(layer, config, rngs, betas[path]))
-    return model
-
-
-def sparse_kernel_mask(model: nnx.Module, wrt: Any = nnx.Param, methods: tuple[str, ...] | None = None) -> Any:
-    """A boolean tree shaped like ``nnx.state(model, wrt)``: True at the kernels of `SparseLinear` layers
-    (of those whose ``config.method`` is in ``methods``, if given).
-
-    Use it as the ``mask`` of `sste_jax.add_masked_decay` (``methods=("tsrste",)``), of
-    `sste_jax.add_srste_decay` (``methods=("ste",)``: ``"srste"`` layers add that term themselves), of
-    `sste_jax.scale_by_step`'s ``sparse``, or of a per-layer learning rate, with
-    ``nnx.Optimizer(model, tx, wrt=wrt)``.
-
-    >>> from flax import nnx
-    >>> import sste_jax
-    >>> from sste_jax import nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
-    >>> mask = sparse_nnx.sparse_kernel_mask(model)
-    >>> bool(mask["layers"][0]["kernel"]), bool(mask["layers"][1]["kernel"])
-    (True, False)
-    """
-    sparse_paths = {path for path, node in nnx.iter_graph(model)
-                    if isinstance(node, SparseLinear) and (methods is None or node.config.method in methods)}
-    flat = nnx.to_flat_state(nnx.state(model, wrt))
-    return nnx.from_flat_state(
-        [(path, path[-1] == "kernel" and path[:-1] in sparse_paths) for path, _ in flat]
-    )
 
 
 def _layers(model: nnx.Module, method: str) -> list[SparseLinear]:
@@ -490,8 +413,10 @@ def _forward_weights(model: nnx.Module) -> list[tuple[Path, nnx.Module, jax.Arra
 
 
 def densify_layers(model: nnx.Module) -> nnx.Module:
-    """Replaces, in place, every sparse layer by an ``nnx.Linear`` whose kernel is its ``W̃`` (β·S(W)
-    baked in); returns ``model``. The result needs nothing from sste_jax to run.
+    """Bakes every sparse weight's ``W̃`` (β·S(W)) into the model, in place; returns ``model``. `SparseLinear`
+    and `CompressedLinear` layers become ``nnx.Linear``; a model `sste_jax.sparsify` made holds ``W̃`` in
+    its own parameters and is its own class again, without ``sparsity``. The result needs nothing from
+    sste_jax to run.
 
     >>> import jax.numpy as jnp
     >>> from flax import nnx
@@ -503,9 +428,14 @@ def densify_layers(model: nnx.Module) -> nnx.Module:
     >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
     ('Linear', True)
     """
+    from sste_jax._sparsify import densify_sparsified
+
     for path, layer, w_tilde in _forward_weights(model):
         _set_child(model, path, _dense_linear(layer, w_tilde))
-    return model
+    for path, node in list(nnx.iter_graph(model)):
+        if isinstance(node, CompressedLinear):
+            _set_child(model, path, _dense_linear(node, node.forward_weight()))
+    return densify_sparsified(model)
 
 
 def compress_layers(model: nnx.Module) -> nnx.Module:

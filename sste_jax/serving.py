@@ -15,19 +15,18 @@ PyTorch ``Linear`` weights are ``(out, in)`` with the 2:4 groups along ``in``, t
 is what the bitmask format packs: pass ``transpose=True`` for them. `load_safetensors` reads a
 folder back into ``{path: array}`` in our layout, bit for bit, and `import_weights` puts them into
 an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers. ``save_safetensors(..., fp8=...)``
-stores the 2:4 weights as FP8 e4m3 with per-tensor or per-channel scales instead;
-`linen_inference_weights` is `inference_weights` for Flax Linen variables; `to_backend` swaps a served
+stores the 2:4 weights as FP8 e4m3 with per-tensor or per-channel scales instead; `to_backend` swaps a served
 model's compressed layers for dense ones (decompressed once) or for cuSPARSELt products on a GPU.
 
 >>> import tempfile, jax, jax.numpy as jnp, numpy as np
 >>> from flax import nnx
 >>> from sste_jax import nnx as sparse_nnx, serving
 >>> class MLP(nnx.Module):
-...     def __init__(self, rngs):
-...         self.fc1, self.fc2 = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 8, rngs=rngs)
+...     def __init__(self, rngs, linear=nnx.Linear):
+...         self.fc1, self.fc2 = linear(8, 16, rngs=rngs), linear(16, 8, rngs=rngs)
 ...     def __call__(self, x):
 ...         return self.fc2(jax.nn.relu(self.fc1(x)))
->>> model = sparse_nnx.sparsify(MLP(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+>>> model = MLP(nnx.Rngs(0), linear=sparse_nnx.SparseLinear)
 >>> weights, sparse = serving.inference_weights(model)
 >>> targets = {p: serving.Target(p.replace("/kernel", ".weight").replace("/", "."), transpose=p.endswith("kernel"))
 ...            for p in weights}
@@ -53,14 +52,13 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, UInt8
 
-from sste_jax._metrics import sparse_modules
+from sste_jax._metrics import find_weights
 from sste_jax._sparsity import compress_24
 from sste_jax.nnx import CompressedLinear, Packed24, _dense_linear, _set_child
 
 __all__ = [
     "Target",
     "inference_weights",
-    "linen_inference_weights",
     "save_safetensors",
     "load_safetensors",
     "import_weights",
@@ -111,11 +109,14 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def inference_weights(model: nnx.Module) -> tuple[dict[str, Array], frozenset[str]]:
-    """``({path: array}, sparse paths)``: every ``nnx.Param`` of ``model`` by ``/``-joined path, with the
-    kernel of each sparse layer replaced by the layer's ``forward_weight()`` (β·S(W) for S-STE, the
-    masked weight for T-SR-STE), and the paths of those kernels whose forward weight is 2:4.
-    `sste_jax.nnx.CompressedLinear` layers (a served model) give their decompressed weight.
+def inference_weights(model: Any) -> tuple[dict[str, Array], frozenset[str]]:
+    """``({path: array}, sparse paths)``: every trainable parameter of ``model`` by ``/``-joined path, each sparse
+    weight (`sste_jax.sparse_weights`) replaced by its forward weight ``W̃`` (β·S(W) for S-STE, the masked weight
+    for T-SR-STE), and the paths of those whose forward weight is N:M sparse. ``model`` is an NNX model
+    (`sste_jax.nnx.CompressedLinear` layers, a served model, give their decompressed weight) or the variables
+    ``{"params", "sparsity"}`` of a Linen module or function made sparse by `sste_jax.sparsify` /
+    `sste_jax.sparsify_fn` (Flax's partitioning boxes unboxed). The original model holding these weights,
+    without sste_jax, computes what the sparse model computes.
 
     >>> from flax import nnx
     >>> from sste_jax import nnx as sparse_nnx, serving
@@ -126,64 +127,22 @@ def inference_weights(model: nnx.Module) -> tuple[dict[str, Array], frozenset[st
     >>> bool((weights["layers/0/kernel"] == model.layers[0].forward_weight()).all())  # β·S(W), not W
     True
     """
-    weights = {_path_str(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    if isinstance(model, Mapping):
+        from sste_jax._sparsify import _linen_params
+
+        weights = {path: jnp.asarray(v) for path, v in _linen_params(model).items()}
+    else:
+        weights = {_path_str(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sparse = set()
-    for path, layer in sparse_modules(model):
-        weights[_path_str((*path, "kernel"))] = layer.forward_weight()
-        if layer.config.sparse:
-            sparse.add(_path_str((*path, "kernel")))
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, CompressedLinear):
-            weights[_path_str((*path, "kernel"))] = node.forward_weight()
-            sparse.add(_path_str((*path, "kernel")))
-    return weights, frozenset(sparse)
-
-
-def linen_inference_weights(variables: Mapping[str, Any]) -> tuple[dict[str, Array], frozenset[str]]:
-    """`inference_weights` for Flax Linen: ``({path: array}, sparse paths)`` from a model's ``variables``
-    (``"params"`` and the ``"sparsity"`` collection of `sste_jax.linen.SparseDense` or
-    `sste_jax.linen.sparsify_dense`). Each layer with a β (a `sste_jax.linen.SparsityBeta` box, which
-    names its method and N:M pattern) gets its kernel replaced by the forward weight ``W̃`` (β·S(W)
-    for S-STE, N:M along the contraction axis); paths are ``/``-joined ``"params"`` keys. A plain Linen
-    model (``nn.Dense`` layers) holding ``flax.traverse_util.unflatten_dict(weights, sep="/")`` as its
-    params computes what the sparse model computes.
-
-    >>> import jax, jax.numpy as jnp, flax.linen as nn
-    >>> from flax import traverse_util
-    >>> from sste_jax import linen as sparse_linen, serving
-    >>> model, x = nn.Sequential([nn.Dense(8), nn.Dense(4)]), jnp.ones((2, 8))
-    >>> with sparse_linen.sparsify_dense(where=sparse_linen.all_dense):
-    ...     variables = model.init(jax.random.key(0), x)
-    ...     y = model.apply(variables, x)
-    >>> weights, sparse = serving.linen_inference_weights(variables)
-    >>> sorted(sparse)
-    ['layers_0/kernel', 'layers_1/kernel']
-    >>> dense = model.apply({"params": traverse_util.unflatten_dict(weights, sep="/")}, x)  # no sste_jax
-    >>> bool(jnp.allclose(dense, y, rtol=1e-6, atol=1e-6))
-    True
-    """
-    from flax import linen as nn
-    from flax import traverse_util
-
-    from sste_jax._linear import SparsityConfig, forward_weight
-    from sste_jax.linen import SparsityBeta
-
-    if "params" not in variables:
-        raise ValueError(f"variables have no 'params' collection (collections: {sorted(variables)})")
-    params = traverse_util.flatten_dict(nn.unbox(dict(variables["params"])), sep="/")
-    is_box = lambda _, v: isinstance(v, SparsityBeta)  # noqa: E731
-    betas = traverse_util.flatten_dict(dict(variables.get("sparsity", {})), sep="/", is_leaf=is_box)
-    weights, sparse = {path: jnp.asarray(v) for path, v in params.items()}, set()
-    for path, box in betas.items():
-        if not (path.endswith("beta") and isinstance(box, SparsityBeta)):
-            raise ValueError(f"sparsity/{path}: not a SparsityBeta box (pass the variables as init made them)")
-        kernel = f"{path.removesuffix('beta')}kernel"
-        if kernel not in weights:
-            raise ValueError(f"sparsity/{path}: no params/{kernel} for this β")
-        config = SparsityConfig(method=box.sparse_method, n=box.sparse_n, m=box.sparse_m)
-        weights[kernel] = forward_weight(weights[kernel], box.value, config)
-        if config.sparse:
-            sparse.add(kernel)
+    compressed = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)] \
+        if not isinstance(model, Mapping) else []
+    for name, w in find_weights(model).items():
+        weights[name] = w.forward()
+        if w.config.sparse:
+            sparse.add(name)
+    for path, node in compressed:
+        weights[_path_str((*path, "kernel"))] = node.forward_weight()
+        sparse.add(_path_str((*path, "kernel")))
     return weights, frozenset(sparse)
 
 

@@ -35,7 +35,7 @@ def _init_state_from(key):
         "w2": jax.random.normal(k2, (32, 8)) / 6,
     }
     betas = {"w1": sste_jax.fit_beta(params["w1"]), "w2": sste_jax.fit_beta(params["w2"])}
-    flips = sste_jax.init_flip_state({n: SparseWeight(params[n], betas[n], CONFIG) for n in betas})
+    flips = sste_jax.metrics.init_flip_state({n: SparseWeight(params[n], betas[n], CONFIG) for n in betas})
     opt = _TX.init(params)
     return {"params": params, "betas": betas, "opt": opt, "step": jnp.int32(0), "key": key, "flips": flips}
 
@@ -58,7 +58,7 @@ def _train_step(state):
     updates, opt = _TX.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     weights = {n: SparseWeight(params[n], state["betas"][n], CONFIG) for n in state["betas"]}
-    rates, flips = sste_jax.flip_rate(state["flips"], weights)
+    rates, flips = sste_jax.metrics.flip_rate(state["flips"], weights)
     new = {**state, "params": params, "opt": opt, "step": state["step"] + 1, "flips": flips}
     return new, rates
 
@@ -207,18 +207,28 @@ class _Model(nnx.Module):
         return self.head(h_BxD)
 
 
-def _is_ffn(path, module) -> bool:
+def _is_ffn(path) -> bool:
     return str(path[-1]).startswith("fc")
 
 
+def _swap(model: _Model, config: SparsityConfig = SparsityConfig(), where=_is_ffn, rngs=None) -> _Model:
+    """``model`` with the blocks' linear layers that ``where`` selects replaced, in place, by
+    `SparseLinear.from_linear` (the same variables)."""
+    for block in model.blocks:
+        for name in ("fc1", "fc2"):
+            if where(("blocks", name)):
+                setattr(block, name, sparse_nnx.SparseLinear.from_linear(getattr(block, name), config, rngs=rngs))
+    return model
+
+
 def _sparse_model(seed: int, config: SparsityConfig = SparsityConfig()) -> _Model:
-    return sparse_nnx.sparsify(_Model(nnx.Rngs(seed)), config, where=_is_ffn, rngs=nnx.Rngs(seed + 100))
+    return _swap(_Model(nnx.Rngs(seed)), config, rngs=nnx.Rngs(seed + 100))
 
 
 def _nnx_train_state(seed: int):
-    model = _sparse_model(seed, SparsityConfig(mvue=True))  # MVUE key streams live in the model state
+    model = _sparse_model(seed, SparsityConfig(mvue=True))  # the MVUE keys live in the model state
     optimizer = nnx.Optimizer(model, optax.adamw(1e-2, b1=0.9, b2=0.95, weight_decay=0.1), wrt=nnx.Param)
-    flips = sste_jax.init_flip_state(sste_jax.sparse_weights(model))
+    flips = sste_jax.metrics.init_flip_state(sste_jax.sparse_weights(model))
     return model, optimizer, {"flips": flips, "key": jax.random.key(seed + 10), "step": jnp.int32(0)}
 
 
@@ -228,7 +238,7 @@ def _nnx_step(model, optimizer, extra):
     y_BxO = jnp.sin(2 * x_BxI[:, :4])
     loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x_BxI) - y_BxO) ** 2))(model)
     optimizer.update(model, grads)
-    _, flips = sste_jax.flip_rate(extra["flips"], sste_jax.sparse_weights(model))
+    _, flips = sste_jax.metrics.flip_rate(extra["flips"], sste_jax.sparse_weights(model))
     return loss, {**extra, "flips": flips, "step": extra["step"] + 1}
 
 
@@ -283,7 +293,7 @@ def test_export_compressed_round_trip_is_bitwise_with_half_the_bytes(tmp_path, c
     inference = checkpoint.load_compressed(tmp_path / "export", _sparse_model(1, config))
     assert np.asarray(forward(inference, x_BxI)).tobytes() == np.asarray(y).tobytes()
     for name, kernel in kernels.items():
-        _, index, attribute = name.split("/")
+        _, index, attribute, _ = name.split("/")  # blocks/<i>/<fc>/kernel
         layer = getattr(inference.blocks[int(index)], attribute)
         assert isinstance(layer, checkpoint.CompressedLinear)
         assert layer.values.nbytes == kernel.nbytes // 2  # half the weight bytes
@@ -304,9 +314,11 @@ def test_densified_model_matches_bitwise():
     forward = nnx.jit(lambda m, x: m(x))
     y = forward(model, x_BxI)
     dense = checkpoint.densify_layers(nnx.clone(model))
-    assert type(dense.blocks[1].fc2) is nnx.Linear and not sste_jax.sparse_weights(dense)
+    assert type(dense.blocks[1].fc2) is nnx.Linear
+    with pytest.raises(ValueError, match="no sparse weights"):
+        sste_jax.sparse_weights(dense)
     assert np.asarray(forward(dense, x_BxI)).tobytes() == np.asarray(y).tobytes()
-    w = sste_jax.sparse_weights(model)["blocks/1/fc2"]
+    w = sste_jax.sparse_weights(model)["blocks/1/fc2/kernel"]
     assert np.asarray(dense.blocks[1].fc2.kernel[...]).tobytes() == np.asarray(w.forward()).tobytes()
 
 
@@ -316,7 +328,7 @@ def test_load_compressed_errors(tmp_path):
     checkpoint.export_compressed(tmp_path / "export", _sparse_model(0))
     with pytest.raises(FileExistsError, match="already exists"):
         checkpoint.export_compressed(tmp_path / "export", _sparse_model(0))
-    wider = sparse_nnx.sparsify(_Model(nnx.Rngs(0), d=64), SparsityConfig(), where=_is_ffn)
+    wider = _swap(_Model(nnx.Rngs(0), d=64))
     message = r"'blocks/0/fc1/bias' is stored as float32\[128\] but the target is float32\[256\]"
     with pytest.raises(checkpoint.CheckpointError, match=message):
         checkpoint.load_compressed(tmp_path / "export", wider)
@@ -326,16 +338,17 @@ def test_a_saved_module_records_its_layer_configs_and_refuses_a_differently_spar
     sste = _sparse_model(0)
     checkpoint.save_checkpoint(tmp_path, 1, {"model": sste, "step": jnp.int32(1)})
     record = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
-    assert sorted(record) == [f"model/blocks/{i}/{fc}" for i in (0, 1) for fc in ("fc1", "fc2")]
-    assert record["model/blocks/0/fc1"]["beta"] and record["model/blocks/0/fc1"]["config"]["method"] == "sste"
+    assert sorted(record) == [f"model/blocks/{i}/{fc}/beta" for i in (0, 1) for fc in ("fc1", "fc2")]
+    assert record["model/blocks/0/fc1/beta"]["config"]["method"] == "sste"
+    assert (record["model/blocks/0/fc1/beta"]["axis"], record["model/blocks/0/fc1/beta"]["layout"]) == (0, [])
 
     ste = {"model": _sparse_model(1, SparsityConfig(method="ste")), "step": jnp.int32(0)}
     with pytest.raises(checkpoint.CheckpointConfigError) as info:
         checkpoint.restore_checkpoint(tmp_path, ste)
     message = str(info.value)
     assert str(tmp_path / "1") in message
-    assert "model/blocks/0/fc1: method='sste' in the checkpoint, 'ste' in the target" in message
-    assert "model/blocks/1/fc2" in message
+    assert "model/blocks/0/fc1/beta: method='sste' in the checkpoint, 'ste' in the target" in message
+    assert "model/blocks/1/fc2/beta" in message
     with pytest.raises(checkpoint.CheckpointConfigError), warnings.catch_warnings():
         warnings.simplefilter("error")  # raised at once, not skipped as a damaged step
         checkpoint.restore_latest(tmp_path, ste)
@@ -350,91 +363,110 @@ def test_a_saved_module_records_its_layer_configs_and_refuses_a_differently_spar
     assert int(restored["step"]) == 1
     other_backend = {"model": _sparse_model(1, SparsityConfig(backend="pallas")), "step": jnp.int32(0)}
     restored = checkpoint.restore_checkpoint(tmp_path, other_backend)  # how it is computed may change
-    _assert_bitwise_equal(nnx.state(restored["model"]), nnx.state(sste))
+    # the values of the checkpoint; the target's own β metadata (its backend) is kept
+    _assert_bitwise_equal(nnx.to_pure_dict(nnx.state(restored["model"])), nnx.to_pure_dict(nnx.state(sste)))
+    assert restored["model"].blocks[0].fc1.beta.get_metadata()["spec"].config.backend == "pallas"
 
 
 def test_srste_decay_differences_are_refused_and_a_bare_model_state_is_recorded(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, _sparse_model(0, SparsityConfig(method="srste")))
     target = _sparse_model(1, SparsityConfig(method="srste", srste_decay=1e-3))
     with pytest.raises(
-        checkpoint.CheckpointConfigError, match=r"blocks/0/fc1: srste_decay=0\.0002 in the checkpoint, "
+        checkpoint.CheckpointConfigError, match=r"blocks/0/fc1/beta: srste_decay=0\.0002 in the checkpoint, "
     ):
         checkpoint.restore_checkpoint(tmp_path, target)
 
 
 def test_plain_states_record_which_layers_are_sparse(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, {"model": nnx.state(_sparse_model(0))})
-    half = sparse_nnx.sparsify(_Model(nnx.Rngs(1)), where=lambda path, m: path[-1] == "fc1")
+    half = _swap(_Model(nnx.Rngs(1)), where=lambda path: path[-1] == "fc1")
     with pytest.raises(
-        checkpoint.CheckpointConfigError, match="model/blocks/0/fc2: sparse \\(has a beta\\) only in the checkpoint"
+        checkpoint.CheckpointConfigError, match="model/blocks/0/fc2/beta: a sparse weight's β only in the checkpoint"
     ):
         checkpoint.restore_checkpoint(tmp_path, {"model": nnx.state(half)})
     # The β variables of an nnx.State carry their layer's method: sste -> ste is refused.
     ste = nnx.state(_sparse_model(1, SparsityConfig(method="ste")))
     with pytest.raises(
-        checkpoint.CheckpointConfigError, match="model/blocks/0/fc1: method='sste' in the checkpoint, 'ste'"
+        checkpoint.CheckpointConfigError, match="model/blocks/0/fc1/beta: method='sste' in the checkpoint, 'ste'"
     ):
         checkpoint.restore_checkpoint(tmp_path, {"model": ste})
     restored = checkpoint.restore_checkpoint(tmp_path, {"model": nnx.state(_sparse_model(1))})
     assert "model" in restored
 
 
-def test_checkpoints_without_a_layer_record_still_restore(tmp_path):
+def test_checkpoints_without_a_layer_record_or_with_a_malformed_one_are_refused(tmp_path):
     checkpoint.save_checkpoint(tmp_path, 1, {"model": _sparse_model(0)})
     file = tmp_path / "1" / "sste_checksums" / "checksums.json"
     info = json.loads(file.read_text())
     del info["sparse_layers"]
     file.write_text(json.dumps(info))
-    restored = checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1, SparsityConfig(method="ste"))})
+    with pytest.raises(checkpoint.CheckpointError, match="has no sparse-layer record"):
+        checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1, SparsityConfig(method="ste"))})
+    restored = checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1)}, check_layers=False)
     for a, b in zip(jax.tree.leaves(nnx.state(restored["model"])), jax.tree.leaves(nnx.state(_sparse_model(0)))):
-        assert np.array_equal(np.asarray(a), np.asarray(b))  # the values (β metadata names another method)
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # the values, when the check is waived
     info["sparse_layers"] = ["not", "a", "dict"]
     file.write_text(json.dumps(info))
     with pytest.raises(checkpoint.CheckpointError, match="sparse-layer record is malformed"):
         checkpoint.restore_checkpoint(tmp_path, {"model": _sparse_model(1)})
 
 
-def test_parameter_path_specs_record_their_configs(tmp_path):
+def test_sparsify_fn_variables_record_their_configs(tmp_path):
     params = {"mlp": {"kernel": jax.random.normal(jax.random.key(0), (16, 64))}}
-    where = sste_jax.select_kernels(axis=0, path=r"mlp")
-    sste_spec = sste_jax.sparsity_spec(params, where=where)
-    checkpoint.save_checkpoint(tmp_path, 1, {"params": params, "spec": sste_spec})
-    restored = checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": sste_spec})
-    assert float(restored["spec"]["mlp/kernel"].beta) == float(sste_spec["mlp/kernel"].beta)
-    ste_spec = sste_jax.sparsity_spec(params, where=where, config=SparsityConfig(method="ste"))
+
+    def fn(p, x):
+        return x @ p["mlp"]["kernel"]
+
+    x_BxI = jnp.ones((2, 16))
+    sste = sste_jax.sparsify_fn(fn, {"mlp": SparsityConfig()}).init(params, x_BxI)
+    checkpoint.save_checkpoint(tmp_path, 1, sste)
+    restored = checkpoint.restore_checkpoint(tmp_path, sste)
+    assert float(restored["sparsity"]["mlp/kernel"].value) == float(sste["sparsity"]["mlp/kernel"].value)
+    ste = sste_jax.sparsify_fn(fn, {"mlp": SparsityConfig(method="ste")}).init(params, x_BxI)
     with pytest.raises(
-        checkpoint.CheckpointConfigError, match="spec/mlp/kernel: method='sste' in the checkpoint, 'ste'"
+        checkpoint.CheckpointConfigError, match="sparsity/mlp/kernel: method='sste' in the checkpoint, 'ste'"
     ):
-        checkpoint.restore_checkpoint(tmp_path, {"params": params, "spec": ste_spec})
+        checkpoint.restore_checkpoint(tmp_path, ste)
 
 
 def test_linen_variables_record_each_layers_method_and_refuse_a_differently_sparsified_target(tmp_path):
+    import dataclasses
+
     from flax import linen as nn
 
-    from sste_jax import linen as sparse_linen
+    from sste_jax._layout import SparsityBeta
 
     x_BxI = jnp.ones((2, 8))
 
     def variables(config, seed):
-        return sparse_linen.SparseDense(4, config=config).init(jax.random.key(seed), x_BxI)
+        return sste_jax.sparsify(nn.Dense(4), {".*": config}).init(jax.random.key(seed), x_BxI)
 
     sste = variables(SparsityConfig(mvue=True), 0)
     checkpoint.save_checkpoint(tmp_path, 1, sste)
     record = json.loads((tmp_path / "1" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
-    assert record["sparsity"]["config"] == {"method": "sste", "mvue": True, "fp8": False, "n": 2, "m": 4}
+    assert record == {"sparsity/kernel": {"config": dataclasses.asdict(SparsityConfig(mvue=True)), "axis": 0,
+                                          "layout": []}}
     with pytest.raises(checkpoint.CheckpointConfigError, match="n=2 in the checkpoint, 1 in the target"):
         checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=False, n=1), 1))
     restored = checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=True), 1))
-    assert type(restored["sparsity"]["beta"]) is sparse_linen.SparsityBeta
+    assert type(restored["sparsity"]["kernel"]) is SparsityBeta
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(sste)):
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
     with pytest.raises(checkpoint.CheckpointConfigError, match="method='sste' in the checkpoint, 'ste' in the target"):
         checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(method="ste", mvue=True), 1))
     with pytest.raises(checkpoint.CheckpointConfigError, match="mvue=True in the checkpoint, False in the target"):
         checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(), 1))
-    bare = nn.unbox(variables(SparsityConfig(method="ste"), 1))  # bare arrays: which layers are sparse only
-    assert np.asarray(checkpoint.restore_checkpoint(tmp_path, bare)["sparsity"]["beta"]).tobytes() == np.asarray(
-        sste["sparsity"]["beta"].value).tobytes()
+    # β saved as bare arrays carry no spec: nothing is recorded, and a target with a spec'd β is refused.
+    bare = lambda v: {**v, "sparsity": {k: b.value for k, b in v["sparsity"].items()}}  # noqa: E731
+    checkpoint.save_checkpoint(tmp_path, 2, bare(sste))
+    record = json.loads((tmp_path / "2" / "sste_checksums" / "checksums.json").read_text())["sparse_layers"]
+    assert record == {}
+    restored = checkpoint.restore_checkpoint(tmp_path, bare(variables(SparsityConfig(method="ste"), 1)))
+    want = np.asarray(sste["sparsity"]["kernel"].value)
+    assert np.asarray(restored["sparsity"]["kernel"]).tobytes() == want.tobytes()
+    only_in_target = "sparsity/kernel: a sparse weight's β only in the target"
+    with pytest.raises(checkpoint.CheckpointConfigError, match=only_in_target):
+        checkpoint.restore_checkpoint(tmp_path, variables(SparsityConfig(mvue=True), 1))
 
 
 def test_checkpointer_saves_in_the_background_from_a_host_copy(tmp_path):

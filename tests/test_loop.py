@@ -35,8 +35,8 @@ def _task(poison_at=None, on_batch=None):
     return loop.Task(loss, batch_at, base.evaluate)
 
 
-def _fit(tmp_path, task, **kw):
-    run = lm_train.make_run(TINY, "sste")
+def _fit(tmp_path, task, method="sste", **kw):
+    run = lm_train.make_run(TINY, method)
     return loop.fit(run, tmp_path, task, lm_train.build_model(run, 256), progress=False, **kw)
 
 
@@ -145,3 +145,14 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     chex.assert_trees_all_equal(straight["params"], resumed["params"])
     steps = [r["step"] for r in records.read_records(tmp_path / "split" / "metrics.jsonl") if r["kind"] == "train"]
     assert steps == list(range(1, 9))  # the records after step 2 were rewritten, once
+
+
+def test_an_mvue_run_stopped_and_resumed_is_bit_identical_to_one_straight_run(tmp_path):
+    """MVUE's keys fold in the bits of each product's input and weight: restored bit for bit, they draw the
+    same samples as the straight run."""
+    straight = _fit(tmp_path / "straight", _task(), method="sste_mvue_fp8")
+    _fit(tmp_path / "split", _task(), method="sste_mvue_fp8", until=4)
+    resumed = _fit(tmp_path / "split", _task(), method="sste_mvue_fp8", resume=True)
+    chex.assert_trees_all_equal(straight["params"], resumed["params"])
+    losses = lambda d: [r["train_loss"] for r in records.read_records(d / "metrics.jsonl") if r["kind"] == "train"]  # noqa: E731
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")

@@ -91,11 +91,12 @@ def test_nnx_layer_nm_beta_flip_rate_and_errors():
     beta = (w.astype(np.float64) * soft).sum() / (soft * soft).sum()
     assert float(layer.beta[...]) == pytest.approx(beta, rel=1e-5)
     np.testing.assert_allclose(np.asarray(layer.forward_weight()), beta * soft, rtol=1e-5, atol=1e-6)
-    assert layer.beta.get_metadata()["sparse_n"] == 2 and layer.beta.get_metadata()["sparse_m"] == 8
+    spec = layer.beta.get_metadata()["spec"]
+    assert (spec.config.n, spec.config.m) == (2, 8)
     weights = sste_jax.sparse_weights(nnx.Sequential(layer))
-    state = sste_jax.init_flip_state(weights)
+    state = sste_jax.metrics.init_flip_state(weights)
     mask = ref_groups(w, 2, 8)[0]
-    np.testing.assert_array_equal(np.unpackbits(np.asarray(state.masks["layers/0"]))[: w.size], mask.ravel())
+    np.testing.assert_array_equal(np.unpackbits(np.asarray(state.masks["layers/0/kernel"]))[: w.size], mask.ravel())
     with pytest.raises(ValueError, match=r"in_features=12 \(kernel \(12, 8\)\) is not divisible by 8"):
         sparse_nnx.SparseLinear(12, 8, config=cfg, rngs=nnx.Rngs(0))
 

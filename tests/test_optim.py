@@ -75,13 +75,21 @@ class _Net(nnx.Module):
         return self.mlp[1](jax.nn.swish(self.mlp[0](x)) * self.swish_beta[...])
 
 
+def _sparse_net(config: SparsityConfig = SparsityConfig()) -> _Net:
+    """A `_Net` whose linear layers are `SparseLinear` layers holding the same variables."""
+    model = _Net(nnx.Rngs(0))
+    for i, layer in enumerate(list(model.mlp)):
+        model.mlp[i] = sparse_nnx.SparseLinear.from_linear(layer, config)
+    return model
+
+
 @pytest.mark.parametrize(
     "wrt",
     [nnx.Param, nnx.Variable, nnx.Any(nnx.Param, sparse_nnx.SparsityBeta), sparse_nnx.SparsityBeta],
     ids=["param", "variable", "param_or_beta", "beta_only"],
 )
 def test_freeze_beta_under_any_nnx_filter(wrt):
-    model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+    model = _sparse_net()
     betas = [np.asarray(layer.beta[...]).tobytes() for layer in model.mlp]
     optimizer = nnx.Optimizer(model, sste_jax.freeze_beta(optax.adamw(1e-2, weight_decay=0.1)), wrt=wrt)
     assert not any("beta" in p and "swish" not in p for p in _paths(nnx.as_pure(nnx.state(optimizer.opt_state))))
@@ -105,7 +113,7 @@ def test_freeze_beta_refuses_a_param_named_beta_and_a_missed_sparsity_beta():
 
     with pytest.raises(ValueError, match=r"beta is a Param, not a SparsityBeta"):
         nnx.Optimizer(WithBeta(), sste_jax.freeze_beta(optax.adam(1e-2)), wrt=nnx.Param)
-    model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), where=sparse_nnx.all_linear)
+    model = _sparse_net()
     with pytest.raises(ValueError, match=r"mlp/0/beta is not selected"):
         nnx.Optimizer(model, sste_jax.freeze_beta(optax.adam(1e-2), lambda path, leaf: False), wrt=nnx.Variable)
 
@@ -114,7 +122,7 @@ def test_srste_decay_adds_the_pruned_weights_to_selected_kernels_only():
     w = jnp.array([[4.0, -1.0], [-3.0, 2.0], [0.5, -5.0], [2.0, 0.25]])  # groups of 4 along axis 0
     params = {"sparse": w, "dense": w, "bias": jnp.ones(2)}
     mask = {"sparse": True, "dense": False, "bias": False}
-    tx = sste_jax.add_srste_decay(mask, decay=0.5)
+    tx = sste_jax.optim.add_srste_decay(mask, decay=0.5)
     grads = jax.tree.map(jnp.zeros_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     pruned = jnp.array([[0.0, -1.0], [0.0, 0.0], [0.5, 0.0], [2.0, 0.25]])  # the two smallest |w| per column
@@ -122,7 +130,7 @@ def test_srste_decay_adds_the_pruned_weights_to_selected_kernels_only():
     np.testing.assert_array_equal(updates["dense"], 0.0)
     np.testing.assert_array_equal(updates["bias"], 0.0)
     with pytest.raises(ValueError, match=r"2-D kernels.*shape \(2,\)"):
-        bad = sste_jax.add_srste_decay({"sparse": True, "dense": False, "bias": True})
+        bad = sste_jax.optim.add_srste_decay({"sparse": True, "dense": False, "bias": True})
         bad.update(grads, bad.init(params), params)
 
 
@@ -130,20 +138,20 @@ def test_ste_layers_with_srste_transform_equal_srste_layers():
     x_BxI = jax.random.normal(jax.random.key(1), (6, 8))
 
     def grad_and_mask(method):
-        model = sparse_nnx.sparsify(_Net(nnx.Rngs(0)), SparsityConfig(method=method), where=sparse_nnx.all_linear)
+        model = _sparse_net(SparsityConfig(method=method))
         grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x_BxI) ** 2)))(model)
         return model, nnx.as_pure(grads)
 
     srste_model, srste_grads = grad_and_mask("srste")
     ste_model, ste_grads = grad_and_mask("ste")
-    tx = sste_jax.add_srste_decay(sparse_nnx.sparse_kernel_mask(ste_model))
+    tx = sste_jax.optim.add_srste_decay(sste_jax.optim.sparse_kernel_mask(ste_model))
     params = nnx.as_pure(nnx.state(ste_model, nnx.Param))
     updates, _ = tx.update(ste_grads, tx.init(params), params)
     chex.assert_trees_all_close(updates, srste_grads, rtol=1e-6, atol=1e-9)
 
 
 def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
-    tx = sste_jax.add_masked_decay({"w": True, "b": False}, decay=0.25)
+    tx = sste_jax.optim.add_masked_decay({"w": True, "b": False}, decay=0.25)
     keys = jax.random.split(jax.random.key(3), 81)
     weights = [jax.random.normal(k, (8, 4)) for k in keys]
     state = tx.init({"w": weights[0], "b": jnp.ones(3)})
@@ -160,4 +168,4 @@ def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
             assert not np.array_equal(m, sste_jax.transposable_mask_24(w))
     assert int(state.inner_state.count) == 81
     with pytest.raises(ValueError, match="refresh_every"):
-        sste_jax.add_masked_decay({"w": True}, refresh_every=0)
+        sste_jax.optim.add_masked_decay({"w": True}, refresh_every=0)

@@ -240,7 +240,7 @@ def test_srste_takes_a_sparse_learning_rate_scale():
         tx.update(grads, tx.init(params), params)
         for tx in (methods.make_optimizer(cfg, model, recipe), methods.make_optimizer(cfg, model, recipe, 2.0))
     ]
-    sparse = nnx.to_flat_state(sparse_nnx.sparse_kernel_mask(model))
+    sparse = nnx.to_flat_state(sste_jax.optim.sparse_kernel_mask(model))
     for (path, is_sparse), b, s in zip(sparse, jax.tree.leaves(base), jax.tree.leaves(scaled)):
         assert np.abs(np.asarray(b)).max() > 0, path
         np.testing.assert_array_equal(np.asarray(s), 2 * np.asarray(b) if is_sparse else np.asarray(b))

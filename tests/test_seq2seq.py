@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-import sste_jax
+from experiments.common import recipes
 from experiments.translation import seq2seq
 from experiments.translation.seq2seq import PAD, Seq2SeqConfig, Transformer
 from sste_jax import nnx as sparse_nnx
@@ -73,7 +73,7 @@ def test_feed_forward_selects_exactly_the_mlp_linears():
     model = _model()
     src_BxS = _padded_src(np.random.default_rng(4), [4, 6, 2, 5], 6)
     dense_ids = seq2seq.greedy_decode(model, src_BxS, BOS, EOS, 8)
-    sparse_nnx.sparsify(model, sste_jax.SparsityConfig(method="sste"), sparse_nnx.feed_forward)
+    recipes.sparsify(model, recipes.get_recipe("sste"), recipes.FEED_FORWARD, seed=0)
     sparse = ["/".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, sparse_nnx.SparseLinear)]
     expected = [f"{stack}/{i}/mlp/{fc}" for stack in ("encoder", "decoder") for i in (0, 1) for fc in ("fc1", "fc2")]
     assert sorted(sparse) == sorted(expected)
@@ -191,7 +191,7 @@ def test_learns_to_copy(method):
     cfg = Seq2SeqConfig(vocab_size=16, d_model=32, n_head=2, n_enc_layer=1, n_dec_layer=1, max_len=8)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     if method != "dense":
-        sparse_nnx.sparsify(model, sste_jax.SparsityConfig(method=method))
+        recipes.sparsify(model, recipes.get_recipe(method), seed=0)
     optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
 
     @nnx.jit

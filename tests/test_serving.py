@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import linen, nnx, traverse_util
 
+import sste_jax
 from experiments import export_hf
 from experiments.common import recipes
 from experiments.lm import data
@@ -17,7 +18,6 @@ from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
 from experiments.lm.model import GPT
 from sste_jax import SparsityConfig, serving
-from sste_jax import linen as sparse_linen
 from sste_jax import nnx as sparse_nnx
 
 torch = pytest.importorskip("torch")
@@ -145,7 +145,7 @@ def test_serving_refuses_bad_input(tmp_path):
         serving.save_safetensors(tmp_path / "d", w, targets)
     with pytest.raises(ValueError, match=r"not mapped \['fc.weight'\]"):
         serving.load_safetensors(tmp_path / "d", {"x": serving.Target("other.weight")})
-    model = sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(), sparse_nnx.all_linear)
+    model = _sparse_two(SparsityConfig())
     weights, sparse = serving.inference_weights(model)
     weights["b/kernel"] = jnp.ones((4, 8))
     with pytest.raises(ValueError, match=r"b/kernel: shape \(4, 8\) in the weights, \(8, 8\) in the model"):
@@ -158,6 +158,14 @@ class _Two(nnx.Module):
 
     def __call__(self, x):
         return self.b(self.a(x))
+
+
+def _sparse_two(config: SparsityConfig) -> _Two:
+    """A `_Two` whose layers are `SparseLinear` layers holding the same variables."""
+    model = _Two(nnx.Rngs(0))
+    model.a = sparse_nnx.SparseLinear.from_linear(model.a, config)
+    model.b = sparse_nnx.SparseLinear.from_linear(model.b, config)
+    return model
 
 
 def test_kv_cache_decoding_matches_the_full_forward():
@@ -300,18 +308,18 @@ def test_fp8_refuses_bad_input(tmp_path):
 class _LinenMLP(linen.Module):
     @linen.compact
     def __call__(self, x):
-        x = jax.nn.relu(sparse_linen.SparseDense(16, name="up")(x))
-        x = linen.Dense(16, name="mid")(x)  # made sparse by sparsify_dense below
+        x = jax.nn.relu(linen.Dense(16, name="up")(x))
+        x = linen.Dense(16, name="mid")(x)
         return linen.Dense(8, name="head")(x)  # stays dense
 
 
 def test_linen_export_loads_back_and_serves_as_a_plain_linen_model(tmp_path):
-    model, x = _LinenMLP(), jax.random.normal(jax.random.key(1), (3, 8))
-    with sparse_linen.sparsify_dense(where=lambda path, _: path[-1] == "mid"):
-        variables = model.init(jax.random.key(0), x)
-        variables = {**variables, "params": jax.tree.map(lambda p: p * 1.3, variables["params"])}  # β no longer fits
-        y = model.apply(variables, x)
-    weights, sparse = serving.linen_inference_weights(variables)
+    model = sste_jax.sparsify(_LinenMLP(), {"up|mid": SparsityConfig()})
+    x = jax.random.normal(jax.random.key(1), (3, 8))
+    variables = model.init(jax.random.key(0), x)
+    variables = {**variables, "params": jax.tree.map(lambda p: p * 1.3, variables["params"])}  # β no longer fits
+    y = model.apply(variables, x)
+    weights, sparse = serving.inference_weights(variables)
     assert sparse == {"up/kernel", "mid/kernel"}
     up = variables["params"]["up"]["kernel"]
     assert not np.array_equal(weights["up/kernel"], up)  # the forward weight β·S(W), not W
@@ -331,22 +339,25 @@ def test_linen_export_loads_back_and_serves_as_a_plain_linen_model(tmp_path):
 
 @pytest.mark.parametrize("n, m", [(1, 4), (2, 8)])
 def test_linen_export_keeps_the_layers_n_m_pattern(n, m):
-    layer = sparse_linen.SparseDense(8, config=SparsityConfig(n=n, m=m))
-    variables = layer.init(jax.random.key(0), jnp.ones((2, 16)))
-    assert (variables["sparsity"]["beta"].sparse_n, variables["sparsity"]["beta"].sparse_m) == (n, m)
-    weights, sparse = serving.linen_inference_weights(variables)
+    config = SparsityConfig(n=n, m=m)
+    variables = sste_jax.sparsify(linen.Dense(8), {".*": config}).init(jax.random.key(0), jnp.ones((2, 16)))
+    beta = variables["sparsity"]["kernel"]
+    assert (beta.spec.config.n, beta.spec.config.m) == (n, m)
+    weights, sparse = serving.inference_weights(variables)
     assert sparse == {"kernel"}
-    np.testing.assert_array_equal(weights["kernel"], layer.apply(variables, method="forward_weight"))
+    want = sste_jax.forward_weight(variables["params"]["kernel"], beta.value, config)
+    np.testing.assert_array_equal(weights["kernel"], want)
     assert (np.asarray(weights["kernel"]).reshape(16 // m, m, 8) != 0).sum(1).max() == n
 
 
 @pytest.mark.outside_annotations
-def test_linen_export_refuses_unboxed_variables():
-    variables = sparse_linen.SparseDense(4).init(jax.random.key(0), jnp.ones((2, 8)))
-    with pytest.raises(ValueError, match="sparsity/beta: not a SparsityBeta box"):
-        serving.linen_inference_weights(linen.unbox(variables))
-    with pytest.raises(ValueError, match="no 'params' collection"):
-        serving.linen_inference_weights({"sparsity": variables["sparsity"]})
+def test_linen_export_refuses_variables_without_their_beta_boxes_or_params():
+    variables = sste_jax.sparsify(linen.Dense(4), {".*": SparsityConfig()}).init(jax.random.key(0), jnp.ones((2, 8)))
+    bare = {**variables, "sparsity": {"kernel": variables["sparsity"]["kernel"].value}}
+    with pytest.raises(ValueError, match=r"variables\['sparsity'\]\['kernel'\] is not the β of a weight"):
+        serving.inference_weights(bare)
+    with pytest.raises(TypeError, match=r"the variables \{'params', 'sparsity'\}"):
+        serving.inference_weights({"sparsity": variables["sparsity"]})
 
 
 def test_dense_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
@@ -362,7 +373,7 @@ def test_dense_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
 
 @pytest.mark.outside_annotations
 def test_backends_refuse_what_they_cannot_run():
-    served = sparse_nnx.compress_layers(sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(), sparse_nnx.all_linear))
+    served = sparse_nnx.compress_layers(_sparse_two(SparsityConfig()))
     with pytest.raises(ValueError, match=r"backend='tpu'"):
         serving.to_backend(served, "tpu")
     if jax.default_backend() != "gpu":
@@ -371,8 +382,7 @@ def test_backends_refuse_what_they_cannot_run():
                 serving.to_backend(served, backend)
         with pytest.raises(RuntimeError, match="sparse tensor cores"):
             serving.CusparseltLinear.from_weight(jnp.zeros((16, 16)))
-    fp8 = sparse_nnx.compress_layers(
-        sparse_nnx.sparsify(_Two(nnx.Rngs(0)), SparsityConfig(fp8=True), sparse_nnx.all_linear))
+    fp8 = sparse_nnx.compress_layers(_sparse_two(SparsityConfig(fp8=True)))
     with pytest.raises(ValueError, match="a: the layer computes FP8 products"):
         serving.to_backend(fp8, "dense")
 

@@ -43,7 +43,7 @@ def _step(params, betas, opt, flips, x_BxI, y_BxO):
     loss, grads = jax.value_and_grad(_loss)(params, betas, x_BxI, y_BxO)
     updates, opt = _TX.update(grads, opt, params)
     params = optax.apply_updates(params, updates)
-    rates, flips = sste_jax.flip_rate(flips, {n: SparseWeight(params[n], betas[n]) for n in params})
+    rates, flips = sste_jax.metrics.flip_rate(flips, {n: SparseWeight(params[n], betas[n]) for n in params})
     return params, opt, flips, loss, rates
 
 
@@ -56,7 +56,7 @@ def _batches(n):
 def _train(params, betas, batches, put_params=lambda t: t, put_batch=lambda t: t):
     params = put_params(params)
     opt = _TX.init(params)
-    flips = sste_jax.init_flip_state({n: SparseWeight(params[n], betas[n]) for n in params})
+    flips = sste_jax.metrics.init_flip_state({n: SparseWeight(params[n], betas[n]) for n in params})
     losses = []
     for x, y in batches:
         params, opt, flips, loss, rates = _step(params, betas, opt, flips, put_batch(x), put_batch(y))
@@ -97,7 +97,7 @@ def test_fsdp_step_equals_unsharded():
     kernel = NamedSharding(mesh, P("fsdp", None))  # contraction axis over 4 devices: 16 and 32 rows each
     put_params = lambda t: jax.device_put(t, kernel)  # noqa: E731
     placed = put_params(params)
-    sste_jax.check_sharding({n: SparseWeight(placed[n], betas[n]) for n in placed})
+    sste_jax.metrics.check_sharding({n: SparseWeight(placed[n], betas[n]) for n in placed})
     put_batch = lambda t: jax.device_put(t, NamedSharding(mesh, P("data")))  # noqa: E731
     sharded = _train(params, betas, batches, put_params, put_batch)
     assert sharded[0]["w1"].sharding.shard_shape((64, 128)) == (16, 128)
@@ -117,21 +117,21 @@ def test_sharding_that_splits_a_group_names_the_layer():
     mesh = _mesh((8,), ("fsdp",))
     kernel = jnp.zeros((16, 8))  # 8 shards of 2 rows: every group of 4 straddles two devices
     placed = jax.device_put(kernel, NamedSharding(mesh, P("fsdp", None)))
-    with pytest.raises(ValueError, match=r"layer 'blocks/1/mlp/fc1'.*shards of shape \(2, 8\).*axis 0"):
-        sste_jax.check_sharding({"blocks/1/mlp/fc1": SparseWeight(placed)})
+    with pytest.raises(ValueError, match=r"weight 'blocks/1/mlp/fc1'.*shards of shape \(2, 8\).*axis 0"):
+        sste_jax.metrics.check_sharding({"blocks/1/mlp/fc1": SparseWeight(placed)})
     # The same plan is rejected before placing anything, from a ShapeDtypeStruct.
     plan = jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None)))
-    with pytest.raises(ValueError, match="layer 'fc'"):
-        sste_jax.check_sharding({"fc": SparseWeight(plan)})
+    with pytest.raises(ValueError, match="weight 'fc'"):
+        sste_jax.metrics.check_sharding({"fc": SparseWeight(plan)})
     # Sharding the output axis, or the grouped axis into shards of 4, is fine.
     by_column = jax.device_put(jnp.zeros((16, 8)), NamedSharding(mesh, P(None, "fsdp")))
-    sste_jax.check_sharding({"fc": SparseWeight(by_column)})
+    sste_jax.metrics.check_sharding({"fc": SparseWeight(by_column)})
     rows_of_4 = jax.device_put(jnp.zeros((32, 8)), NamedSharding(mesh, P("fsdp")))
-    sste_jax.check_sharding({"fc": SparseWeight(rows_of_4)})
+    sste_jax.metrics.check_sharding({"fc": SparseWeight(rows_of_4)})
     # A kernel grouped along axis 1 is checked along axis 1.
     placed = jax.device_put(jnp.zeros((8, 16)), NamedSharding(mesh, P(None, "fsdp")))
-    with pytest.raises(ValueError, match=r"layer 'e'.*axis 1"):
-        sste_jax.check_sharding({"e": SparseWeight(placed, axis=1)})
+    with pytest.raises(ValueError, match=r"weight 'e'.*axis 1"):
+        sste_jax.metrics.check_sharding({"e": SparseWeight(placed, axis=1)})
 
 
 class _MLP(nnx.Module):
@@ -144,7 +144,10 @@ class _MLP(nnx.Module):
 
 
 def _sparse_mlp(d: int = 32) -> _MLP:
-    return sparse_nnx.sparsify(_MLP(nnx.Rngs(0), d), SparsityConfig(), where=lambda path, m: True)
+    model = _MLP(nnx.Rngs(0), d)
+    model.fc1 = sparse_nnx.SparseLinear.from_linear(model.fc1, SparsityConfig())
+    model.fc2 = sparse_nnx.SparseLinear.from_linear(model.fc2, SparsityConfig())
+    return model
 
 
 def _shard_kernels(model, mesh, spec):
@@ -175,7 +178,7 @@ def test_nnx_model_fsdp_and_data_parallel_equals_unsharded():
     mesh = _mesh((2, 4), ("data", "fsdp"))
     model = _sparse_mlp()
     _shard_kernels(model, mesh, P("fsdp", None))
-    sste_jax.check_sharding(sste_jax.sparse_weights(model))
+    sste_jax.metrics.check_sharding(sste_jax.sparse_weights(model))
     assert model.fc1.kernel[...].sharding.shard_shape((32, 128)) == (8, 128)
     kernels, losses = _nnx_train(model, lambda t: jax.device_put(t, NamedSharding(mesh, P("data"))))
     ref_kernels, ref_losses = _nnx_train(_sparse_mlp())
@@ -189,8 +192,8 @@ def test_nnx_model_fsdp_and_data_parallel_equals_unsharded():
 def test_nnx_model_with_group_splitting_sharding_names_the_layer():
     model = _sparse_mlp(d=16)  # fc1 has 16 input rows: 8 shards of 2 split its groups; fc2's 64 rows don't
     _shard_kernels(model, _mesh((8,), ("fsdp",)), P("fsdp", None))
-    with pytest.raises(ValueError, match=r"layer 'fc1'.*\(16, 64\).*\(2, 64\)"):
-        sste_jax.check_sharding(sste_jax.sparse_weights(model))
+    with pytest.raises(ValueError, match=r"weight 'fc1/kernel'.*\(16, 64\).*\(2, 64\)"):
+        sste_jax.metrics.check_sharding(sste_jax.sparse_weights(model))
 
 
 def test_mvue_on_a_sharded_gradient_equals_the_unsharded_and_differs_across_shards():

@@ -143,7 +143,7 @@ def test_variance_is_frozen_uncorrected_after_the_switch():
 
 def test_step_adam_with_freeze_beta_and_helper():
     params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.3)}}
-    tx = sste_jax.freeze_beta(sste_jax.step_adam(0.1, threshold=0.0, max_steps=2))
+    tx = sste_jax.freeze_beta(sste_jax.optim.step_adam(0.1, threshold=0.0, max_steps=2))
     state = tx.init(params)
     for _ in range(3):
         updates, state = tx.update(params, state, params)
@@ -156,7 +156,7 @@ def test_step_adam_with_freeze_beta_and_helper():
 def test_sparse_mask_inside_freeze_beta():
     params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.3)}, "emb": jnp.ones((3,))}
     sparse = {"fc": {"kernel": True, "beta": False}, "emb": False}
-    tx = sste_jax.freeze_beta(sste_jax.step_adam(0.1, sparse=sparse, threshold=0.0, max_steps=1))
+    tx = sste_jax.freeze_beta(sste_jax.optim.step_adam(0.1, sparse=sparse, threshold=0.0, max_steps=1))
     state = tx.init(params)
     for _ in range(2):
         _, state = tx.update(params, state, params)

@@ -1,5 +1,5 @@
 """Model surgery asks each layer for its forward weight: T-SR-STE (which keeps a mask) densifies,
-compresses and exports like the other methods; the Linen layer gives its forward weight too."""
+compresses and exports like the other methods."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,6 @@ from flax import nnx
 
 import sste_jax
 from sste_jax import SparsityConfig, checkpoint
-from sste_jax import linen as sparse_linen
 from sste_jax import nnx as sparse_nnx
 
 
@@ -23,7 +22,10 @@ class _MLP(nnx.Module):
 
 
 def _tsrste_model(seed: int) -> _MLP:
-    model = sparse_nnx.sparsify(_MLP(nnx.Rngs(seed)), SparsityConfig(method="tsrste"), sparse_nnx.all_linear)
+    model = _MLP(nnx.Rngs(seed))
+    config = SparsityConfig(method="tsrste")
+    model.fc1 = sparse_nnx.SparseLinear.from_linear(model.fc1, config)
+    model.fc2 = sparse_nnx.SparseLinear.from_linear(model.fc2, config)
     model.fc1.kernel[...] *= 1.5  # the kernel moved after the last mask refresh: the mask, not top-2, decides
     return model
 
@@ -76,19 +78,6 @@ def test_a_sparse_module_without_forward_weight_is_named():
         sparse_nnx.densify_layers(Holder())
 
 
-def test_linen_layer_gives_its_forward_weight():
-    layer = sparse_linen.SparseDense(8)
-    variables = layer.init(jax.random.key(0), jnp.ones((2, 16)))
-    w = layer.apply(variables, method="forward_weight")
-    want = sste_jax.forward_weight(variables["params"]["kernel"], variables["sparsity"]["beta"].value, SparsityConfig())
-    assert np.asarray(w).tobytes() == np.asarray(want).tobytes()
-    x = jax.random.normal(jax.random.key(1), (3, 16))
-    np.testing.assert_array_equal(layer.apply(variables, x), x @ w + variables["params"]["bias"][None])
-    with pytest.raises(ValueError, match=r"lack \['sparsity/beta'\]"):
-        layer.apply({"params": variables["params"]}, method="forward_weight")
-
-
-
 def test_decompress_layers_keeps_outputs_and_fp8_layers():
     model = sparse_nnx.compress_layers(_tsrste_model(0))
     x = jax.random.normal(jax.random.key(3), (5, 16))
@@ -101,3 +90,19 @@ def test_decompress_layers_keeps_outputs_and_fp8_layers():
     model.fc2.fp8 = False
     sparse_nnx.decompress_layers(model)
     assert type(model.fc2) is nnx.Linear and np.asarray(model(x)).tobytes() == np.asarray(y).tobytes()
+
+
+def test_densify_layers_bakes_compressed_layers_and_models_made_by_sparsify():
+    x = jax.random.normal(jax.random.key(4), (8, 16))
+    served = sparse_nnx.compress_layers(_tsrste_model(0))
+    y = served(x)
+    dense = sparse_nnx.densify_layers(served)
+    assert type(dense.fc1) is nnx.Linear and type(dense.fc2) is nnx.Linear
+    assert np.asarray(dense(x)).tobytes() == np.asarray(y).tobytes()
+    made = sste_jax.sparsify(_MLP(nnx.Rngs(0)), {"fc1|fc2": SparsityConfig()}, x)
+    y = made(x)
+    w_tilde = sste_jax.sparse_weights(made)["fc1/kernel"].forward()
+    dense = sparse_nnx.densify_layers(made)
+    assert type(dense) is _MLP and not hasattr(dense, "sparsity")
+    assert np.asarray(dense.fc1.kernel[...]).tobytes() == np.asarray(w_tilde).tobytes()
+    np.testing.assert_allclose(dense(x), y, rtol=1e-6, atol=1e-6)

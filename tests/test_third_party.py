@@ -1,6 +1,14 @@
-"""One call on models nobody here wrote: tunix's Llama 3 (NNX), Hugging Face's Flax GPT-2 (Linen),
-Google DeepMind's gemma (Linen, Python >= 3.12). Each is skipped cleanly where it does not install."""
+"""One call on models nobody here wrote, with the whole method (S-STE + MVUE + FP8): Hugging Face's Flax
+GPT-2 (its Linen module, and its wrapper through `sparsify_fn`), Equinox (layers stacked and scanned,
+with biases), tunix's Llama 3 (NNX, rematerialised blocks); and, where a Python 3.12 environment with them
+exists (`tests/third_party/setup_py312.sh`), Google DeepMind's gemma and Google's MaxText (its default
+scanned layout, layers on parameter axis 1, Linen and NNX). Each model passes every check of
+`tests/third_party/checks.py`; each is skipped cleanly where it does not install."""
+import functools
 import importlib.util
+import os
+import pathlib
+import subprocess
 import sys
 import types
 
@@ -12,10 +20,12 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from sste_jax import SparsityConfig
+from sste_jax._optim import key_name
+from tests.third_party import checks
 
-pytest.importorskip("qwix")
-CONFIG = SparsityConfig(mvue=True, fp8=True)
+pytestmark = pytest.mark.integration
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -24,6 +34,107 @@ def _their_broadcasting():
     with jax.numpy_rank_promotion("allow"):
         yield
 
+
+def _named(tree) -> dict:
+    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
+    return {name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _replaced(tree, weights):
+    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
+    return jax.tree_util.tree_map_with_path(lambda p, x: weights.get(name(p), x), tree)
+
+
+def _xent(logits, ids):
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+# --- Hugging Face Flax GPT-2 ------------------------------------------------------------------------------
+
+@functools.cache
+def _gpt2():
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
+        pytest.skip("this transformers has no Flax models (4.57 is the last with them)")
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
+    model = transformers.FlaxGPT2LMHeadModel(config, seed=0)
+    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+    return model, ids, jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(16), (2, 16))
+
+
+GPT2_AXES = {f"transformer/h/{i}/mlp/{n}/kernel": 1 for i in (0, 1) for n in ("c_fc", "c_proj")}  # (out, in)
+
+
+@pytest.mark.filterwarnings("ignore:.*TensorFlow and JAX classes are deprecated")
+def test_hf_flax_gpt2_linen_module():
+    hf, ids, mask, pos = _gpt2()
+
+    def make(config, seed):
+        sparse = sste_jax.sparsify(hf.module, sste_jax.feed_forward(config), seed=seed)
+        variables = sparse.init(jax.random.key(1), ids, mask, pos)
+        return checks.View(
+            variables,
+            loss=lambda v: _xent(sparse.apply(v, ids, mask, pos).logits, ids),
+            record=sste_jax.sparse_weights,
+            weights=lambda tree: _named(tree["params"]),
+            dense=lambda w: _xent(hf.module.apply({"params": _replaced(variables["params"], w)}, ids, mask,
+                                                  pos).logits, ids),
+        )
+
+    checks.check_all(make, GPT2_AXES)
+
+
+@pytest.mark.filterwarnings("ignore:.*TensorFlow and JAX classes are deprecated")
+def test_hf_flax_gpt2_wrapper_through_sparsify_fn():
+    hf, ids, _, _ = _gpt2()
+
+    def make(config, seed):
+        sparse = sste_jax.sparsify_fn(lambda p, ids: hf(ids, params=p).logits, sste_jax.feed_forward(config),
+                                      seed=seed)
+        return checks.View(
+            sparse.init(hf.params, ids),
+            loss=lambda v: _xent(sparse(v, ids), ids),
+            record=sste_jax.sparse_weights,
+            weights=lambda tree: _named(tree["params"]),
+            dense=lambda w: _xent(hf(ids, params=_replaced(hf.params, w)).logits, ids),
+        )
+
+    checks.check_all(make, GPT2_AXES)
+
+
+# --- Equinox: stacked layers scanned, with biases ----------------------------------------------------------
+
+def test_equinox_scanned_mlp_with_biases():
+    eqx = pytest.importorskip("equinox")
+
+    class Block(eqx.Module):
+        mlp: eqx.nn.MLP
+
+    stacked = eqx.filter_vmap(lambda k: Block(eqx.nn.MLP(8, 8, 32, depth=1, key=k)))(
+        jax.random.split(jax.random.key(0), 3))
+    arrays, static = eqx.partition(stacked, eqx.is_array)
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+
+    def forward(arrays, x):
+        def step(h, layer):
+            return h + jax.vmap(eqx.combine(layer, static).mlp)(h), None
+
+        return jax.lax.scan(step, x, arrays)[0]
+
+    def loss(out):
+        return jnp.mean((out - jnp.sin(x)) ** 2)
+
+    def make(config, seed):
+        sparse = sste_jax.sparsify_fn(forward, sste_jax.feed_forward(config), seed=seed)
+        return checks.View(sparse.init(arrays, x), loss=lambda v: loss(sparse(v, x)), record=sste_jax.sparse_weights,
+                           weights=lambda tree: _named(tree["params"]),
+                           dense=lambda w: loss(forward(_replaced(arrays, w), x)))
+
+    # (layers, out, in) weights: groups along in, parameter axis 2; the stacked biases feed no product
+    checks.check_all(make, {"mlp/layers/0/weight": 2, "mlp/layers/1/weight": 2}, drop=0.05)
+
+
+# --- tunix's Llama 3 (NNX, remat) ---------------------------------------------------------------------------
 
 def _tunix_llama():
     """tunix's Llama 3 model module, without ``tunix/__init__`` (which imports its trainers' dependencies)."""
@@ -39,10 +150,25 @@ def _tunix_llama():
     return llama
 
 
+def nnx_view(model, dense_model, loss) -> checks.View:
+    """A view of an NNX model made sparse: the state is its parameters; ``dense_model`` is the original."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    dense_graphdef, dense_params, dense_rest = nnx.split(dense_model, nnx.Param, ...)
+    merge = lambda p: nnx.merge(graphdef, p, rest, copy=True)  # noqa: E731
+    by_path = lambda state: {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}  # noqa: E731
+
+    def dense(weights):
+        flat = [(p, v.replace(weights.get("/".join(map(str, p)), v[...]))) for p, v in nnx.to_flat_state(dense_params)]
+        return loss(nnx.merge(dense_graphdef, nnx.from_flat_state(flat), dense_rest, copy=True))
+
+    return checks.View(params, loss=lambda p: loss(merge(p)), record=lambda p: sste_jax.sparse_weights(merge(p)),
+                       weights=by_path, dense=dense, model=merge)
+
+
 @pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning")  # tunix's own code
 @pytest.mark.filterwarnings("ignore:jax.interpreters.pxla.thread_resources is deprecated:DeprecationWarning")
 @pytest.mark.filterwarnings("ignore:'.value' access is now deprecated:DeprecationWarning")
-def test_tunix_llama3_trains_with_mvue_fp8_under_remat():
+def test_tunix_llama3_with_rematerialised_blocks():
     llama = _tunix_llama()
     config = llama.ModelConfig(num_layers=2, vocab_size=32, embed_dim=16, hidden_dim=64, num_heads=2, head_dim=8,
                                num_kv_heads=1, rope_theta=10_000, norm_eps=1e-5,
@@ -50,104 +176,40 @@ def test_tunix_llama3_trains_with_mvue_fp8_under_remat():
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 32)
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
     mask = jnp.tril(jnp.ones((16, 16), bool))[None].repeat(2, 0)
-    dense = llama.Llama3(config, rngs=nnx.Rngs(0))
-    params = [v for _, v in nnx.iter_graph(dense) if isinstance(v, nnx.Param)]
-    for i, param in enumerate(params):  # tunix initialises kernels to zero, for weights loaded later: "load" some
-        shape = param[...].shape
-        param[...] = (
-            jax.random.normal(jax.random.key(i), shape) / np.sqrt(shape[0]) if len(shape) > 1 else jnp.ones(shape)
-        )
-    model = sste_jax.sparsify(dense, sste_jax.feed_forward(CONFIG), tokens, positions, None, mask,
-                              rngs=nnx.Rngs(sparsity=0))
-    for layer in model.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            linear = getattr(layer.mlp, name)
-            np.testing.assert_allclose(linear.beta[...], sste_jax.fit_beta(linear.kernel[...]), rtol=1e-6)
-    betas = {p: v[...] for p, v in nnx.iter_graph(model) if isinstance(v, sste_jax.nnx.SparsityBeta)}
-    assert len(betas) == 2 * 3  # the feed-forward linears only: attention, embeddings and head stay dense
-    opt = nnx.Optimizer(model, sste_jax.freeze_beta(optax.adam(3e-3)), wrt=nnx.Param)
 
-    @nnx.jit
-    def step(model, opt):
-        def loss_fn(model):
-            logits, _ = model(tokens, positions, None, mask)
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    def dense_model():
+        model = llama.Llama3(config, rngs=nnx.Rngs(0))
+        for i, param in enumerate(v for _, v in nnx.iter_graph(model) if isinstance(v, nnx.Param)):
+            shape = param[...].shape  # tunix initialises kernels to zero, for weights loaded later: "load" some
+            param[...] = jax.random.normal(jax.random.key(i), shape) / np.sqrt(shape[0]) if len(shape) > 1 \
+                else jnp.ones(shape)
+        return model
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        opt.update(model, grads)
-        return loss
+    def loss(model):
+        return _xent(model(tokens, positions, None, mask)[0], tokens)
 
-    losses = [float(step(model, opt)) for _ in range(30)]
-    assert losses[-1] < losses[0] - 0.5, losses
-    after = {p: v[...] for p, v in nnx.iter_graph(model) if isinstance(v, sste_jax.nnx.SparsityBeta)}
-    assert all(np.array_equal(betas[p], after[p]) for p in betas)
+    def make(config, seed):
+        model = sste_jax.sparsify(dense_model(), sste_jax.feed_forward(config), tokens, positions, None, mask,
+                                  seed=seed)
+        return nnx_view(model, dense_model(), loss)
+
+    axes = {f"layers/{i}/mlp/{n}/kernel": 0 for i in (0, 1) for n in ("gate_proj", "up_proj", "down_proj")}
+    checks.check_all(make, axes)
 
 
-def _gpt2():
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
-        pytest.skip("this transformers has no Flax models (4.57 is the last with them)")
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)
-    return transformers.FlaxGPT2LMHeadModel(config, seed=0)
+# --- gemma and MaxText (Python >= 3.12) -----------------------------------------------------------------------
+
+def _python312() -> pathlib.Path:
+    python = pathlib.Path(os.environ.get("SSTE_JAX_PY312", ROOT / ".venv312" / "bin" / "python"))
+    if not python.exists():
+        pytest.skip("no Python 3.12 environment with gemma and MaxText: bash tests/third_party/setup_py312.sh")
+    return python
 
 
-def test_hf_flax_gpt2_linen_module_out_in_kernels():
-    hf = _gpt2()
-    model = sste_jax.sparsify(hf.module, sste_jax.feed_forward(CONFIG))
-    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
-    mask, pos = jnp.ones_like(ids), jnp.broadcast_to(jnp.arange(16), (2, 16))
-    variables = model.init(jax.random.key(1), ids, mask, pos)
-    sparsity = variables["sparsity"]["transformer"]["h"]
-    assert sorted(sparsity["0"]["mlp"]) == ["c_fc", "c_proj"] and "attn" not in sparsity["0"]
-    kernel = variables["params"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"]  # (out, in)
-    np.testing.assert_allclose(sparsity["0"]["mlp"]["c_fc"]["beta"], sste_jax.fit_beta(kernel, axis=1), rtol=1e-6)
-    tx = sste_jax.freeze_beta(optax.adam(3e-3))
-    state = tx.init(variables)
-
-    @jax.jit
-    def step(variables, state, key):
-        def loss_fn(v):
-            logits = model.apply(v, ids, mask, pos, rngs={"sparsity": key}).logits
-            return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(variables)
-        updates, state = tx.update(grads, state, variables)
-        return optax.apply_updates(variables, updates), state, loss
-
-    losses = []
-    for i in range(30):
-        variables, state, loss = step(variables, state, jax.random.key(i))
-        losses.append(float(loss))
-    assert losses[-1] < losses[0] - 0.5, losses
-    np.testing.assert_array_equal(variables["sparsity"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["beta"],
-                                  sparsity["0"]["mlp"]["c_fc"]["beta"])
-
-
-def test_hf_flax_gpt2_wrapper_through_sparsify_fn():
-    hf = _gpt2()
-    ids = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
-    sparse = sste_jax.sparsify_fn(lambda p, ids: hf(ids, params=p).logits, sste_jax.feed_forward(CONFIG))
-    variables = sparse.init(hf.params, ids)
-    assert sorted(variables["sparsity"]) == [
-        f"transformer/h/{i}/mlp/{n}/kernel" for i in (0, 1) for n in ("c_fc", "c_proj")
-    ]
-    kernel = hf.params["transformer"]["h"]["0"]["mlp"]["c_proj"]["kernel"]  # (out, in): groups along axis 1
-    np.testing.assert_allclose(variables["sparsity"]["transformer/h/0/mlp/c_proj/kernel"],
-                               sste_jax.fit_beta(kernel, axis=1), rtol=1e-6)
-    loss = lambda v: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-        sparse(v, ids, key=jax.random.key(0))[:, :-1], ids[:, 1:]).mean()
-    grads = jax.jit(jax.grad(loss))(variables)
-    assert np.all(np.isfinite(grads["params"]["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"]))
-
-
-def test_gemma_feed_forward_einsums():
-    gemma_modules = pytest.importorskip("gemma.gm.nn._modules", reason="gemma needs Python >= 3.12")
-    for transpose in (False, True):
-        ffn = gemma_modules.FeedForward(features=16, hidden_dim=64, transpose_gating_einsum=transpose)
-        model = sste_jax.sparsify(ffn, {".*": CONFIG})
-        x = jax.random.normal(jax.random.key(0), (2, 8, 16))
-        variables = model.init(jax.random.key(1), x)
-        gating = variables["params"]["gating_einsum"]  # (2, D, F), or (2, F, D) transposed
-        axis = 2 if transpose else 1  # D, the contraction axis, in each layout
-        np.testing.assert_allclose(variables["sparsity"]["gating_einsum_beta"], sste_jax.fit_beta(gating, axis=axis),
-                                   rtol=1e-6)
+@pytest.mark.parametrize("model", ["gemma", "maxtext-linen", "maxtext-nnx", "maxtext-attention-out"])
+def test_python312_models(model):
+    done = subprocess.run([str(_python312()), str(ROOT / "tests" / "third_party" / "run_py312.py"), model],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "DECOUPLE_GCLOUD": "TRUE"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    assert f"{model}: all checks passed" in done.stdout

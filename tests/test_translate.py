@@ -128,7 +128,7 @@ def test_tiny_end_to_end_per_method(compared):
         assert [r["step"] for r in logs] == [4, 8] and all(np.isfinite(r["flip_rate"]) for r in logs)
         assert [(r["step"], "val_loss" in r) for r in records if r["kind"] == "eval"] == [(8, True)]
         zeros = {k: v for k, v in f.items() if k.startswith("zero_fraction/")}
-        assert sorted(zeros) == [f"zero_fraction/{side}/0/mlp/{fc}" for side in ("decoder", "encoder")
+        assert sorted(zeros) == [f"zero_fraction/{side}/0/mlp/{fc}/kernel" for side in ("decoder", "encoder")
                                  for fc in ("fc1", "fc2")]
         assert all(v == (0.5 if method in SPARSE else 0.0) for v in zeros.values()), zeros
     step_logs = [r for r in runs["step"][0] if r["kind"] == "train"]

@@ -146,7 +146,7 @@ def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTrans
         step = state["step"] + 1
         rest = schedule.after_update(params, rest, step)
         weights = sste_jax.sparse_weights(nnx.merge(graphdefs[0], params, rest))
-        rates, flip = sste_jax.flip_rate(state["flip"], weights)
+        rates, flip = sste_jax.metrics.flip_rate(state["flip"], weights)
         metrics = {"train_loss": loss, "flip_rate": rates["flip_rate"], "grad_norm": optax.tree.norm(total),
                    "phase": phase.astype(jnp.float32)}
         if schedule.recipe.optimizer == "step":
@@ -160,12 +160,12 @@ def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> dict:
     """The training state of ``model`` at step 0: params, the other variables, optimizer, flip masks."""
     _, params, rest = nnx.split(model, nnx.Param, ...)
     return {"params": params, "rest": rest, "opt": tx.init(params),
-            "flip": sste_jax.init_flip_state(sste_jax.sparse_weights(model)), "step": jnp.zeros((), jnp.int32)}
+            "flip": sste_jax.metrics.init_flip_state(sste_jax.sparse_weights(model)), "step": jnp.zeros((), jnp.int32)}
 
 
 @jax.jit(static_argnums=0)
 def _sparsity_stats(graphdef, variables):
-    return sste_jax.sparsity_stats(sste_jax.sparse_weights(nnx.merge(graphdef, variables)))
+    return sste_jax.metrics.sparsity_stats(sste_jax.sparse_weights(nnx.merge(graphdef, variables)))
 
 
 def layer_stats(model: nnx.Module) -> dict[str, float]:
@@ -271,7 +271,7 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     train_step = make_train_step(task.loss_fn, schedule, tx)
     mesh = mesh if mesh is not None else distributed.make_mesh()
     state = distributed.place(initial_state(model, tx), mesh)
-    sste_jax.check_sharding(sste_jax.sparse_weights(schedule.model(state)))
+    sste_jax.metrics.check_sharding(sste_jax.sparse_weights(schedule.model(state)))
     if resume and checkpoint.checkpoint_steps(ckpt_dir):
         with warnings.catch_warnings(record=True) as skipped:
             warnings.simplefilter("always")

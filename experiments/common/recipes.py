@@ -12,6 +12,7 @@ ablations' β rules and β recomputation (`experiments.common.schedule.Schedule`
 """
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 import jax
@@ -32,7 +33,7 @@ class Recipe:
 
     Attributes:
       config: the sparse layers' `SparsityConfig` (STEP: its dense first phase).
-      optimizer: ``"adamw"``, or ``"step"``: `sste_jax.scale_by_step` in place of Adam's scaling, whose
+      optimizer: ``"adamw"``, or ``"step"``: `sste_jax.optim.scale_by_step` in place of Adam's scaling, whose
         switch turns the layers into ``then`` from the next step on.
       then: STEP's second-phase layers (hard 2:4 STE).
       dense_finish: the last fraction of the steps is trained with dense layers (T-SR-STE's "DF": its
@@ -122,9 +123,31 @@ def get_recipe(name: str, **changes) -> Recipe:
     return dataclasses.replace(METHODS[name], **changes)
 
 
-def sparsify(model: nnx.Module, recipe: Recipe, where=sparse_nnx.feed_forward, *, seed: int) -> nnx.Module:
-    """``model`` with the layers ``where`` selects as ``recipe.config`` layers, β by ``recipe.beta_rule``."""
-    sparse_nnx.sparsify(model, recipe.config, where, rngs=nnx.Rngs(sparsity=seed))
+FEED_FORWARD = next(iter(sste_jax.feed_forward()))  # the paper's choice: the feed-forward linears
+ALL = ".*"  # every linear whose contraction length divides into groups
+
+
+def sparsify(model: nnx.Module, recipe: Recipe, where: str = FEED_FORWARD, *, seed: int) -> nnx.Module:
+    """``model`` with its ``nnx.Linear`` layers whose path fully matches ``where`` (``"blocks/0/mlp/c_fc"``)
+    replaced in place by ``recipe.config`` `sste_jax.nnx.SparseLinear` layers holding the same variables;
+    β by ``recipe.beta_rule``. With `ALL`, layers whose contraction length is not divisible by the group
+    size stay dense."""
+    rngs = nnx.Rngs(sparsity=seed)
+    pattern = re.compile(where)
+    chosen = [(path, layer) for path, layer in nnx.iter_graph(model) if type(layer) is nnx.Linear
+              and pattern.fullmatch("/".join(map(str, path)))
+              and (where != ALL or layer.in_features % recipe.config.m == 0)]
+    if not chosen:
+        raise ValueError(f"no nnx.Linear layer of {type(model).__name__} matches {where!r}")
+    for path, layer in chosen:
+        parent = model
+        for name in path[:-1]:
+            parent = parent[name] if isinstance(name, int) else getattr(parent, name)
+        sparse = sparse_nnx.SparseLinear.from_linear(layer, recipe.config, rngs=rngs)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = sparse
+        else:
+            setattr(parent, path[-1], sparse)
     if recipe.beta_rule != "mse":  # refit_beta sets the β of "sste" layers only
         sparse_nnx.refit_beta(model, BETA_RULES[recipe.beta_rule])
     return model
@@ -134,7 +157,7 @@ def _switch(recipe: Recipe, steps: int, model: nnx.Module) -> dict:
     """STEP's switch settings in steps (the recipe holds fractions of the run), over the sparse kernels."""
     fractions = {"min_steps": recipe.switch_min, "max_steps": recipe.switch_max}
     return {**{k: round(f * steps) for k, f in fractions.items()}, "threshold": recipe.switch_threshold,
-            "statistic": recipe.switch_statistic, "sparse": sparse_nnx.sparse_kernel_mask(model)}
+            "statistic": recipe.switch_statistic, "sparse": sste_jax.optim.sparse_kernel_mask(model)}
 
 
 def dense_finish_from(recipe: Recipe, steps: int) -> int | None:
@@ -146,7 +169,7 @@ def _masked_decay(recipe: Recipe, steps: int, model: nnx.Module) -> optax.Gradie
     """T-SR-STE's masked decay on the ``"tsrste"`` kernels, off during the dense finish."""
     alpha, start = recipe.config.masked_decay, dense_finish_from(recipe, steps)
     decay = alpha if start is None else lambda count: jnp.where(count + 1 < start, alpha, 0.0)
-    return sste_jax.add_masked_decay(sparse_nnx.sparse_kernel_mask(model, methods=("tsrste",)), decay,
+    return sste_jax.optim.add_masked_decay(sste_jax.optim.sparse_kernel_mask(model, methods=("tsrste",)), decay,
                                      recipe.mask_refresh)
 
 
@@ -161,7 +184,7 @@ def make_optimizer(
     )
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     if recipe.optimizer == "step":
-        inner = [sste_jax.scale_by_step(cfg.b1, cfg.b2, **_switch(recipe, cfg.steps, model)),
+        inner = [sste_jax.optim.scale_by_step(cfg.b1, cfg.b2, **_switch(recipe, cfg.steps, model)),
                  optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.scale_by_learning_rate(schedule)]
     else:
         inner = [optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)]
@@ -169,5 +192,5 @@ def make_optimizer(
     if recipe.config.method == "tsrste":
         parts.insert(1, _masked_decay(recipe, cfg.steps, model))
     if scale != 1.0:
-        parts.append(optax.masked(optax.scale(scale), sparse_nnx.sparse_kernel_mask(model)))
+        parts.append(optax.masked(optax.scale(scale), sste_jax.optim.sparse_kernel_mask(model)))
     return sste_jax.freeze_beta(optax.chain(*parts))

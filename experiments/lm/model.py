@@ -3,7 +3,7 @@ embeddings (the LM head is ``wte^T`` and stays dense), no biases, no dropout.
 
 Activations stay ``(B*T, d)`` outside attention (XLA:CPU differentiates 2-D products much faster
 than 3-D ones). The feed-forward linears are ``blocks/<i>/mlp/c_fc`` and
-``blocks/<i>/mlp/c_proj``, which `sste_jax.nnx.feed_forward` selects.
+``blocks/<i>/mlp/c_proj``, which `sste_jax.feed_forward` selects.
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx

@@ -29,14 +29,13 @@ from flax import nnx
 import sste_jax
 from experiments.common import cli, distributed, loop
 from experiments.common.config import Config
-from experiments.common.recipes import make_optimizer, sparsify
+from experiments.common.recipes import ALL, FEED_FORWARD, make_optimizer, sparsify
 from experiments.lm import data
 from experiments.lm.configs import CONFIGS, get_config
 from experiments.lm.model import GPT
 from sste_jax import checkpoint
-from sste_jax import nnx as sparse_nnx
 
-WHERE = {"ffn": sparse_nnx.feed_forward, "all": sparse_nnx.all_linear}
+WHERE = {"ffn": FEED_FORWARD, "all": ALL}
 
 
 def make_run(cfg: Config, method: str, seed: int = 0, *, sparsify_: str = "ffn", sparse_lr_scale: float = 1.0,

@@ -10,7 +10,7 @@ self-attention is causal (target padding sits after the real tokens, so causalit
 
 Activations stay ``(B*T, d)`` outside attention (XLA:CPU differentiates 2-D products much faster).
 The feed-forward linears are plain ``nnx.Linear`` layers at ``encoder/<i>/mlp/fc1|fc2`` and
-``decoder/<i>/mlp/fc1|fc2``, the layers `sste_jax.nnx.feed_forward` selects.
+``decoder/<i>/mlp/fc1|fc2``, the layers `sste_jax.feed_forward` selects.
 
 Decoding (`greedy_decode`, `beam_decode`) is jitted with a fixed length and reuses the encoder output
 and a key/value cache; `bleu` scores detokenised strings with sacrebleu (13a tokenisation).

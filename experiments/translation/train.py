@@ -224,7 +224,7 @@ def make_task(run: loop.Run, data: Data) -> loop.Task:
         test, val = data.splits["test"], data.splits["val"]
         test_idx = first_per_book(test, opts["test_per_book"])
         hypotheses = translate_split(model, data, test, test_idx, opts["beam"], batch_size)
-        stats = sste_jax.metrics.to_host(sste_jax.sparsity_stats(sste_jax.sparse_weights(model)))
+        stats = sste_jax.metrics.to_host(sste_jax.metrics.sparsity_stats(sste_jax.sparse_weights(model)))
         out = {"test_bleu": seq2seq.bleu(hypotheses, [test.pairs[i].target for i in test_idx]),
                "n_test": len(test_idx), "examples": hypotheses[:N_EXAMPLES],
                **{k: v for k, v in stats.items() if k.startswith("zero_fraction/")}}

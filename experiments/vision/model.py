@@ -1,7 +1,7 @@
 """A small ViT: square single-channel images cut into patches, a class token, pre-LN blocks.
 
 Its feed-forward linears are ``mlp/fc1`` and ``mlp/fc2`` of each block, the layers
-`sste_jax.nnx.feed_forward` selects for 2:4 sparsity.
+`sste_jax.feed_forward` selects for 2:4 sparsity.
 
 >>> from experiments.common.config import ModelConfig
 >>> vit = ViT(ModelConfig(1, 2, 16, 17), 8, 2, 10, rngs=nnx.Rngs(params=0))
