@@ -2,9 +2,10 @@
 
 The export is a Hugging Face style folder: ``model.safetensors`` and ``config.json`` whose
 ``quantization_config`` names the ``compressed-tensors`` method with a ``sparsity_config`` of
-format ``"sparse-24-bitmask"``, the layout vLLM's sparse kernels and ``transformers`` (through the
-``compressed-tensors`` package) read. 2:4 weights are stored as their kept values (half the bytes)
-plus a bitmask (one bit per weight); every other weight is stored dense. The writer and reader of
+format ``"sparse-24-bitmask"``, the layout ``transformers`` (through the ``compressed-tensors``
+package) reads, and vLLM up to 0.18 did (docs/serving.md: which engine reads which format). 2:4
+weights are stored as their kept values (half the bytes) plus a bitmask (one bit per weight); every
+other weight is stored dense. The writer and reader of
 the format are ``compressed-tensors``' own (`Sparse24BitMaskTensor`) and ``safetensors``; they need
 PyTorch (CPU is enough): ``pip install -e ".[serving]"``.
 

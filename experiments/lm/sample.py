@@ -8,11 +8,14 @@
 ``--weights``: ``trained`` (the run's layers as trained, 2:4 forward weights), ``dense`` (every sparse
 layer densified: an ``nnx.Linear`` holding its forward weight), ``compressed`` (2:4 layers as
 `sste_jax.nnx.CompressedLinear`, decompressed once per generation, before decoding). All three hold
-the same forward weights, so for a seed they give the same tokens; so does an export read back with
-``--export``. Sampling is a pure function of the weights, the prompt, the temperature, top-k and the
-seed. ``--backend`` (with ``--export`` or ``--weights compressed``) serves the 2:4 layers through
-`sste_jax.serving.to_backend`: ``dense`` (decompressed once at load; the same tokens), ``cusparselt``
-or ``cusparselt-fp8`` (cuSPARSELt products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
+the same forward weights; they give the same tokens for a seed when the run's 2:4 layers compute
+float products, while ``dense`` turns a run trained with FP8 products into float products (other
+logits: `experiments.lm.agreement` measures it). ``--export`` reads an `experiments.export_hf`
+folder back, refusing one whose files do not match its ``SHA256SUMS``. Sampling is a pure function
+of the weights, the prompt, the temperature, top-k and the seed. ``--backend`` (with ``--export`` or
+``--weights compressed``) serves the 2:4 layers through `sste_jax.serving.to_backend`: ``dense``
+(decompressed once at load; the same tokens), ``cusparselt`` or ``cusparselt-fp8`` (cuSPARSELt
+products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
