@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, flags, loop, report, runner
+from experiments.common import cli, flags, integrity, loop, report, runner
 from experiments.lm.data import cache_dir_default
 from experiments.translation import bible
 from experiments.translation.configs import CONFIGS, get_config
@@ -135,7 +135,7 @@ def main(argv=None) -> str:
     began = time.perf_counter()
     try:
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())  # fills the caches the runs share
-    except ValueError as e:
+    except (ValueError, integrity.CacheError) as e:
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     try:

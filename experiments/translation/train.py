@@ -59,7 +59,7 @@ from flax import nnx
 from jaxtyping import Int
 
 import sste_jax
-from experiments.common import cli, flags, loop
+from experiments.common import cli, flags, integrity, loop
 from experiments.common.config import Config
 from experiments.common.recipes import METHODS, sparsify
 from experiments.common.records import read_records
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
         run = make_run(cfg, args.method, args.seed, recipe_changes=cli.parse_recipe(args.recipe), beam=args.beam,
                        test_per_book=args.test_per_book, val_bleu=args.val_bleu)
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())
-    except ValueError as e:
+    except (ValueError, integrity.CacheError) as e:  # a bad setting; a cached input that cannot be rebuilt
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     cli.train_or_exit(
