@@ -31,7 +31,7 @@ import pathlib
 import sys
 import time
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, loop, report, runner
 from experiments.common.recipes import METHODS
 
 REFERENCE = "reference"
@@ -213,9 +213,10 @@ def main(argv=None) -> dict[str, str]:
                    help="config overrides, e.g. dataset=fashion (vision) or steps=100; repeatable")
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), metavar="SET",
                    help=f"any of {' '.join(SETS)} (default: all)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="default: %(default)s")
-    p.add_argument("--refit-every", type=int, help="vision only: β recomputation period in steps (default one epoch)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--seeds", nargs="+", type=flags.integer(0), default=[0], help="default: %(default)s")
+    p.add_argument("--refit-every", type=flags.integer(1),
+                   help="vision only: β recomputation period in steps (default one epoch)")
+    cli.add_jobs_arg(p)
     p.add_argument("--runs-dir", help="default runs/ablation_vision[_fashion]_<config> (vision), "
                                       "runs/lm_<config> (lm, shared with experiments.lm.compare)")
     p.add_argument("--out", help="default <runs-dir>/ablation")
@@ -225,10 +226,6 @@ def main(argv=None) -> dict[str, str]:
     if args.task == "lm" and (args.refit_every is not None or args.data_dir or args.cache_dir):
         p.error(f"--refit-every, --data-dir and --cache-dir are for --task vision (the LM recomputes β every "
                 f"{LM_REFIT_EVERY} steps, its recipe's default)")
-    if args.refit_every is not None and args.refit_every < 1:
-        p.error(f"--refit-every={args.refit_every}: must be >= 1")
-    if any(s < 0 for s in args.seeds):
-        p.error(f"--seeds {args.seeds}: seeds must be >= 0")
     args.seeds = list(dict.fromkeys(args.seeds))
     if args.task == "vision":
         from experiments.vision.configs import CONFIGS

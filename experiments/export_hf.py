@@ -1,14 +1,18 @@
-"""Exports a trained language-model run to a Hugging Face folder that ``transformers`` and vLLM load.
+"""Exports a trained language-model run to a Hugging Face folder that ``transformers`` loads.
 
     python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16]
     python -m experiments.export_hf --workdir runs/sste --out runs/sste_fp8 --fp8 channel [--fp8-inputs token]
+    python -m experiments.export_hf --workdir runs/sste --out runs/sste_dense --format dense
 
-The folder holds ``model.safetensors`` (the 2:4 feed-forward weights in compressed-tensors'
-"sparse-24-bitmask" format: kept values plus a bitmask; the rest dense), ``config.json`` with the
-architecture and the ``quantization_config`` that compressed-tensors reads, and a tokenizer
-(``tokenizer.json``). Load it with
-``AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)`` (with ``compressed-tensors``
-installed). The export is β-free: each 2:4 weight is the forward weight ``β·S(W)`` itself.
+The folder holds ``model.safetensors``, ``config.json`` with the architecture, a tokenizer
+(``tokenizer.json``) and ``SHA256SUMS`` (every file's hash, checked by `import_hf`). ``--format
+sparse24`` (the default) stores the 2:4 feed-forward weights in compressed-tensors'
+"sparse-24-bitmask" format (kept values plus a bitmask; the rest dense) with the
+``quantization_config`` compressed-tensors reads; ``--format dense`` stores every weight dense, for
+engines that read only dense weights. Load either with
+``AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)`` (the 2:4 format needs
+``compressed-tensors`` installed). The export is β-free: each 2:4 weight is the forward weight
+``β·S(W)`` itself. A weight holding a NaN or an infinity is refused, naming it.
 
 Architecture. Our GPT is GPT-2's math (pre-LayerNorm, GELU with the tanh approximation, learned
 positions, tied embeddings, ``1/sqrt(head_dim)`` attention), but Hugging Face's ``GPT2LMHeadModel``
@@ -23,7 +27,9 @@ none, and ``c_attn``'s output rows reordered from our ``(q|k|v, head)`` to its `
 Tokenizer. A byte-level run exports a ``tokenizers`` BPE with no merges whose ids are the UTF-8 byte
 values (id 0, NUL, is the end-of-text token, as in training): it round-trips every text. A GPT-2-BPE
 run exports GPT-2's tokenizer built from the same offline files as training (its end-of-text 50256;
-ids above 50256 are the embedding's padding).
+ids above 50256 are the embedding's padding). Both declare ``split_special_tokens``: the
+end-of-text token's text is never matched in the input (training's tokenizers do not match it
+either), so every text gets the ids training gave it.
 """
 
 import argparse
@@ -35,11 +41,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import integrity
+from experiments.common.records import BadFileError, read_json
 from experiments.lm import data
 from experiments.lm.model import GPT
+from sste_jax import nnx as sparse_nnx
 from sste_jax import serving
 
 ARCHITECTURE = "GPTBigCodeForCausalLM"
+FORMATS = ("sparse24", "dense")
 
 
 def _c_attn_to_hf(kernel_DxE, n_head: int):
@@ -113,7 +123,7 @@ def save_tokenizer(out: pathlib.Path, tokenizer: data.Tokenizer) -> None:
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos,
-         "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}, indent=2))
+         "split_special_tokens": True, "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}, indent=2))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -129,24 +139,42 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+def check_format(format: str, fp8: str | None) -> None:
+    """Raises unless ``format`` is one of `FORMATS` and ``fp8`` (which stores 2:4 weights) fits it."""
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r}: use one of {FORMATS}")
+    if format == "dense" and fp8 is not None:
+        raise ValueError("--fp8 stores the 2:4 weights as FP8; --format dense stores no 2:4 weights")
+
+
 def export_hf(model: GPT, tokenizer: data.Tokenizer, out, dtype: str = "float32",
-              fp8: str | None = None, fp8_inputs: str | None = None) -> pathlib.Path:
-    """Writes ``model`` (a trained GPT, any sparse method) and ``tokenizer`` to the folder ``out``; ``fp8``
-    (``"tensor"`` or ``"channel"`` scales) stores the 2:4 weights as FP8 e4m3, ``fp8_inputs`` (``"token"``
-    or ``"tensor"``) declares their inputs dynamically FP8 (`sste_jax.serving.save_safetensors`)."""
+              fp8: str | None = None, fp8_inputs: str | None = None, format: str = "sparse24") -> pathlib.Path:
+    """Writes ``model`` (a trained GPT, any sparse method) and ``tokenizer`` to the folder ``out``, its
+    files' hashes to ``out/SHA256SUMS``; ``format`` ``"sparse24"`` stores the 2:4 weights compressed,
+    ``"dense"`` every weight dense; ``fp8`` (``"tensor"`` or ``"channel"`` scales) stores the 2:4
+    weights as FP8 e4m3, ``fp8_inputs`` (``"token"`` or ``"tensor"``) declares their inputs
+    dynamically FP8 (`sste_jax.serving.save_safetensors`)."""
+    check_format(format, fp8)
     weights, sparse = hf_weights(model)
+    sparse = sparse if format == "sparse24" else frozenset()
     out = serving.save_safetensors(out, weights, targets(len(model.blocks)), sparse=sparse, dtype=dtype, fp8=fp8,
                                    fp8_inputs=fp8_inputs, config=hf_config(model, tokenizer))
     save_tokenizer(out, tokenizer)
+    integrity.record_folder(out, sorted(out.iterdir()))
     return out
 
 
 def import_hf(directory, model: GPT) -> GPT:
     """Reads an `export_hf` folder into ``model`` (a GPT of the same shape, e.g. the run's own, any
-    weights): its 2:4 layers become `sste_jax.nnx.CompressedLinear`, its outputs equal the exported
-    model's. Raises if a bias the export wrote as zero is not zero (the folder was not made by us)."""
+    weights): its 2:4 layers become `sste_jax.nnx.CompressedLinear`, the sparse layers the export
+    holds dense an ``nnx.Linear``; its outputs equal the exported model's. Raises `BadFileError`
+    naming the file when a file of the folder does not match its ``SHA256SUMS`` (damaged, truncated,
+    missing), and ValueError if a bias the export wrote as zero is not zero (the folder was not made
+    by us)."""
     directory = pathlib.Path(directory)
-    config = json.loads((directory / "config.json").read_text())
+    if why := integrity.problem(directory / integrity.SUMS):
+        raise BadFileError(f"{directory} is not an intact export_hf folder: {why}; export it again")
+    config = read_json(directory / "config.json")
     if config.get("architectures") != [ARCHITECTURE]:
         raise ValueError(f"{directory}: architecture {config.get('architectures')}, expected [{ARCHITECTURE!r}]")
     n_layer, n_head = config["n_layer"], config["n_head"]
@@ -164,6 +192,8 @@ def import_hf(directory, model: GPT) -> GPT:
         if path.endswith("c_attn/kernel"):
             weights[path] = np.asarray(_c_attn_from_hf(weights[path], n_head))
     sparse = {p for p, t in table.items() if t.name.removesuffix(".weight") in sparse_modules}
+    if not sparse:
+        model = sparse_nnx.densify_layers(model)
     return serving.import_weights(model, weights, sparse=sparse)
 
 
@@ -173,6 +203,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a language-model training run")
     p.add_argument("--out", required=True, help="the folder to write (must not exist)")
+    p.add_argument("--format", choices=FORMATS, default="sparse24",
+                   help="sparse24: the 2:4 weights in compressed-tensors' sparse-24-bitmask format (default); "
+                        "dense: every weight dense, for engines that read only dense weights")
     p.add_argument("--dtype", choices=serving.DTYPES, default="float32")
     p.add_argument("--fp8", choices=serving.FP8_SCALES, default=None,
                    help="store the 2:4 weights as FP8 e4m3 with one scale per tensor or per output channel")
@@ -180,12 +213,16 @@ def main(argv=None) -> None:
                    help="with --fp8: declare the 2:4 layers' inputs dynamically FP8 per token or per tensor (W8A8)")
     args = p.parse_args(argv)
     try:
+        check_format(args.format, args.fp8)
+    except ValueError as e:
+        p.error(str(e))
+    try:
         model, tokenizer, run = load_run(args.workdir)
-        out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8, args.fp8_inputs)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8, args.fp8_inputs, args.format)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, integrity.CacheError) as e:
         sys.exit(f"error: {e}")
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
-    kind = args.dtype + (f", 2:4 weights FP8 e4m3 per-{args.fp8} scales" if args.fp8 else "")
+    kind = f"{args.format}, {args.dtype}" + (f", 2:4 weights FP8 e4m3 per-{args.fp8} scales" if args.fp8 else "")
     kind += f", inputs FP8 per-{args.fp8_inputs}" if args.fp8_inputs else ""
     print(f"exported {run.method} run {args.workdir} -> {out} ({ARCHITECTURE}, {kind}): {sizes}")
 

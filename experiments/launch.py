@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from experiments.common import flags
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -105,9 +107,10 @@ def main(argv=None) -> None:
         sys.exit("usage: python -m experiments.launch --processes N [--local-devices D] [--grace S] -- COMMAND ...")
     split = argv.index("--")
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--processes", type=int, required=True)
-    p.add_argument("--local-devices", type=int, help="CPU devices per process")
-    p.add_argument("--grace", type=float, default=60.0, help="seconds to wait for a stopped process (default 60)")
+    p.add_argument("--processes", type=flags.integer(1), required=True)
+    p.add_argument("--local-devices", type=flags.integer(1), help="CPU devices per process")
+    p.add_argument("--grace", type=flags.number(minimum=0), default=60.0,
+                   help="seconds to wait for a stopped process (default 60)")
     args = p.parse_args(argv[:split])
     try:
         code = launch(argv[split + 1:], args.processes, args.local_devices, args.grace)

@@ -2,9 +2,10 @@
 
 The export is a Hugging Face style folder: ``model.safetensors`` and ``config.json`` whose
 ``quantization_config`` names the ``compressed-tensors`` method with a ``sparsity_config`` of
-format ``"sparse-24-bitmask"``, the layout vLLM's sparse kernels and ``transformers`` (through the
-``compressed-tensors`` package) read. 2:4 weights are stored as their kept values (half the bytes)
-plus a bitmask (one bit per weight); every other weight is stored dense. The writer and reader of
+format ``"sparse-24-bitmask"``, the layout ``transformers`` (through the ``compressed-tensors``
+package) reads, and vLLM up to 0.18 did (docs/serving.md: which engine reads which format). 2:4
+weights are stored as their kept values (half the bytes) plus a bitmask (one bit per weight); every
+other weight is stored dense. The writer and reader of
 the format are ``compressed-tensors``' own (`Sparse24BitMaskTensor`) and ``safetensors``; they need
 PyTorch (CPU is enough): ``pip install -e ".[serving]"``.
 
@@ -161,17 +162,33 @@ def _check_targets(paths: Iterable[str], targets: Mapping[str, Target]) -> None:
         )
 
 
+def _check_finite(name: str, w: np.ndarray) -> None:
+    """Raises naming the weight and how many of its values are NaN or infinite, if any are."""
+    if jnp.issubdtype(w.dtype, jnp.floating):
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w.astype(np.float32))))
+        if bad:
+            raise ValueError(f"weight {name!r}: {bad} of its {np.size(w)} values are not finite (NaN or infinite): "
+                             "the model diverged or its weights are damaged; nothing was written")
+
+
+def _groups_over_2(w_OxI: np.ndarray) -> np.ndarray:
+    """The non-zero count of each group of 4 along the last axis, where it exceeds 2: ``(row, group, count)``."""
+    counts = (w_OxI.reshape(w_OxI.shape[0], -1, 4) != 0).sum(-1)
+    return np.column_stack([*np.nonzero(counts > 2), counts[counts > 2]])
+
+
 def _check_24(name: str, w_OxI: np.ndarray) -> None:
     """Raises unless the ``(out, in)`` weight has at most 2 non-zeros in each group of 4 along ``in``."""
     if w_OxI.ndim != 2 or w_OxI.shape[1] % 4:
         raise ValueError(f"2:4 weight {name!r} must be 2-D with its last axis divisible by 4, got shape {w_OxI.shape}")
-    counts = (w_OxI.reshape(w_OxI.shape[0], -1, 4) != 0).sum(-1)
-    if counts.max(initial=0) > 2:
-        row, group = np.argwhere(counts > 2)[0]
-        raise ValueError(
-            f"weight {name!r} is not 2:4 along its contraction axis: group {group} of row {row} has "
-            f"{counts[row, group]} non-zeros (write a Flax (in, out) kernel with transpose=True)"
-        )
+    over = _groups_over_2(w_OxI)
+    if len(over):
+        row, group, count = over[0]
+        transposed_is_24 = w_OxI.shape[0] % 4 == 0 and not len(_groups_over_2(w_OxI.T))
+        cause = ("it is 2:4 along its other axis: write a Flax (in, out) kernel with transpose=True" if transposed_is_24
+                 else "nor along its other axis: it is not a 2:4 weight")
+        raise ValueError(f"weight {name!r} is not 2:4 along its contraction axis: group {group} of row {row} has "
+                         f"{count} non-zeros ({cause})")
 
 
 def save_safetensors(
@@ -207,7 +224,9 @@ def save_safetensors(
       config: the model's own ``config.json`` fields (architecture, sizes); the
         ``quantization_config`` of the 2:4 weights is added to it.
 
-    ``directory`` must not exist (nothing is overwritten). Returns it.
+    ``directory`` must not exist (nothing is overwritten). Every floating-point weight must be finite:
+    one holding a NaN or an infinity is refused, naming it and the count of such values, before
+    anything is written. Returns ``directory``.
 
     >>> import tempfile, jax, sste_jax
     >>> from sste_jax import serving
@@ -244,12 +263,11 @@ def save_safetensors(
         t = torch.from_numpy(np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a))
         t = t.to(torch_dtype) if t.is_floating_point() else t
         name = targets[path].name
+        _check_finite(name, a)
         if path in sparse:
             _check_24(name, a)
             extra = {}
             if fp8 is not None:
-                if not np.isfinite(a).all():
-                    raise ValueError(f"weight {name!r} has non-finite values: it cannot be stored as FP8")
                 t, extra[_SCALE] = _quantize_fp8(torch.from_numpy(np.ascontiguousarray(a, np.float32)), fp8)
             tensors.update(Sparse24BitMaskTensor.from_dense(t).dict(name_prefix=name))
             tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in extra.items()})
@@ -314,8 +332,9 @@ def _quantize_fp8(w_OxI, strategy: str):
 def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]) -> dict[str, np.ndarray]:
     """``{path: array}`` of an export (our layout, float32/bfloat16/float16 as stored), 2:4 weights
     decompressed by ``compressed-tensors`` (FP8 ones dequantized, ``W_fp8 · scale`` in float32): the
-    inverse of `save_safetensors`. Raises naming every
-    target missing from the file and every tensor of the file no target names.
+    inverse of `save_safetensors`. Raises naming the file when it is truncated or its header is
+    damaged, and naming every target missing from the file and every tensor of the file no target
+    names. (The format has no checksum: a flipped bit in a tensor's data is not noticed here.)
 
     >>> import tempfile, jax, numpy as np, sste_jax
     >>> from sste_jax import serving
@@ -329,12 +348,16 @@ def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]
     torch = _needs_torch()
     from compressed_tensors.compressors import Sparse24BitMaskTensor
     from compressed_tensors.quantization import dequantize
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     file = pathlib.Path(directory) / SAFETENSORS_FILE
     if not file.is_file():
         raise FileNotFoundError(f"no {SAFETENSORS_FILE} in {directory}")
-    stored = load_file(str(file))
+    try:
+        stored = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file} is damaged or truncated, not a readable safetensors file ({e})") from None
     dense: dict[str, Any] = {}
     for name in list(stored):
         prefix, _, leaf = name.rpartition(".")

@@ -101,12 +101,12 @@ def test_vision_tables_end_to_end(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--task", "vision", "--config", "tiny", "--sets", "table3"], "invalid choice: 'table3'"),
     (["--task", "lm", "--config", "tiny", "--refit-every", "2"], "--refit-every, --data-dir and --cache-dir are for"),
-    (["--task", "vision", "--config", "tiny", "--refit-every", "0"], "--refit-every=0: must be >= 1"),
+    (["--task", "vision", "--config", "tiny", "--refit-every", "0"], "--refit-every: '0': must be an integer >= 1"),
     (["--task", "vision", "--config", "capacity"], "'capacity' is not a vision config"),
     (["--task", "lm", "--config", "tiny", "--set", "lr=abc"], "lr must be a float"),
     (["--task", "vision", "--config", "tiny", "--set", "dataset=mnist"], "dataset='mnist'"),
     (["--task", "vision", "--config", "tiny", "--data-dir", "x"], "--data-dir is for dataset=fashion"),
-    (["--task", "vision", "--seeds", "-1"], "seeds must be >= 0"),
+    (["--task", "vision", "--seeds", "-1"], "--seeds: '-1': must be an integer >= 0"),
     (["--config", "tiny"], "--task"),
 ])
 def test_bad_arguments_are_rejected(tmp_path, capsys, argv, message):

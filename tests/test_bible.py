@@ -1,11 +1,13 @@
 import importlib.util
 import json
+import re
 import time
 import unicodedata
 
 import numpy as np
 import pytest
 
+from experiments.common import integrity
 from experiments.translation import bible
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
@@ -82,14 +84,17 @@ def test_tokenizer_round_trips_text_and_reserves_special_ids(tokenizer):
 def test_tokenizer_is_cached_by_vocab_size_and_training_text(synthetic, tmp_path):
     train = synthetic["train"]
     first = bible.get_translation_tokenizer(train, vocab_size=300, cache_dir=tmp_path)
-    files = sorted((tmp_path / "translation_tokenizers").iterdir())
-    assert [f.suffix for f in files] == [".json"] and "bpe300-" in files[0].name
+    files = sorted((tmp_path / "translation_tokenizers").glob("*.json"))
+    assert len(files) == 1 and "bpe300-" in files[0].name and integrity.record_of(files[0]).is_file()
     mtime = files[0].stat().st_mtime_ns
     again = bible.get_translation_tokenizer(train, vocab_size=300, cache_dir=tmp_path)
     assert files[0].stat().st_mtime_ns == mtime and again.to_str() == first.to_str()
     bible.get_translation_tokenizer(train[1:], vocab_size=300, cache_dir=tmp_path)
     bible.get_translation_tokenizer(train, vocab_size=280, cache_dir=tmp_path)
-    assert len(list((tmp_path / "translation_tokenizers").iterdir())) == 3
+    assert len(list((tmp_path / "translation_tokenizers").glob("*.json"))) == 3
+    files[0].write_text(files[0].read_text().replace('"<unk>"', '"<UNK>"', 1))
+    with pytest.warns(RuntimeWarning, match=f"cache damaged: {re.escape(str(files[0]))} has SHA-256"):
+        assert bible.get_translation_tokenizer(train, vocab_size=300, cache_dir=tmp_path).to_str() == first.to_str()
     with pytest.raises(ValueError, match="vocab_size"):
         bible.get_translation_tokenizer(train, vocab_size=100)
 
@@ -160,19 +165,34 @@ def test_failed_download_says_to_run_apt_get_update(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "bible").iterdir()] == []  # no half-fetched package left
 
 
+def _cache_pairs(cache_dir, books):
+    """A ``pairs.jsonl`` as `fetch_bible_pairs` writes it (with its record), one verse per book."""
+    (cache_dir / "bible").mkdir()
+    lines = [json.dumps({"book": b, "chapter": 1, "verse": 1, "es": f"Yo {b}.", "en": f"I {b}."}, ensure_ascii=False)
+             for b in books]
+    path = cache_dir / "bible" / "pairs.jsonl"
+    integrity.write_recorded(path, "".join(line + "\n" for line in lines).encode())
+    return path
+
+
 def test_cached_pairs_are_reused_without_fetching(tmp_path, monkeypatch):
-    books = ["Gen", *bible.BIBLE_VAL_BOOKS, *bible.BIBLE_TEST_BOOKS]
-    (tmp_path / "bible").mkdir()
-    with open(tmp_path / "bible" / "pairs.jsonl", "w", encoding="utf-8") as f:
-        for book in books:
-            f.write(json.dumps({"book": book, "chapter": 1, "verse": 1, "es": f"Yo {book}.", "en": f"I {book}."},
-                               ensure_ascii=False) + "\n")
+    _cache_pairs(tmp_path, ["Gen", *bible.BIBLE_VAL_BOOKS, *bible.BIBLE_TEST_BOOKS])
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # any fetch would fail
     splits = bible.load_parallel("bible", cache_dir=tmp_path)
     assert [p.book for p in splits["train"]] == ["Gen"]
     assert _books(splits["val"]) == set(bible.BIBLE_VAL_BOOKS)
     assert _books(splits["test"]) == set(bible.BIBLE_TEST_BOOKS)
     assert splits["train"][0] == bible.Pair("Gen", 1, 1, "Yo Gen.", "I Gen.")
+
+
+def test_damaged_cached_pairs_are_refused_naming_the_file_when_they_cannot_be_rebuilt(tmp_path, monkeypatch):
+    path = _cache_pairs(tmp_path, ["Gen", *bible.BIBLE_VAL_BOOKS, *bible.BIBLE_TEST_BOOKS])
+    path.write_bytes(path.read_bytes().replace(b"I Gen.", b"I Gem."))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the packages cannot be fetched
+    with pytest.warns(RuntimeWarning, match=re.escape(str(path))), pytest.raises(
+            integrity.CacheError, match=f"(?s){re.escape(str(path))} has SHA-256 .*`apt-get` is not on PATH"):
+        bible.load_parallel("bible", cache_dir=tmp_path)
+    assert not path.exists()
 
 
 @pytest.mark.slow

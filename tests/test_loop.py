@@ -71,7 +71,8 @@ def test_records_tolerate_a_torn_last_line_and_name_other_damage(tmp_path, capsy
         f.write('{"method": "m", "seed": 0, "st')
     assert [r["step"] for r in records.read_records(path)] == [1]
     assert "torn last line" in capsys.readouterr().err
-    path.write_text('{"step": 1, "kind": "train"}\n{bad\n{"step": 2, "kind": "train"}\n')
+    good = '{"method": "m", "seed": 0, "step": %d, "kind": "train"}\n'
+    path.write_text(good % 1 + "{bad\n" + good % 2)
     with pytest.raises(ValueError, match=r"metrics.jsonl, line 2"):
         records.read_records(path)
     with pytest.raises(ValueError, match="kind"):

@@ -2,17 +2,20 @@
 import back, and sampling that gives the same tokens for the same weights."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen, nnx, traverse_util
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sste_jax
 from experiments import export_hf
 from experiments.common import recipes
-from experiments.lm import data
+from experiments.lm import agreement, data
 from experiments.lm import sample as lm_sample
 from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
@@ -113,7 +116,7 @@ def test_exported_gpt2_tokenizer_gives_our_bpe_ids(tmp_path):
     export_hf.save_tokenizer(tmp_path, ours)
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text in ["ROMEO:\nBut soft! what light through yonder window breaks?", "naïve café — 東京 🙂  x",
-                 "it's   they'll\t\n\n end  "]:
+                 "it's   they'll\t\n\n end  ", "a<|endoftext|>b"]:  # training's BPE does not match the token
         assert tok.encode(text) == ours.encode(text)
         assert tok.decode(ours.encode(text)) == text
     assert tok.eos_token_id == ours.eot_id
@@ -128,14 +131,20 @@ def test_import_back_is_exact(tmp_path, method):
     ids = _ids()
     assert np.asarray(served(ids)).tobytes() == np.asarray(model(ids)).tobytes()
     kinds = {type(served.blocks[0].mlp.c_fc).__name__, type(served.blocks[0].attn.c_attn).__name__}
-    assert kinds == ({"CompressedLinear", "Linear"} if method != "dense" else {"SparseLinear", "Linear"})
+    assert kinds == ({"CompressedLinear", "Linear"} if method != "dense" else {"Linear"})
 
 
 def test_serving_refuses_bad_input(tmp_path):
     w = {"fc/kernel": jnp.ones((8, 4))}
     targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
-    with pytest.raises(ValueError, match=r"'fc.weight' is not 2:4 along its contraction axis: group 0 of row 0 has 4"):
+    with pytest.raises(ValueError, match=r"'fc.weight' is not 2:4 along its contraction axis: group 0 of row 0 has 4 "
+                                         r"non-zeros \(nor along its other axis: it is not a 2:4 weight\)"):
         serving.save_safetensors(tmp_path / "a", w, targets, sparse={"fc/kernel"})
+    kernel_24 = {"fc/kernel": sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (8, 8)))}  # (in, out)
+    with pytest.raises(ValueError, match=r"it is 2:4 along its other axis: write a Flax \(in, out\) kernel with "
+                                         r"transpose=True"):
+        serving.save_safetensors(tmp_path / "e", kernel_24, {"fc/kernel": serving.Target("fc.weight")},
+                                 sparse={"fc/kernel"})
     with pytest.raises(ValueError, match=r"no target name for the weights \['fc/kernel'\]"):
         serving.save_safetensors(tmp_path / "b", w, {})
     with pytest.raises(ValueError, match="dtype='int8'"):
@@ -150,6 +159,70 @@ def test_serving_refuses_bad_input(tmp_path):
     weights["b/kernel"] = jnp.ones((4, 8))
     with pytest.raises(ValueError, match=r"b/kernel: shape \(4, 8\) in the weights, \(8, 8\) in the model"):
         serving.import_weights(_Two(nnx.Rngs(1)), weights, sparse=sparse)
+
+
+@pytest.mark.parametrize("layer, name", [("attn", "transformer.h.0.attn.c_attn.weight"),
+                                         ("mlp", "transformer.h.0.mlp.c_fc.weight")])
+def test_an_export_refuses_non_finite_weights_naming_the_weight_and_the_count(tmp_path, layer, name):
+    model = _trained_like()
+    linear = model.blocks[0].attn.c_attn if layer == "attn" else model.blocks[0].mlp.c_fc  # dense / 2:4
+    linear.kernel[...] = linear.kernel[...].at[0, :3].set(jnp.nan)
+    path = f"blocks/0/{layer}/{'c_attn' if layer == 'attn' else 'c_fc'}/kernel"
+    bad = int(np.sum(~np.isfinite(np.asarray(serving.inference_weights(model)[0][path]))))
+    assert bad >= 1
+    with pytest.raises(ValueError, match=rf"weight '{re.escape(name)}': {bad} of its \d+ values are not finite"):
+        export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.fixture(scope="module")
+def byte_hf(tmp_path_factory):
+    """The byte-level run's exported tokenizer, loaded by transformers."""
+    out = tmp_path_factory.mktemp("byte_tokenizer")
+    export_hf.save_tokenizer(out, data.get_tokenizer("byte"))
+    return transformers.AutoTokenizer.from_pretrained(out)
+
+
+def test_exported_byte_tokenizer_gives_the_training_ids_for_all_256_bytes(byte_hf):
+    ours = data.get_tokenizer("byte")
+    every_byte = list(range(256))
+    assert byte_hf.decode(every_byte, skip_special_tokens=True) == ours.decode(every_byte)
+    assert all(byte_hf.decode([b], skip_special_tokens=True) == ours.decode([b]) for b in every_byte)
+    for text in [chr(c) for c in range(256)] + ["".join(map(chr, range(256))), "aĀb", "<|endoftext|>"]:
+        assert byte_hf.encode(text) == ours.encode(text), text
+    assert byte_hf.encode("Ā") == [0xC4, 0x80] and byte_hf.decode(byte_hf.encode("Ā")) == "Ā"
+    assert byte_hf.eos_token_id == ours.eot_id
+
+
+# random UTF-8 text, with the end-of-text token's texts (ours and GPT-2's) and NUL mixed in
+TEXTS = st.lists(st.one_of(st.text(), st.sampled_from(["Ā", "<|endoftext|>", "\x00"]))).map("".join)
+
+
+@given(TEXTS)
+def test_exported_byte_tokenizer_gives_the_training_ids_for_any_text(byte_hf, text):
+    ours = data.get_tokenizer("byte")
+    ids = ours.encode(text)
+    assert byte_hf.encode(text) == ids
+    assert byte_hf.decode(ids, skip_special_tokens=True) == ours.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizers(tmp_path_factory):
+    """``(exported, training)``: GPT-2's BPE as exported and loaded by transformers, and as trained with."""
+    ours, out = data.get_tokenizer("gpt2"), tmp_path_factory.mktemp("gpt2_tokenizer")
+    export_hf.save_tokenizer(out, ours)
+    return transformers.AutoTokenizer.from_pretrained(out), ours
+
+
+@given(TEXTS)
+def test_exported_gpt2_tokenizer_gives_the_training_ids_for_any_text(gpt2_tokenizers, text):
+    exported, ours = gpt2_tokenizers
+    assert exported.encode(text) == ours.encode(text)
+
+
+@given(st.binary())
+def test_exported_byte_tokenizer_decodes_any_byte_sequence_as_training_does(byte_hf, raw):
+    assert byte_hf.decode(list(raw), skip_special_tokens=True) == data.get_tokenizer("byte").decode(list(raw))
 
 
 class _Two(nnx.Module):
@@ -204,25 +277,94 @@ def test_top_k_one_is_greedy_and_bad_settings_are_refused():
         lm_sample.generate(model, prompt, 2, temperature=-1)
 
 
-def test_cli_exports_a_trained_run_and_samples_it(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``{method: workdir}`` of two short training runs, S-STE and S-STE with FP8 products."""
+    root = tmp_path_factory.mktemp("trained")
     cfg = get_config("tiny", ["steps=2", "warmup=1", "ckpt_every=2", "eval_every=2", "log_every=1"])
-    lm_train.train(lm_train.make_run(cfg, "sste"), tmp_path / "run", progress=False)
-    export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-    assert "GPTBigCodeForCausalLM" in capsys.readouterr().out
+    for method in ("sste", "sste_fp8"):
+        lm_train.train(lm_train.make_run(cfg, method), root / method, progress=False)
+    return {method: root / method for method in ("sste", "sste_fp8")}
+
+
+def test_cli_exports_a_trained_run_and_samples_it(trained, tmp_path, capsys):
+    run = str(trained["sste"])
+    export_hf.main(["--workdir", run, "--out", str(tmp_path / "hf")])
+    assert "GPTBigCodeForCausalLM, sparse24" in capsys.readouterr().out
     texts = []
     for extra in (["--weights", "compressed"], ["--export", str(tmp_path / "hf")],
                   ["--export", str(tmp_path / "hf"), "--backend", "dense"]):
-        lm_sample.main(["--workdir", str(tmp_path / "run"), "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
+        lm_sample.main(["--workdir", run, "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2] and texts[0].startswith("ab")
-    with pytest.raises(SystemExit, match="--backend applies to compressed 2:4 layers"):
-        lm_sample.main(["--workdir", str(tmp_path / "run"), "--backend", "dense"])
-    export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf8"), "--fp8", "channel"])
+    export_hf.main(["--workdir", run, "--out", str(tmp_path / "hf8"), "--fp8", "channel"])
     assert "2:4 weights FP8 e4m3 per-channel scales" in capsys.readouterr().out
     config = json.loads((tmp_path / "hf8" / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
     with pytest.raises(SystemExit, match="already exists"):
-        export_hf.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+        export_hf.main(["--workdir", run, "--out", str(tmp_path / "hf")])
+
+
+def test_dense_format_stores_every_weight_dense_and_serves_the_same_model(tmp_path):
+    from safetensors import safe_open
+
+    model, ids = _trained_like(), _ids()
+    out = export_hf.export_hf(model, data.get_tokenizer("byte"), tmp_path / "hf", format="dense")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    with safe_open(str(out / serving.SAFETENSORS_FILE), "pt") as f:
+        assert all(k.endswith((".weight", ".bias")) for k in f.keys())
+        w = f.get_tensor("transformer.h.0.mlp.c_fc.weight").numpy()
+    np.testing.assert_array_equal(w, np.asarray(model.blocks[0].mlp.c_fc.forward_weight()).T)
+    ours = np.asarray(model(ids)).reshape(*ids.shape, -1)
+    _, theirs = _hf_logits(out, ids)
+    np.testing.assert_allclose(theirs, ours, rtol=0, atol=64 * EPS32 * np.abs(ours).max())
+    served = export_hf.import_hf(out, _trained_like(seed=5))
+    assert type(served.blocks[0].mlp.c_fc).__name__ == "Linear"
+    assert np.asarray(served(ids)).tobytes() == np.asarray(model(ids)).tobytes()
+
+
+def test_the_ways_of_serving_agree_as_measured(trained, tmp_path):
+    """What docs/serving.md states: the same logits and tokens for every way of serving a run, except
+    that a run trained with FP8 products computes other logits once its 2:4 layers are dense."""
+    for method, run in trained.items():
+        exports = [export_hf.export_hf(*lm_sample.load_run(run)[:2], tmp_path / f"{method}_{f}", format=f)
+                   for f in export_hf.FORMATS]
+        rows = {name.split(" (")[0].replace(str(tmp_path), ""): (diff, same)
+                for name, diff, same in agreement.measure(str(run), [str(e) for e in exports], tokens=8)}
+        fp8 = method == "sste_fp8"
+        assert rows["compressed"] == rows[f"export /{method}_sparse24"] == (0.0, True)
+        assert (rows["dense"][0] > 0) == fp8 and (rows[f"export /{method}_dense"][0] > 0) == fp8
+        assert rows["trained"] == (0.0, True)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_bit(path):
+    content = bytearray(path.read_bytes())
+    content[-3] ^= 1  # in a tensor's data, past the header: the safetensors format itself does not notice
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize("damage, file, why", [
+    (_truncate, serving.SAFETENSORS_FILE, "has SHA-256"), (_flip_a_bit, serving.SAFETENSORS_FILE, "has SHA-256"),
+    (_flip_a_bit, "config.json", "has SHA-256"), (_truncate, "tokenizer.json", "has SHA-256"),
+    (lambda path: path.unlink(), "SHA256SUMS", "is missing"),
+])
+def test_a_damaged_export_is_refused_on_import_naming_the_file(trained, tmp_path, damage, file, why):
+    run, out = str(trained["sste"]), tmp_path / "hf"
+    export_hf.main(["--workdir", run, "--out", str(out)])
+    damage(out / file)
+    with pytest.raises(SystemExit, match=re.escape(f"{out} is not an intact export_hf folder: {out / file} {why}")):
+        lm_sample.main(["--workdir", run, "--export", str(out), "--tokens", "2"])
+
+
+def test_a_truncated_safetensors_file_is_refused_naming_it(tmp_path):
+    out = _export(tmp_path, _trained_like())
+    _truncate(out / serving.SAFETENSORS_FILE)
+    with pytest.raises(ValueError, match=re.escape(f"{out / serving.SAFETENSORS_FILE} is damaged or truncated")):
+        serving.load_safetensors(out, export_hf.targets(2))
 
 
 def _dequantized_fp8(w_IxO, per_channel: bool):
@@ -301,7 +443,7 @@ def test_fp8_refuses_bad_input(tmp_path):
     targets = {"fc/kernel": serving.Target("fc.weight", transpose=True)}
     with pytest.raises(ValueError, match=r"fp8='row'"):
         serving.save_safetensors(tmp_path / "a", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="row")
-    with pytest.raises(ValueError, match=r"'fc.weight' has non-finite values"):
+    with pytest.raises(ValueError, match=r"'fc.weight': 1 of its 32 values are not finite"):
         serving.save_safetensors(tmp_path / "b", {"fc/kernel": w}, targets, sparse=["fc/kernel"], fp8="tensor")
 
 

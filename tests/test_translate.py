@@ -163,8 +163,8 @@ def test_unknown_method_setting_or_other_run_is_rejected(compared, cache, tmp_pa
     base = ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--cache-dir", str(cache), "--quiet"]
     with pytest.raises(SystemExit):
         train.main([*base, "--method", "bogus"])
-    for bad in (["--set", "bogus=1"], ["--recipe", "bogus=1"], ["--beam", "-1"]):
-        with pytest.raises(SystemExit, match="bogus|beam=-1"):
+    for bad in (["--set", "bogus=1"], ["--recipe", "bogus=1"]):  # flags' values: tests/test_flags.py
+        with pytest.raises(SystemExit, match="bogus"):
             train.main([*base, *bad])
     with pytest.raises(SystemExit):
         compare.main(["--config", "tiny", "--methods", "dense", "bogus", "--runs-dir", str(tmp_path)])

@@ -1,6 +1,8 @@
 import gzip
 import importlib.util
 import json
+import os
+import re
 
 import chex
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.common import report
+from experiments.common import integrity, report
 from experiments.common.recipes import get_recipe
 from experiments.common.records import read_records
 from experiments.vision import compare, data, train
@@ -210,11 +212,37 @@ def test_fashion_fetch_names_the_failing_command(tmp_path, monkeypatch):
 def test_fashion_is_read_from_the_cache_without_fetching(tmp_path, monkeypatch):
     folder = tmp_path / "dataset-fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"
     _fake_fashion(folder, (12, 8))
+    integrity.record_folder(tmp_path / "dataset-fashion-mnist", folder.iterdir())  # as fetch_debian does
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no apt-get: it must not be needed
     monkeypatch.setenv("SSTE_CACHE", str(tmp_path))
     assert data.fetch_fashion() == folder
     x_train, y_train, x_test, y_test = data.load_data("fashion")
     assert x_train.shape == (12, 28, 28) and y_test.shape == (8,)
+
+
+def _fake_debian(bin_dir, tree):
+    """apt-get and dpkg-deb stand-ins: ``apt-get download P`` leaves an empty P_1_all.deb, ``dpkg-deb -x``
+    copies ``tree`` into its target."""
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text('#!/bin/sh\ntouch "$2_1_all.deb"\n')
+    (bin_dir / "dpkg-deb").write_text(f'#!/bin/sh\nmkdir -p "$3" && cp -r "{tree}/." "$3"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+
+
+def test_a_damaged_debian_file_in_the_cache_is_unpacked_again_with_a_warning(tmp_path, monkeypatch):
+    _fake_fashion(tmp_path / "deb" / "usr" / "share" / "datasets" / "fashion-mnist", (12, 8))
+    _fake_debian(tmp_path / "bin", tmp_path / "deb")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    folder = data.fetch_fashion(tmp_path / "cache")
+    expected = data.load_fashion_split(folder)
+    images = folder / "train-images-idx3-ubyte.gz"
+    pixels = bytearray(gzip.decompress(images.read_bytes()))
+    pixels[100] ^= 1  # one pixel, one bit
+    images.write_bytes(gzip.compress(bytes(pixels)))
+    with pytest.warns(RuntimeWarning, match=f"cache damaged: {re.escape(str(images))} has SHA-256"):
+        assert data.fetch_fashion(tmp_path / "cache") == folder
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(data.load_fashion_split(folder), expected))
 
 
 @pytest.mark.slow
@@ -239,6 +267,7 @@ def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     csv = gzip.decompress(data.digits_file().read_bytes())
     (folder / "digits.csv.gz").write_bytes(gzip.compress(csv, mtime=1))
+    integrity.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # as fetch_debian does
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "sklearn" else real_find_spec(n))
     assert data.digits_file(tmp_path) == folder / "digits.csv.gz"
@@ -248,5 +277,6 @@ def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
     tampered = bytearray(csv)
     tampered[100] ^= 1
     (folder / "digits.csv.gz").write_bytes(gzip.compress(bytes(tampered)))
+    integrity.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # a package that differs
     with pytest.raises(ValueError, match=r"SHA-256 .*\(scikit-learn's digits set\)"):
         data.load_digits_split(cache_dir=tmp_path)

@@ -27,18 +27,6 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp")
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    """The multi-process flags of every training command (each defaults to the environment)."""
-    g = p.add_argument_group("multi-process (default: the environment; one process if unset)")
-    g.add_argument("--coordinator", help="host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
-    g.add_argument("--num-processes", type=int, help="number of processes (env JAX_NUM_PROCESSES)")
-    g.add_argument("--process-id", type=int, help="this process's index (env JAX_PROCESS_ID)")
-    g.add_argument("--local-devices", type=int,
-                   help="CPU only: devices per process (env SSTE_LOCAL_DEVICES; default 1)")
-    g.add_argument("--mesh", help="data=D,fsdp=F (default: data = processes, fsdp = devices per process; "
-                                  "one process: one device)")
-
-
 def _env_int(name: str, value: int | None) -> int | None:
     if value is not None:
         return value
@@ -86,7 +74,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
 
 def initialize_from(args: argparse.Namespace) -> None:
-    """`initialize` from the flags of `add_args`."""
+    """`initialize` from the flags of `experiments.common.cli.add_distributed_args`."""
     initialize(args.coordinator, args.num_processes, args.process_id, args.local_devices)
 
 

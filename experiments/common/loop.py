@@ -5,7 +5,8 @@ A task gives the loop a `Task` (its loss, its batches as a pure function of the 
 evaluation); the run's identity is a `Run`. `fit` then:
 
 - writes ``run.json`` (the identity and its hash) and refuses a work directory that holds a
-  different run, naming the differing fields; refuses to start over a run unless ``resume``; refuses
+  different run, naming the differing fields, or a ``run.json`` / ``metrics.jsonl`` it cannot read
+  (`BadFileError` naming the file, the line or field); refuses to start over a run unless ``resume``; refuses
   to resume when metrics exist without a checkpoint (restarting would discard them);
 - trains with the recipe's `Schedule` (STEP's switch, dense finish, mask refresh, β refit), logs the
   means of the step metrics every ``log_every`` steps (the host waits on the device only there),
@@ -54,7 +55,7 @@ import sste_jax
 from experiments.common import distributed
 from experiments.common.config import Config, differing_fields, identity_hash
 from experiments.common.recipes import Recipe, get_recipe, make_optimizer
-from experiments.common.records import append_record, keep_until, read_records
+from experiments.common.records import BadFileError, append_record, keep_until, read_json, read_records
 from experiments.common.schedule import Schedule
 from sste_jax import checkpoint
 from sste_jax.nnx import accumulate_gradients
@@ -187,10 +188,36 @@ def _git_commit() -> str:
         return "unknown"
 
 
+_IDENTITY_FIELDS = {"task": str, "method": str, "seed": int, "config": dict, "recipe": dict, "options": dict,
+                    "sparse_lr_scale": (int, float)}
+
+
+def read_identity(workdir: str | pathlib.Path) -> dict:
+    """The `Run.identity` stored in ``workdir/run.json``; `BadFileError` naming the file and the field
+    when the file is missing, not JSON, or not what `fit` writes."""
+    path = pathlib.Path(workdir) / "run.json"
+    if not path.is_file():
+        raise BadFileError(f"{workdir} is not a training run: {path} is missing")
+    info = read_json(path)
+    identity = info.get("identity") if isinstance(info, dict) else None
+    if not isinstance(identity, dict):
+        raise BadFileError(f"{path}: no 'identity' object (the file holds {json.dumps(info)[:80]})")
+    for field, kind in _IDENTITY_FIELDS.items():
+        if field not in identity:
+            raise BadFileError(f"{path}: identity.{field} is missing")
+        if not isinstance(identity[field], kind) or isinstance(identity[field], bool):
+            raise BadFileError(f"{path}: identity.{field} is {identity[field]!r}, not of type "
+                               f"{getattr(kind, '__name__', 'number')}")
+    for part in ("model", "optim", "loop"):
+        if not isinstance(identity["config"].get(part), dict):
+            raise BadFileError(f"{path}: identity.config.{part} is {identity['config'].get(part)!r}, not an object")
+    return identity
+
+
 def _check_workdir(workdir: pathlib.Path, run: Run, resume: bool) -> None:
     info_path, metrics_path = workdir / "run.json", workdir / "metrics.jsonl"
     if info_path.exists():
-        stored = json.loads(info_path.read_text())["identity"]
+        stored = read_identity(workdir)
         diff = differing_fields(stored, run.identity())
         if diff:
             raise RunMismatchError(f"{workdir} holds a run with other settings (stored != asked): " + "; ".join(diff)

@@ -2,7 +2,9 @@
 ``kind`` (``"train"``: means of the train-step metrics since the last one; ``"eval"``; ``"final"``).
 
 Appends are single writes; `read_records` drops a torn last line (a run killed mid-write) and
-names the file and line of any other damage; `keep_until` rewrites atomically.
+raises `BadFileError` naming the file and line of any other damage (not JSON, not a record);
+`keep_until` rewrites atomically. `read_json` reads the other JSON files a command reads
+(``run.json``, an export's ``config.json``) with the same kind of error.
 
 >>> import pathlib, tempfile
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
@@ -17,8 +19,45 @@ import json
 import os
 import pathlib
 import sys
+from typing import Any
 
 KINDS = ("train", "eval", "final")
+
+
+class BadFileError(ValueError):
+    """A file a command reads is missing, unreadable, or does not hold what it must; the message names
+    the file and what is wrong with it."""
+
+
+def read_json(path: pathlib.Path) -> Any:
+    """The JSON value in ``path``; `BadFileError` naming it when it is missing, not UTF-8, empty or not JSON."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadFileError(f"{path} is missing") from None
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise BadFileError(f"{path} is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadFileError(f"{path}, line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
+
+
+def _record_problem(record) -> str | None:
+    """Why ``record`` is not a metrics record (an object with method, seed, step and kind), or None."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not a record object"
+    for name, kind in {"method": str, "seed": int, "step": int, "kind": str}.items():
+        if name not in record:
+            return f"it has no {name}"
+        if not isinstance(record[name], kind) or isinstance(record[name], bool):
+            return f"its {name} is {record[name]!r}, not {'a string' if kind is str else 'an integer'}"
+    if record["kind"] not in KINDS:
+        return f"its kind is {record['kind']!r}, not one of {KINDS}"
+    return None
 
 
 def append_record(path: pathlib.Path, record: dict) -> None:
@@ -30,21 +69,28 @@ def append_record(path: pathlib.Path, record: dict) -> None:
 
 
 def read_records(path: pathlib.Path) -> list[dict]:
-    """The records of ``path``; a torn last line is dropped with a warning, other damage raises."""
+    """The records of ``path``; a torn last line is dropped with a warning, other damage raises
+    `BadFileError` naming the file and line."""
     path = pathlib.Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BadFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = text.split("\n")
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             if i == len(lines) - 1 and not text.endswith("\n"):
                 print(f"warning: {path}: dropping a torn last line (line {i + 1}): {line[:60]!r}", file=sys.stderr)
                 break
-            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg}): {line[:80]!r}") from None
+            raise BadFileError(f"{path}, line {i + 1}: not a JSON record ({e.msg}): {line[:80]!r}") from None
+        if problem := _record_problem(record):
+            raise BadFileError(f"{path}, line {i + 1}: not a metrics record: {problem}")
+        records.append(record)
     return records
 
 

@@ -130,7 +130,7 @@ def main(argv=None) -> str:
     )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, MAIN, (0, 1, 2))
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    cli.add_jobs_arg(p)
     p.add_argument("--xla-threads", choices=["one", "default"], default="one",
                    help="one: single-threaded XLA per run (default); default: XLA's own threading (use --jobs 1)")
     p.add_argument("--runs-dir", default=None, help="default runs/lm_<config>")

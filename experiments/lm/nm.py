@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, loop, report, runner
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 from experiments.lm.train import make_run
@@ -112,15 +112,16 @@ def main(argv=None) -> dict:
     )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1, 2))
-    p.add_argument("--patterns", nargs="+", default=["2:4", "1:4", "2:8"], help="default: %(default)s")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--patterns", nargs="+", type=flags.parsed_by(parse_pattern), default=[(2, 4), (1, 4), (2, 8)],
+                   metavar="N:M", help="default: 2:4 1:4 2:8")
+    cli.add_jobs_arg(p)
     p.add_argument("--out", default=None, help="default runs/lm_<config>_nm")
     args = p.parse_args(argv)
     if args.recipe:
         p.error("--patterns sets N and M; each method runs its own recipe")
     try:
         cfg = get_config(args.config, args.set)
-        patterns = [parse_pattern(t) for t in args.patterns]
+        patterns = args.patterns
     except ValueError as e:
         p.error(str(e))
     if "dense" not in args.methods:

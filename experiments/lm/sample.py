@@ -8,11 +8,14 @@
 ``--weights``: ``trained`` (the run's layers as trained, 2:4 forward weights), ``dense`` (every sparse
 layer densified: an ``nnx.Linear`` holding its forward weight), ``compressed`` (2:4 layers as
 `sste_jax.nnx.CompressedLinear`, decompressed once per generation, before decoding). All three hold
-the same forward weights, so for a seed they give the same tokens; so does an export read back with
-``--export``. Sampling is a pure function of the weights, the prompt, the temperature, top-k and the
-seed. ``--backend`` (with ``--export`` or ``--weights compressed``) serves the 2:4 layers through
-`sste_jax.serving.to_backend`: ``dense`` (decompressed once at load; the same tokens), ``cusparselt``
-or ``cusparselt-fp8`` (cuSPARSELt products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
+the same forward weights; they give the same tokens for a seed when the run's 2:4 layers compute
+float products, while ``dense`` turns a run trained with FP8 products into float products (other
+logits: `experiments.lm.agreement` measures it). ``--export`` reads an `experiments.export_hf`
+folder back, refusing one whose files do not match its ``SHA256SUMS``. Sampling is a pure function
+of the weights, the prompt, the temperature, top-k and the seed. ``--backend`` (with ``--export`` or
+``--weights compressed``) serves the 2:4 layers through `sste_jax.serving.to_backend`: ``dense``
+(decompressed once at load; the same tokens), ``cusparselt`` or ``cusparselt-fp8`` (cuSPARSELt
+products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
 
 >>> import jax.numpy as jnp
 >>> from flax import nnx
@@ -25,7 +28,6 @@ or ``cusparselt-fp8`` (cuSPARSELt products on an NVIDIA GPU, bf16 or e4m3: round
 
 import argparse
 import functools
-import json
 import pathlib
 import sys
 
@@ -35,14 +37,12 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from experiments.common import loop
-from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig
+from experiments.common import flags, loop
 from experiments.common.recipes import make_optimizer
 from experiments.common.schedule import Schedule
 from experiments.lm import data
-from experiments.lm.configs import LMData
 from experiments.lm.model import GPT
-from experiments.lm.train import build_model, make_run
+from experiments.lm.train import build_model, stored_run
 from sste_jax import checkpoint, serving
 from sste_jax import nnx as sparse_nnx
 
@@ -54,17 +54,8 @@ def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run
     verifies, in the phase that checkpoint trains (e.g. STEP's hard 2:4 after its switch, dense for the
     last part of ``tsrste_df``)."""
     workdir = pathlib.Path(workdir)
-    info_path = workdir / "run.json"
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{workdir} is not a training run: {info_path} is missing")
-    ident = json.loads(info_path.read_text())["identity"]
-    if ident.get("task") != "lm":
-        raise ValueError(f"{workdir} holds a {ident.get('task')!r} run, not a language model ('lm')")
-    c = ident["config"]
-    cfg = Config(ModelConfig(**c["model"]), LMData(**c["data"]), OptimConfig(**c["optim"]), LoopConfig(**c["loop"]))
-    run = make_run(cfg, ident["method"], ident["seed"], sparsify_=ident["options"]["sparsify"],
-                   sparse_lr_scale=ident["sparse_lr_scale"], recipe_changes=tuple(ident["recipe"].items()),
-                   init_from=ident["options"]["init_from"])
+    run = stored_run(workdir)
+    cfg = run.config
     tokenizer = data.get_tokenizer(cfg.data.tokenizer)
     model = build_model(run, tokenizer.vocab_size)
     target = loop.initial_state(model, make_optimizer(cfg.optim, model, run.recipe(), run.sparse_lr_scale))
@@ -166,33 +157,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", help="an export_hf folder: sample its weights (read back into our GPT) instead")
     p.add_argument("--weights", choices=WEIGHTS, default="trained")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--tokens", type=int, default=100, help="new tokens (prompt + tokens <= the model's seq_len)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=flags.integer(1), default=100,
+                   help="new tokens (prompt + tokens <= the model's seq_len)")
+    p.add_argument("--temperature", type=flags.number(minimum=0), default=1.0, help="0: greedy")
+    p.add_argument("--top-k", type=flags.integer(0), default=0, help="0: all tokens")
+    p.add_argument("--seed", type=flags.integer(0), default=0)
     p.add_argument("--backend", choices=serving.BACKENDS, default=None,
                    help="serve the compressed 2:4 layers (--export or --weights compressed) this way")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.backend and not args.export and args.weights != "compressed":
+        p.error("--backend applies to compressed 2:4 layers: add --export DIR or --weights compressed")
+    return args
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    model, tokenizer, _ = load_run(args.workdir)
-    if args.export:
-        from experiments.export_hf import import_hf
+    from experiments.export_hf import import_hf
 
-        model = import_hf(args.export, model)
-    else:
-        model = with_weights(model, args.weights)
-    prompt = tokenizer.encode(args.prompt)
+    args = parse_args(argv)
     try:
+        model, tokenizer, _ = load_run(args.workdir)
+        model = import_hf(args.export, model) if args.export else with_weights(model, args.weights)
+        prompt = tokenizer.encode(args.prompt)
         if args.backend:
-            if not args.export and args.weights != "compressed":
-                raise ValueError("--backend applies to compressed 2:4 layers: add --export DIR or --weights compressed")
             model = serving.to_backend(model, args.backend)
         tokens = generate(model, jnp.asarray([prompt]), args.tokens, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed)
-    except (ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # a run or export that cannot be read names its file
         sys.exit(f"error: {e}")
     print(args.prompt + tokenizer.decode(np.asarray(tokens[0]).tolist()))
 

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, loop, report, runner
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 
@@ -66,8 +66,8 @@ def main(argv=None) -> dict[int, dict]:
     )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1, 2))
-    p.add_argument("--steps", nargs="+", type=int, default=[1500, 3000, 6000], help="default: %(default)s")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--steps", nargs="+", type=flags.integer(1), default=[1500, 3000, 6000], help="default: %(default)s")
+    cli.add_jobs_arg(p)
     p.add_argument("--out", default=None, help="default runs/lm_<config>_scaling")
     args = p.parse_args(argv)
     if args.recipe or any(s.split("=")[0].split(".")[-1] == "steps" for s in args.set):

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, loop, report, runner
 from experiments.common.config import parse_overrides
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
@@ -94,10 +94,11 @@ def main(argv=None) -> dict[str, float]:
     )
     cli.add_config_args(p, CONFIGS, "capacity")
     cli.add_methods_args(p, METHODS, (0, 1))
-    p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="default: %(default)s")
-    p.add_argument("--extend", type=int, default=2, help="grid extensions per method at most (default 2)")
-    p.add_argument("--final-seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="default: %(default)s")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    p.add_argument("--lrs", nargs="+", type=flags.number(above=0), default=list(LRS), help="default: %(default)s")
+    p.add_argument("--extend", type=flags.integer(0), default=2, help="grid extensions per method at most (default 2)")
+    p.add_argument("--final-seeds", nargs="+", type=flags.integer(0), default=[0, 1, 2, 3, 4],
+                   help="default: %(default)s")
+    cli.add_jobs_arg(p)
     p.add_argument("--runs-dir", default=None, help="default runs/lm_<config>")
     p.add_argument("--out", default=None, help="default <runs-dir>/sweep")
     args = p.parse_args(argv)
@@ -105,8 +106,8 @@ def main(argv=None) -> dict[str, float]:
         cfg = get_config(args.config, args.set)
         if ("optim", "lr") in parse_overrides(cfg, args.set) or args.recipe:
             raise ValueError("the sweep sets lr itself and runs each method's own recipe: drop --set lr / --recipe")
-        if len(args.lrs) < 3 or min(args.lrs) <= 0:
-            raise ValueError(f"--lrs {args.lrs}: give at least 3 positive rates")
+        if len(args.lrs) < 3:
+            raise ValueError(f"--lrs {args.lrs}: give at least 3 rates")
     except ValueError as e:
         p.error(str(e))
     runs_dir = pathlib.Path(args.runs_dir or f"runs/lm_{args.config}")

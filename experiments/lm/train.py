@@ -16,7 +16,6 @@ model on a global mesh.
 """
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -27,11 +26,12 @@ import optax
 from flax import nnx
 
 import sste_jax
-from experiments.common import cli, distributed, loop
-from experiments.common.config import Config
+from experiments.common import cli, distributed, flags, loop
+from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig
 from experiments.common.recipes import ALL, FEED_FORWARD, make_optimizer, sparsify
+from experiments.common.records import BadFileError
 from experiments.lm import data
-from experiments.lm.configs import CONFIGS, get_config
+from experiments.lm.configs import CONFIGS, LMData, get_config
 from experiments.lm.model import GPT
 from sste_jax import checkpoint
 
@@ -45,6 +45,23 @@ def make_run(cfg: Config, method: str, seed: int = 0, *, sparsify_: str = "ffn",
         raise ValueError(f"sparsify={sparsify_!r}: use one of {sorted(WHERE)}")
     return loop.Run("lm", method, seed, cfg, tuple(recipe_changes),
                     (("sparsify", sparsify_), ("init_from", str(init_from or ""))), float(sparse_lr_scale))
+
+
+def stored_run(workdir: str | pathlib.Path) -> loop.Run:
+    """The `loop.Run` of the language-model run in ``workdir``, from its ``run.json``; `BadFileError`
+    naming that file when it does not describe one."""
+    identity = loop.read_identity(workdir)
+    path = pathlib.Path(workdir) / "run.json"
+    if identity["task"] != "lm":
+        raise BadFileError(f"{path}: a {identity['task']!r} run, not a language model ('lm')")
+    try:
+        c, options = identity["config"], identity["options"]
+        cfg = Config(ModelConfig(**c["model"]), LMData(**c["data"]), OptimConfig(**c["optim"]), LoopConfig(**c["loop"]))
+        return make_run(cfg, identity["method"], identity["seed"], sparsify_=options["sparsify"],
+                        sparse_lr_scale=identity["sparse_lr_scale"], recipe_changes=tuple(identity["recipe"].items()),
+                        init_from=options["init_from"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise BadFileError(f"{path}: not the identity of a language-model run ({type(e).__name__}: {e})") from None
 
 
 def build_model(run: loop.Run, vocab_size: int, weights=None) -> nnx.Module:
@@ -90,11 +107,11 @@ def make_task(cfg: Config, seed: int, train_tokens, val_tokens) -> loop.Task:
 
 def _dense_weights(init_from: pathlib.Path, run: loop.Run, vocab_size: int):
     """The ``nnx.Param`` state of the last checkpoint of the dense run in ``init_from``."""
-    stored = json.loads((init_from / "run.json").read_text())["identity"]
-    if stored["method"] != "dense":
-        raise ValueError(f"--init-from {init_from}: that run's method is {stored['method']!r}, not 'dense'")
-    dense = make_run(run.config, "dense", run.seed, sparsify_=stored["options"]["sparsify"],
-                     sparse_lr_scale=stored["sparse_lr_scale"])
+    stored = stored_run(init_from)
+    if stored.method != "dense":
+        raise ValueError(f"--init-from {init_from}: that run's method is {stored.method!r}, not 'dense'")
+    dense = make_run(run.config, "dense", run.seed, sparsify_=dict(stored.options)["sparsify"],
+                     sparse_lr_scale=stored.sparse_lr_scale)
     model = build_model(dense, vocab_size)
     target = loop.initial_state(model, make_optimizer(run.config.optim, model, dense.recipe(), dense.sparse_lr_scale))
     return checkpoint.restore_checkpoint(init_from / "ckpt", target)["params"]
@@ -114,15 +131,19 @@ def train(run: loop.Run, workdir, *, resume: bool = False, until: int | None = N
     return loop.fit(run, workdir, task, model, resume=resume, until=until, progress=progress, mesh=mesh)
 
 
+def _lr_scale(text: str) -> float | str:
+    return text if text == "beta" else flags.number(above=0)(text)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_run_args(p, CONFIGS, "capacity")
     p.add_argument("--sparsify", default="ffn", choices=sorted(WHERE))
-    p.add_argument("--sparse-lr-scale", default="1.0", help="LR factor of the sparse layers, or 'beta'")
+    p.add_argument("--sparse-lr-scale", type=_lr_scale, default=1.0, help="LR factor of the sparse layers, or 'beta'")
     p.add_argument("--init-from", help="workdir of a dense run whose last checkpoint to start from")
-    distributed.add_args(p)
+    cli.add_distributed_args(p)
     return p.parse_args(argv)
 
 
@@ -130,14 +151,14 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         distributed.initialize_from(args)
-        mesh = distributed.make_mesh(distributed.parse_mesh(args.mesh))
+        mesh = distributed.make_mesh(args.mesh)
         cfg = get_config(args.config, args.set)
         recipe = cli.parse_recipe(args.recipe)
         if args.sparse_lr_scale == "beta":
             vocab_size = data.get_tokenizer(cfg.data.tokenizer, args.cache_dir).vocab_size
             scale = beta_lr_scale(cfg, args.seed, vocab_size, args.sparsify)
         else:
-            scale = cli.parse_float("--sparse-lr-scale", args.sparse_lr_scale)
+            scale = args.sparse_lr_scale
         run = make_run(cfg, args.method, args.seed, sparsify_=args.sparsify, sparse_lr_scale=scale,
                        recipe_changes=recipe, init_from=args.init_from or "")
     except ValueError as e:

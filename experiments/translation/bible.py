@@ -5,11 +5,14 @@
   against the King James Version (``sword-text-kjv``, ``engKJV2006eb``). Both use KJV versification,
   so (book, chapter, verse) keys align 1:1: 31,084 pairs where both verses are non-empty. Fetched once
   with ``apt-get download`` + ``dpkg-deb -x`` (no root), read with PyPI ``pysword``, and cached as
-  ``<cache>/bible/pairs.jsonl``. ``"synthetic"``: generated Spanish-like → English sentences (word
-  substitution, adjective after → before the noun) in fake books; no download.
+  ``<cache>/bible/pairs.jsonl``, its SHA-256 recorded next to it and checked on every load (a
+  damaged file is rebuilt from the packages with a warning naming it). ``"synthetic"``: generated
+  Spanish-like → English sentences (word substitution, adjective after → before the noun) in fake
+  books; no download.
 - Splits hold out whole books (`BIBLE_VAL_BOOKS`, `BIBLE_TEST_BOOKS`, about 5% of verses each).
 - `get_translation_tokenizer(train_pairs, vocab_size, cache_dir)`: a joint Spanish+English byte-level
-  BPE trained on the training pairs only, cached as JSON keyed by vocabulary size and a hash of the text.
+  BPE trained on the training pairs only, cached as JSON keyed by vocabulary size and a hash of the
+  text, verified like the pairs.
 - `encode_split(pairs, tokenizer, max_len)` -> `EncodedSplit`: padded int32 arrays; pairs that do not
   fit are dropped (and counted), never truncated. `max_len_for` picks ``max_len`` as a percentile.
 
@@ -25,9 +28,7 @@ True
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import tempfile
 import unicodedata
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Int
 
+from experiments.common import integrity
 from experiments.lm.data import cache_dir_default, fetch_debian
 
 # Debian package -> SWORD module. Spanish is the source, English the target.
@@ -96,31 +98,21 @@ def _read_verses(sword: Path, module: str) -> dict[tuple[str, int, int], str]:
     return verses
 
 
-def _write_jsonl_atomic(path: Path, records) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _build_pairs(bible_dir: Path, path: Path) -> None:
+    bible_dir.mkdir(parents=True, exist_ok=True)
+    source = _read_verses(_fetch_package(SOURCE_PACKAGE, bible_dir), SOURCE_MODULE)
+    target = _read_verses(_fetch_package(TARGET_PACKAGE, bible_dir), TARGET_MODULE)
+    records = ({"book": b, "chapter": c, "verse": v, "es": source[b, c, v], "en": target[b, c, v]}
+               for (b, c, v) in source if source[b, c, v] and target.get((b, c, v)))
+    integrity.write_recorded(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
 def fetch_bible_pairs(cache_dir: Path | str | None = None) -> list[Pair]:
     """All aligned non-empty verse pairs in canonical order, from ``<cache>/bible/pairs.jsonl``
-    (built once: ~1 s to download, ~30 s per Bible to read)."""
+    (built once: ~1 s to download, ~30 s per Bible to read; verified on every call)."""
     bible_dir = Path(cache_dir or cache_dir_default()) / "bible"
     path = bible_dir / "pairs.jsonl"
-    if not path.exists():
-        bible_dir.mkdir(parents=True, exist_ok=True)
-        source = _read_verses(_fetch_package(SOURCE_PACKAGE, bible_dir), SOURCE_MODULE)
-        target = _read_verses(_fetch_package(TARGET_PACKAGE, bible_dir), TARGET_MODULE)
-        _write_jsonl_atomic(path, (
-            {"book": b, "chapter": c, "verse": v, "es": source[b, c, v], "en": target[b, c, v]}
-            for (b, c, v) in source if source[b, c, v] and target.get((b, c, v))
-        ))
+    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)), lambda: _build_pairs(bible_dir, path))
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     return [Pair(r["book"], r["chapter"], r["verse"], r["es"], r["en"]) for r in records]
@@ -245,7 +237,8 @@ def get_translation_tokenizer(
     """A joint source+target BPE trained on ``train_pairs`` only (at most ``vocab_size`` tokens).
 
     Cached as ``<cache>/translation_tokenizers/bpe<vocab_size>-<hash>.json``, the hash covering the
-    training text and the recipe; ``cache_dir=None`` trains in memory without caching.
+    training text and the recipe, its SHA-256 recorded next to it and checked on every call (a damaged
+    file is trained again, with a warning naming it); ``cache_dir=None`` trains in memory without caching.
     """
     if vocab_size < 260:
         raise ValueError(f"vocab_size must be >= 260 (256 bytes + 4 special tokens), got {vocab_size}")
@@ -260,17 +253,9 @@ def get_translation_tokenizer(
         return TranslationTokenizer(_train_bpe(texts, vocab_size))
     digest = hashlib.sha256("\n".join([_TOKENIZER_RECIPE, *texts]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / "translation_tokenizers" / f"bpe{vocab_size}-{digest}.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(_train_bpe(texts, vocab_size).to_str())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)),
+                     lambda: integrity.write_recorded(path, _train_bpe(texts, vocab_size).to_str().encode()))
     return TranslationTokenizer(Tokenizer.from_file(str(path)))
 
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, integrity, loop, report, runner
 from experiments.lm.data import cache_dir_default
 from experiments.translation import bible
 from experiments.translation.configs import CONFIGS, get_config
@@ -116,10 +116,10 @@ def main(argv=None) -> str:
     )
     cli.add_config_args(p, CONFIGS, "small")
     cli.add_methods_args(p, MAIN, (0,))
-    p.add_argument("--beam", type=int, default=0, help="beam size for BLEU (default 0: greedy)")
-    p.add_argument("--test-per-book", type=int, help="translate only the first N verses of each test book")
+    p.add_argument("--beam", type=flags.integer(0), default=0, help="beam size for BLEU (default 0: greedy)")
+    p.add_argument("--test-per-book", type=flags.integer(1), help="translate only the first N verses of each test book")
     p.add_argument("--val-bleu", action="store_true", help="also translate the validation books (BLEU)")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    cli.add_jobs_arg(p)
     p.add_argument("--runs-dir", default=None, help="default runs/translation_<config>")
     p.add_argument("--out", default=None, help="default <runs-dir>/report")
     p.add_argument("--cache-dir", default=None, help="data cache (default $SSTE_CACHE or ~/.cache/sste_jax)")
@@ -135,7 +135,7 @@ def main(argv=None) -> str:
     began = time.perf_counter()
     try:
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())  # fills the caches the runs share
-    except ValueError as e:
+    except (ValueError, integrity.CacheError) as e:
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     try:

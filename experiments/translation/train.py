@@ -59,7 +59,7 @@ from flax import nnx
 from jaxtyping import Int
 
 import sste_jax
-from experiments.common import cli, loop
+from experiments.common import cli, flags, integrity, loop
 from experiments.common.config import Config
 from experiments.common.recipes import METHODS, sparsify
 from experiments.common.records import read_records
@@ -253,8 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     cli.add_run_args(p, CONFIGS, "small")
-    p.add_argument("--beam", type=int, default=0, help="beam size for BLEU (default 0: greedy)")
-    p.add_argument("--test-per-book", type=int, help="translate only the first N verses of each test book")
+    p.add_argument("--beam", type=flags.integer(0), default=0, help="beam size for BLEU (default 0: greedy)")
+    p.add_argument("--test-per-book", type=flags.integer(1), help="translate only the first N verses of each test book")
     p.add_argument("--val-bleu", action="store_true", help="also translate the validation books (BLEU)")
     return p.parse_args(argv)
 
@@ -266,7 +266,7 @@ def main(argv=None) -> None:
         run = make_run(cfg, args.method, args.seed, recipe_changes=cli.parse_recipe(args.recipe), beam=args.beam,
                        test_per_book=args.test_per_book, val_bleu=args.val_bleu)
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())
-    except ValueError as e:
+    except (ValueError, integrity.CacheError) as e:  # a bad setting; a cached input that cannot be rebuilt
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     cli.train_or_exit(

@@ -86,7 +86,7 @@ def main(argv=None) -> str:
     )
     cli.add_config_args(p, CONFIGS, "small")
     cli.add_methods_args(p, MAIN, (0,))
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (default: one per core)")
+    cli.add_jobs_arg(p)
     p.add_argument("--runs-dir", default=None, help="default runs/vision_<dataset>_<config>")
     p.add_argument("--out", default=None, help="default <runs-dir>/report")
     p.add_argument("--data-dir", help="Fashion-MNIST's idx files (default: fetched into the cache)")

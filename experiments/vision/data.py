@@ -6,8 +6,10 @@ package ``python3-sklearn`` unpacked once into the cache; its CSV is hash-checke
 give the same arrays. Fashion-MNIST: its own 60k/10k
 split from the idx files of the Debian package ``dataset-fashion-mnist``, which `fetch_fashion`
 unpacks once into the cache (``$SSTE_CACHE`` or ``~/.cache/sste_jax``) with ``apt-get download`` +
-``dpkg-deb -x`` (no root), unless a data folder is given. Images are standardised by the training
-split's mean and standard deviation.
+``dpkg-deb -x`` (no root), unless a data folder is given. A Debian package's files are recorded
+(``SHA256SUMS``) when unpacked and verified on every load; a damaged one is unpacked again, with a
+warning naming the file (`experiments.lm.data.fetch_debian`). A ``--data-dir`` of your own is read
+as it is. Images are standardised by the training split's mean and standard deviation.
 
 >>> x_train, y_train, x_test, y_test = load_data("digits")
 >>> x_train.shape, x_test.shape
