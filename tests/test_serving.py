@@ -279,12 +279,20 @@ def test_top_k_one_is_greedy_and_bad_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """``{method: workdir}`` of two short training runs, S-STE and S-STE with FP8 products."""
+    """``{method: workdir}`` of short training runs: S-STE, with FP8 products, with MVUE and FP8."""
     root = tmp_path_factory.mktemp("trained")
     cfg = get_config("tiny", ["steps=2", "warmup=1", "ckpt_every=2", "eval_every=2", "log_every=1"])
-    for method in ("sste", "sste_fp8"):
+    for method in ("sste", "sste_fp8", "sste_mvue_fp8"):
         lm_train.train(lm_train.make_run(cfg, method), root / method, progress=False)
-    return {method: root / method for method in ("sste", "sste_fp8")}
+    return {method: root / method for method in ("sste", "sste_fp8", "sste_mvue_fp8")}
+
+
+def test_a_run_trained_with_mvue_samples_from_its_own_weights(trained, capsys):
+    """The sparse layers draw no MVUE key in a forward pass: the compiled decoding loop runs them as is."""
+    for weights in ("trained", "compressed"):
+        lm_sample.main(["--workdir", str(trained["sste_mvue_fp8"]), "--prompt", "ab", "--tokens", "6", "--seed", "1",
+                        "--weights", weights])
+        assert capsys.readouterr().out.startswith("ab")
 
 
 def test_cli_exports_a_trained_run_and_samples_it(trained, tmp_path, capsys):
@@ -331,7 +339,7 @@ def test_the_ways_of_serving_agree_as_measured(trained, tmp_path):
                    for f in export_hf.FORMATS]
         rows = {name.split(" (")[0].replace(str(tmp_path), ""): (diff, same)
                 for name, diff, same in agreement.measure(str(run), [str(e) for e in exports], tokens=8)}
-        fp8 = method == "sste_fp8"
+        fp8 = method.endswith("fp8")
         assert rows["compressed"] == rows[f"export /{method}_sparse24"] == (0.0, True)
         assert (rows["dense"][0] > 0) == fp8 and (rows[f"export /{method}_dense"][0] > 0) == fp8
         assert rows["trained"] == (0.0, True)
