@@ -20,7 +20,6 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from sste_jax._optim import key_name
 from tests.third_party import checks
 
 pytestmark = pytest.mark.integration
@@ -33,16 +32,6 @@ def _their_broadcasting():
     """These models rely on implicit rank promotion, which the suite otherwise turns into an error."""
     with jax.numpy_rank_promotion("allow"):
         yield
-
-
-def _named(tree) -> dict:
-    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
-    return {name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _replaced(tree, weights):
-    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
-    return jax.tree_util.tree_map_with_path(lambda p, x: weights.get(name(p), x), tree)
 
 
 def _xent(logits, ids):
@@ -76,8 +65,8 @@ def test_hf_flax_gpt2_linen_module():
             variables,
             loss=lambda v: _xent(sparse.apply(v, ids, mask, pos).logits, ids),
             record=sste_jax.sparse_weights,
-            weights=lambda tree: _named(tree["params"]),
-            dense=lambda w: _xent(hf.module.apply({"params": _replaced(variables["params"], w)}, ids, mask,
+            weights=lambda tree: checks.named(tree["params"]),
+            dense=lambda w: _xent(hf.module.apply({"params": checks.replaced(variables["params"], w)}, ids, mask,
                                                   pos).logits, ids),
         )
 
@@ -95,8 +84,8 @@ def test_hf_flax_gpt2_wrapper_through_sparsify_fn():
             sparse.init(hf.params, ids),
             loss=lambda v: _xent(sparse(v, ids), ids),
             record=sste_jax.sparse_weights,
-            weights=lambda tree: _named(tree["params"]),
-            dense=lambda w: _xent(hf(ids, params=_replaced(hf.params, w)).logits, ids),
+            weights=lambda tree: checks.named(tree["params"]),
+            dense=lambda w: _xent(hf(ids, params=checks.replaced(hf.params, w)).logits, ids),
         )
 
     checks.check_all(make, GPT2_AXES)
@@ -127,8 +116,8 @@ def test_equinox_scanned_mlp_with_biases():
     def make(config, seed):
         sparse = sste_jax.sparsify_fn(forward, sste_jax.feed_forward(config), seed=seed)
         return checks.View(sparse.init(arrays, x), loss=lambda v: loss(sparse(v, x)), record=sste_jax.sparse_weights,
-                           weights=lambda tree: _named(tree["params"]),
-                           dense=lambda w: loss(forward(_replaced(arrays, w), x)))
+                           weights=lambda tree: checks.named(tree["params"]),
+                           dense=lambda w: loss(forward(checks.replaced(arrays, w), x)))
 
     # (layers, out, in) weights: groups along in, parameter axis 2; the stacked biases feed no product
     checks.check_all(make, {"mlp/layers/0/weight": 2, "mlp/layers/1/weight": 2}, drop=0.05)
@@ -148,21 +137,6 @@ def _tunix_llama():
     from tunix.models.llama3 import model as llama
 
     return llama
-
-
-def nnx_view(model, dense_model, loss) -> checks.View:
-    """A view of an NNX model made sparse: the state is its parameters; ``dense_model`` is the original."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    dense_graphdef, dense_params, dense_rest = nnx.split(dense_model, nnx.Param, ...)
-    merge = lambda p: nnx.merge(graphdef, p, rest, copy=True)  # noqa: E731
-    by_path = lambda state: {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}  # noqa: E731
-
-    def dense(weights):
-        flat = [(p, v.replace(weights.get("/".join(map(str, p)), v[...]))) for p, v in nnx.to_flat_state(dense_params)]
-        return loss(nnx.merge(dense_graphdef, nnx.from_flat_state(flat), dense_rest, copy=True))
-
-    return checks.View(params, loss=lambda p: loss(merge(p)), record=lambda p: sste_jax.sparse_weights(merge(p)),
-                       weights=by_path, dense=dense, model=merge)
 
 
 @pytest.mark.filterwarnings("ignore:'sharding' is deprecated:DeprecationWarning")  # tunix's own code
@@ -191,7 +165,7 @@ def test_tunix_llama3_with_rematerialised_blocks():
     def make(config, seed):
         model = sste_jax.sparsify(dense_model(), sste_jax.feed_forward(config), tokens, positions, None, mask,
                                   seed=seed)
-        return nnx_view(model, dense_model(), loss)
+        return checks.nnx_view(model, dense_model(), loss)
 
     axes = {f"layers/{i}/mlp/{n}/kernel": 0 for i in (0, 1) for n in ("gate_proj", "up_proj", "down_proj")}
     checks.check_all(make, axes)

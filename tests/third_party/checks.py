@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import sste_jax
 from sste_jax._layout import layer_shape, param_axis
@@ -144,3 +145,38 @@ def check_all(make: Make, axes: Mapping[str, int], **training) -> None:
     check_fp8(make)
     check_mvue(make)
     check_training(make(FULL, 0), **training)
+
+
+def named(tree) -> dict[str, Any]:
+    """``{path: leaf}`` of a pytree, paths as `sste_jax.sparse_weights` names them (Flax boxes seen through)."""
+    return _flat(tree)
+
+
+def replaced(tree, weights: Mapping[str, Any]):
+    """``tree`` with the leaves at the paths of ``weights`` replaced (a Flax box keeps its place)."""
+    from flax import linen as nn
+
+    name = lambda path: "/".join(str(key_name(k)) for k in path)  # noqa: E731
+
+    def put(path, leaf):
+        value = weights.get(name(path))
+        if value is None:
+            return leaf
+        return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
+
+    return jax.tree_util.tree_map_with_path(put, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def nnx_view(model, dense_model, loss) -> View:
+    """The view of an NNX model made sparse: the state is its parameters; ``dense_model`` is the original."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    dense_graphdef, dense_params, dense_rest = nnx.split(dense_model, nnx.Param, ...)
+    merge = lambda p: nnx.merge(graphdef, p, rest, copy=True)  # noqa: E731
+    by_path = lambda state: {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}  # noqa: E731
+
+    def dense(weights):
+        flat = [(p, v.replace(weights.get("/".join(map(str, p)), v[...]))) for p, v in nnx.to_flat_state(dense_params)]
+        return loss(nnx.merge(dense_graphdef, nnx.from_flat_state(flat), dense_rest, copy=True))
+
+    return View(params, loss=lambda p: loss(merge(p)), record=lambda p: sste_jax.sparse_weights(merge(p)),
+                weights=by_path, dense=dense, model=merge)

@@ -16,33 +16,12 @@ sys.path[:0] = [str(HERE), str(HERE.parents[1])]
 
 import jax  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import sste_jax  # noqa: E402
-from sste_jax._optim import key_name  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 import checks  # noqa: E402
-
-
-def _named(tree) -> dict:
-    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
-    return {name(p).removesuffix("/value"): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _replaced(tree, weights):
-    from flax import linen as nn
-
-    name = lambda p: "/".join(str(key_name(k)) for k in p)  # noqa: E731
-
-    def put(path, leaf):
-        value = weights.get(name(path))
-        if value is None:
-            return leaf
-        return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
-
-    return jax.tree_util.tree_map_with_path(put, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def gemma():
@@ -57,8 +36,9 @@ def gemma():
         variables = sparse.init(jax.random.key(0), tiny.tokens)
         return checks.View(
             variables, loss=lambda v: xent(sparse.apply(v, tiny.tokens).logits), record=sste_jax.sparse_weights,
-            weights=lambda tree: _named(tree["params"]),
-            dense=lambda w: xent(tiny.model.apply({"params": _replaced(variables["params"], w)}, tiny.tokens).logits))
+            weights=lambda tree: checks.named(tree["params"]),
+            dense=lambda w: xent(tiny.model.apply({"params": checks.replaced(variables["params"], w)},
+                                                  tiny.tokens).logits))
 
     # gating_einsum (2, D, F): contracts D, axis 1; linear (F, D): contracts F, axis 0
     axes = {f"layer_{i}/mlp/{n}": a for i in (0, 1) for n, a in (("gating_einsum", 1), ("linear", 0))}
@@ -78,8 +58,8 @@ def _maxtext_linen(rules, axes):
         dense = lambda v, tokens: maxtext_model.apply(tiny.model, v, tokens)  # noqa: E731
         return checks.View(
             variables, loss=lambda v: maxtext_model.loss(v, apply, tiny.tokens), record=sste_jax.sparse_weights,
-            weights=lambda tree: _named(tree["params"]),
-            dense=lambda w: maxtext_model.loss({"params": _replaced(variables["params"], w)}, dense, tiny.tokens))
+            weights=lambda tree: checks.named(tree["params"]),
+            dense=lambda w: maxtext_model.loss({"params": checks.replaced(variables["params"], w)}, dense, tiny.tokens))
 
     checks.check_all(make, axes)
 
@@ -113,23 +93,9 @@ def maxtext_nnx():
         model, _, _ = maxtext_model.build_nnx(2)
         sparse = sste_jax.sparsify(model, sste_jax.feed_forward(config), seed=seed, decoder_input_tokens=tokens,
                                    decoder_positions=positions, decoder_segment_ids=segments, enable_dropout=False)
-        return _nnx_view(sparse, maxtext_model.build_nnx(2)[0], loss)
+        return checks.nnx_view(sparse, maxtext_model.build_nnx(2)[0], loss)
 
     checks.check_all(make, {f"decoder/layers/mlp/{n}/kernel": 0 for n in ("wi_0", "wi_1", "wo")})
-
-
-def _nnx_view(model, dense_model, loss):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    dense_graphdef, dense_params, dense_rest = nnx.split(dense_model, nnx.Param, ...)
-    merge = lambda p: nnx.merge(graphdef, p, rest, copy=True)  # noqa: E731
-    by_path = lambda state: {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}  # noqa: E731
-
-    def dense(weights):
-        flat = [(p, v.replace(weights.get("/".join(map(str, p)), v[...]))) for p, v in nnx.to_flat_state(dense_params)]
-        return loss(nnx.merge(dense_graphdef, nnx.from_flat_state(flat), dense_rest, copy=True))
-
-    return checks.View(params, loss=lambda p: loss(merge(p)), record=lambda p: sste_jax.sparse_weights(merge(p)),
-                       weights=by_path, dense=dense, model=merge)
 
 
 CASES = {"gemma": gemma, "maxtext-linen": maxtext_linen, "maxtext-nnx": maxtext_nnx,
