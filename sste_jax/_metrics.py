@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, UInt8
 
+from sste_jax._config import SparsityConfig
 from sste_jax._layout import SparseSpec, apply_layout, layer_shape, param_axis, undo_layout
-from sste_jax._linear import SparsityConfig, forward_weight
+from sste_jax._linear import forward_weight
 from sste_jax._sparsity import mask_nm
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, check_config, sparse_dense
+from sste_jax._config import FORWARD_WEIGHT, SparsityConfig, check_config
+from sste_jax._linear import sparse_dense
 
 __all__ = ["sparse_dot_general", "group_axis", "remat_policy"]
 

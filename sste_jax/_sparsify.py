@@ -36,8 +36,8 @@ from flax import linen as nn
 from flax import nnx
 
 from sste_jax import _rewrite
+from sste_jax._config import SparsityConfig
 from sste_jax._layout import SparseSpec, SparsityBeta, apply_layout, layer_shape
-from sste_jax._linear import SparsityConfig
 from sste_jax._optim import key_name
 from sste_jax._select import check_rules, match_weight
 from sste_jax._sparsity import initial_beta

@@ -40,16 +40,9 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, ArrayLike, Float, Real, Shaped, UInt8
 
+from sste_jax._config import SparsityConfig, check_config
 from sste_jax._layout import SparseSpec
-from sste_jax._linear import (
-    Pruned,
-    SparsityConfig,
-    check_config,
-    forward_weight,
-    fresh_key,
-    prune_weight,
-    sparse_dense,
-)
+from sste_jax._linear import PrunedWeight, forward_weight, fresh_key, prune_weight, sparse_dense
 from sste_jax._metrics import sparse_modules
 from sste_jax._sparsity import compress_24, decompress_24, fit_beta, initial_beta, transposable_mask_24
 
@@ -486,12 +479,12 @@ def decompress_layers(model: nnx.Module) -> nnx.Module:
     return model
 
 
-# ``id(layer) -> Pruned`` of the layers whose forward weight `accumulate_gradients` computed once for this step.
-_PRUNED: contextvars.ContextVar[dict[int, Pruned]] = contextvars.ContextVar("sste_pruned", default={})
+# ``id(layer) -> PrunedWeight`` of the layers whose forward weight `accumulate_gradients` computed once for this step.
+_PRUNED: contextvars.ContextVar[dict[int, PrunedWeight]] = contextvars.ContextVar("sste_pruned", default={})
 
 
-def _prune_layers(model: nnx.Module) -> dict[Path, Pruned]:
-    """``path -> Pruned`` of every sparse `SparseLinear` with a 2-D kernel (stacked layers prune in their call)."""
+def _prune_layers(model: nnx.Module) -> dict[Path, PrunedWeight]:
+    """``path -> PrunedWeight`` of every sparse `SparseLinear` with a 2-D kernel (stacked layers prune in the call)."""
     out = {}
     for path, layer in nnx.iter_graph(model):
         if isinstance(layer, SparseLinear) and layer.config.sparse and layer.kernel[...].ndim == 2:
@@ -502,7 +495,7 @@ def _prune_layers(model: nnx.Module) -> dict[Path, Pruned]:
 
 
 @contextlib.contextmanager
-def _using(model: nnx.Module, pruned: dict[Path, Pruned]):
+def _using(model: nnx.Module, pruned: dict[Path, PrunedWeight]):
     """Within the block, the layers of ``model`` at the paths of ``pruned`` use those forward weights."""
     by_id = {id(layer): pruned[path] for path, layer in nnx.iter_graph(model) if path in pruned}
     token = _PRUNED.set({**_PRUNED.get(), **by_id})
