@@ -438,7 +438,7 @@ def decompress_24(
     idx0, idx1 = (meta & 3).astype(jnp.int32), (meta >> 2).astype(jnp.int32)
     zero = jnp.zeros((), values.dtype)
     parts = [jnp.where(idx0 == k, v0, jnp.where(idx1 == k, v1, zero)) for k in range(4)]
-    valid = _valid_meta(meta)
+    valid = valid_meta(meta)
     if not isinstance(valid, jax.core.Tracer):
         if not bool(jnp.all(valid)):
             bad = np.argwhere(~np.asarray(valid))
@@ -456,7 +456,8 @@ def decompress_24(
 _META_CODES = tuple(i | j << 2 for i, j in itertools.combinations(range(4), 2))
 
 
-def _valid_meta(meta: jax.Array) -> jax.Array:
+def valid_meta(meta: jax.Array) -> jax.Array:
+    """Where ``meta`` holds a code `compress_24` writes (two distinct positions of a group of 4, in order)."""
     valid = meta == _META_CODES[0]
     for code in _META_CODES[1:]:
         valid = valid | (meta == code)
