@@ -29,7 +29,8 @@ from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, Float, Shaped, UInt8
 
 from sste_jax._linear import forward_product
-from sste_jax._metrics import sparse_modules
+from sste_jax._metrics import find_weights, sparse_modules
+from sste_jax._sparsify import unsparsify
 from sste_jax._sparsity import compress_24, decompress_24, valid_meta
 from sste_jax.nnx._layers import Path, linear_like, path_str, set_child
 
@@ -246,14 +247,12 @@ def densify_layers(model: nnx.Module) -> nnx.Module:
     >>> type(dense.layers[0]).__name__, bool(jnp.allclose(dense(x), y))
     ('Linear', True)
     """
-    from sste_jax._sparsify import densify_sparsified
-
     for path, layer, w_tilde in _forward_weights(model):
         set_child(model, path, linear_like(layer, w_tilde))
     for path, node in list(nnx.iter_graph(model)):
         if isinstance(node, _INFERENCE_LAYERS):
             set_child(model, path, linear_like(node, node.forward_weight()))
-    return densify_sparsified(model)
+    return unsparsify(model, {name: w.forward() for name, w in find_weights(model).items()})
 
 
 def compress_layers(model: nnx.Module) -> nnx.Module:

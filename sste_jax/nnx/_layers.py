@@ -22,6 +22,7 @@ from flax import nnx
 from flax.nnx.nn.dtypes import promote_dtype
 from jaxtyping import Array, ArrayLike, Bool, Float, Real
 
+from sste_jax._beta import SparsityBeta
 from sste_jax._config import SparsityConfig, check_config
 from sste_jax._layout import SparseSpec
 from sste_jax._linear import forward_weight, fresh_key, sparse_dense
@@ -31,24 +32,6 @@ __all__ = ["SparsityBeta", "SparsityMask", "MVUEKey", "SparseLinear", "refresh_m
            "linear_like", "set_child", "path_str"]
 
 Path = tuple[Any, ...]
-
-
-class SparsityBeta(nnx.Variable):
-    """A frozen S-STE scale β (float32; one per layer of a stacked weight); not an ``nnx.Param``.
-
-    Its metadata ``spec`` (a `SparseSpec`: config, grouped axis, layout) says what the weight trains, so
-    that metrics, checkpoints and export know each β's weight. `SparseLinear` and `sste_jax.sparsify`
-    keep their β in it.
-
-    >>> from flax import nnx
-    >>> import sste_jax
-    >>> from sste_jax import nnx as sparse_nnx
-    >>> layer = sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0))
-    >>> isinstance(layer.beta, nnx.Param), layer.beta.spec.config.method
-    (False, 'sste')
-    """
-
-    sste_frozen = True  # tells `sste_jax.freeze_beta` (which does not import Flax) what this is
 
 
 class MVUEKey(nnx.Variable):
