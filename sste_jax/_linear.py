@@ -43,6 +43,13 @@ def forward_weight(
     For ``"sste"`` it is ``β·soft_threshold_nm(W, n, m)``, the product taken in float32 and rounded once;
     for ``"tsrste"`` it is ``W⊙mask`` (``mask`` required, see `check_mask`).
 
+    Args:
+      kernel: the dense weight ``W``.
+      beta: the frozen scale (``"sste"`` only).
+      config: a `SparsityConfig`.
+      axis: the axis the groups run along.
+      mask: ``"tsrste"`` only (required there): the forward mask.
+
     >>> import jax, sste_jax
     >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
     >>> w = sste_jax.forward_weight(kernel, 1.5, sste_jax.SparsityConfig(method="ste"))
@@ -81,7 +88,7 @@ class PrunedWeight(NamedTuple):
       decay: the gradient's weight-only term (SR-STE's ``srste_decay·(1 − mask)⊙W``), else None.
 
     >>> import jax, sste_jax
-        >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
     >>> pruned = sste_jax.prune_weight(kernel, 1.0, sste_jax.SparsityConfig(method="srste"))
     >>> pruned.weight.shape, pruned.operands is None, pruned.decay.shape
     ((8, 3), True, (8, 3))
@@ -103,8 +110,14 @@ def prune_weight(
     `sste_jax.nnx.accumulate_gradients` does. Gradients still reach ``kernel`` through `sparse_dense`'s rule;
     none flows through the `PrunedWeight` values.
 
+    Args:
+      kernel: the dense weight ``W``, ``(in, out)``.
+      beta: the frozen scale (``"sste"`` only).
+      config: the product's `SparsityConfig`.
+      mask: ``"tsrste"`` only (required there): the forward mask.
+
     >>> import jax, jax.numpy as jnp, sste_jax
-        >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> kernel = jax.random.normal(jax.random.key(0), (8, 3))
     >>> pruned = sste_jax.prune_weight(kernel, 1.5, sste_jax.SparsityConfig())
     >>> y = sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5, pruned=pruned)
     >>> bool(jnp.array_equal(y, sste_jax.sparse_dense(jnp.ones((4, 8)), kernel, 1.5)))

@@ -99,6 +99,15 @@ def sparse_dot_general(
     sparse along its contraction axis (the innermost of several, or ``config.group_axis``), by
     `sste_jax.sparse_dense`. Raises, naming ``name``, when the weight has batch dimensions.
 
+    Args:
+      lhs, rhs: the operands, as ``jax.lax.dot_general`` takes them.
+      dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``.
+      weight: which operand is the weight (0 or 1); it may not have batch dimensions.
+      beta: the weight's frozen scale.
+      key: the MVUE key (``config.mvue`` only).
+      config: a `SparsityConfig`.
+      name: names the product in errors.
+
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> x, w = jnp.ones((3, 8)), jax.random.normal(jax.random.key(0), (8, 5))
     >>> y = sste_jax.sparse_dot_general(x, w, (((1,), (0,)), ((), ())), weight=1, beta=1.0)

@@ -474,6 +474,13 @@ def save_checkpoint(
     ``"sparsity"`` collection) the config, grouped axis and layout its `SparseSpec` carries. β saved as
     bare arrays (e.g. ``nnx.to_pure_dict``) are not recorded.
 
+    Args:
+      directory: the run's checkpoint folder (created if missing).
+      step: the step, newer than every step there.
+      state: any pytree (see the module docstring).
+      max_to_keep: keep at most this many steps (None: all).
+      compress: zstd-compress the arrays.
+
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
     >>> d = tempfile.mkdtemp()
@@ -549,6 +556,12 @@ class Checkpointer:
     is committed.
     ``async_save=False`` makes `save` return only once the step is committed; ``compress`` as in
     `save_checkpoint`.
+
+    Args:
+      directory: the run's checkpoint folder (created at the first save).
+      max_to_keep: keep at most this many steps (None: all).
+      async_save: write in the background.
+      compress: zstd-compress the arrays.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
@@ -803,6 +816,12 @@ def restore_checkpoint(
     ``target`` hold the modules (see `save_checkpoint`), a layer's ``method``, ``mvue``, ``fp8`` or
     the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
     that check, e.g. to resume a run that switched a layer's method.
+
+    Args:
+      directory: the run's checkpoint folder.
+      target: a state of the checkpoint's structure (its arrays' shardings place the restored ones).
+      step: the step (default: the latest).
+      check_layers: compare the sparse weights' records first.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint

@@ -80,6 +80,11 @@ def mvue_compress_24(
     ``idx0 | idx1 << 2`` of the drawn positions. Bit-identical to `sste_jax.mvue_24` with the same
     (threefry) key. ``block``, ``interpret`` and ``num_warps`` as in `prune_compress_24`.
 
+    Args:
+      key: a threefry PRNG key (typed, or its raw ``uint32[2]``).
+      g: the ``(T, N)`` gradient, ``T`` divisible by 4.
+      block, interpret, num_warps: as in `prune_compress_24`.
+
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> from sste_jax.kernels import mvue_compress_24
     >>> g, key = jax.random.normal(jax.random.key(0), (8, 16)), jax.random.key(1)

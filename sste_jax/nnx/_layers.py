@@ -83,6 +83,12 @@ class SparseLinear(nnx.Linear):
     attribute holds a `sste_jax.PrunedWeight` of its kernel (`sste_jax.nnx.accumulate_gradients` sets it
     around each micro-batch), the call uses that instead of pruning; it is None otherwise.
 
+    Args:
+      in_features, out_features: as ``nnx.Linear``'s.
+      config: a `sste_jax.SparsityConfig`.
+      beta: β, instead of fitting it to the initial kernel.
+      **kwargs: ``nnx.Linear``'s (``rngs`` required; ``use_bias``, ``dtype``, ``param_dtype``, the initialisers).
+
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> layer = SparseLinear(8, 4, rngs=nnx.Rngs(0))
