@@ -2,7 +2,7 @@
 
 A GPT (the experiments' model, byte vocabulary, S-STE feed-forward layers) is written six ways:
 the orbax training checkpoint of its state (dense ``W`` + β), the orbax 2:4 export
-(`checkpoint.export_compressed`: values + uint8 metadata), and the Hugging Face folder of
+(`sste_jax.nnx.export_compressed`: values + uint8 metadata), and the Hugging Face folder of
 `experiments.export_hf` in float32, bfloat16 and bfloat16 with the 2:4 weights in FP8 e4m3 (per-channel
 scales) (2:4 weights as sparse-24-bitmask) plus, for
 reference, the same folder with every weight dense. Each is loaded ``--repeats`` times (median): into
@@ -15,7 +15,7 @@ files; "ffn" counts only the feed-forward weights' tensors.
 GPU mode (``--gpu``): prefill and decode tokens/s of GPT-2 124M / 350M / 774M shapes (vocabulary 50304,
 context 1024, S-STE feed-forward layers) served three ways, in bfloat16 activations: ``dense_bf16`` (every
 weight dense, XLA's GEMMs), ``24_bf16`` and ``24_e4m3`` (the 2:4 feed-forward weights compressed once by
-cuSPARSELt, `sste_jax.serving.to_backend`; e4m3 with per-channel weight scales). Prefill is one forward pass
+cuSPARSELt, `sste_jax.nnx.to_backend`; e4m3 with per-channel weight scales). Prefill is one forward pass
 of ``--batch`` prompts of ``--prompt`` tokens filling a KV cache; decode is one cached step of
 ``--decode-batch`` sequences at position ``--prompt``. Each is jitted, warmed up (which also runs
 cuSPARSELt's kernel search once per shape) and timed ``--repeats`` times (median); ratios are against
@@ -101,7 +101,7 @@ def _served(size: tuple[int, int, int], vocab: int, context: int, variant: str) 
         if isinstance(module, nnx.Module) and hasattr(module, "dtype"):
             module.dtype = jnp.bfloat16  # compute in bfloat16 (Embed, LayerNorm, Linear, CompressedLinear)
     if variant in ("24_bf16", "24_e4m3"):
-        serving.to_backend(model, "cusparselt" if variant == "24_bf16" else "cusparselt-fp8")
+        sparse_nnx.to_backend(model, "cusparselt" if variant == "24_bf16" else "cusparselt-fp8")
     return model
 
 
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp())
     try:
         checkpoint.save_checkpoint(tmp / "ckpt", 0, nnx.state(model))
-        checkpoint.export_compressed(tmp / "orbax_24", model)
+        sparse_nnx.export_compressed(tmp / "orbax_24", model)
         export_hf.export_hf(model, tokenizer, tmp / "hf_24_f32")
         export_hf.export_hf(model, tokenizer, tmp / "hf_24_bf16", "bfloat16")
         export_hf.export_hf(model, tokenizer, tmp / "hf_24_fp8", "bfloat16", fp8="channel")
@@ -222,7 +222,7 @@ def main(argv=None) -> None:
         loads = {
             "orbax_checkpoint": lambda: _ready(nnx.merge(nnx.graphdef(model), checkpoint.restore_checkpoint(
                 tmp / "ckpt", nnx.state(build(1))))),
-            "orbax_24": lambda: _ready(checkpoint.load_compressed(tmp / "orbax_24", build(1))),
+            "orbax_24": lambda: _ready(sparse_nnx.load_compressed(tmp / "orbax_24", build(1))),
             "hf_24_f32": lambda: _ready(export_hf.import_hf(tmp / "hf_24_f32", build(1))),
             "hf_24_bf16": lambda: _ready(export_hf.import_hf(tmp / "hf_24_bf16", build(1))),
             "hf_24_fp8": lambda: _ready(export_hf.import_hf(tmp / "hf_24_fp8", build(1))),

@@ -194,7 +194,7 @@ def import_hf(directory, model: GPT) -> GPT:
     sparse = {p for p, t in table.items() if t.name.removesuffix(".weight") in sparse_modules}
     if not sparse:
         model = sparse_nnx.densify_layers(model)
-    return serving.import_weights(model, weights, sparse=sparse)
+    return sparse_nnx.import_weights(model, weights, sparse=sparse)
 
 
 def main(argv=None) -> None:

@@ -204,9 +204,9 @@ def tree_bytes(path: pathlib.Path) -> int:
 with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     checkpoint.save_checkpoint(tmp / "dense", 0, nnx.state(model, nnx.Param))
-    checkpoint.export_compressed(tmp / "compressed", model)
+    sparse_nnx.export_compressed(tmp / "compressed", model)
     dense_bytes, compressed_bytes = tree_bytes(tmp / "dense"), tree_bytes(tmp / "compressed")
-    restored = checkpoint.load_compressed(tmp / "compressed", make_student(seed=123))
+    restored = sparse_nnx.load_compressed(tmp / "compressed", make_student(seed=123))
 
 sparse_kernel_bytes = sum(w.kernel.nbytes for w in sste_jax.sparse_weights(model).values())
 packed = [sste_jax.compress_24(w.forward()) for w in sste_jax.sparse_weights(model).values()]

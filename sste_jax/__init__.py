@@ -10,8 +10,8 @@ import importlib
 
 from sste_jax import metrics as metrics
 from sste_jax import optim as optim
-from sste_jax._linear import Pruned as Pruned
-from sste_jax._linear import SparsityConfig as SparsityConfig
+from sste_jax._config import SparsityConfig as SparsityConfig
+from sste_jax._linear import PrunedWeight as PrunedWeight
 from sste_jax._linear import forward_weight as forward_weight
 from sste_jax._linear import prune_weight as prune_weight
 from sste_jax._linear import sparse_dense as sparse_dense
@@ -40,7 +40,8 @@ __all__ = [
     "soft_threshold_24", "mask_24", "hard_threshold_24", "fit_beta", "mvue_24", "compress_24", "decompress_24",
     "transposable_mask_24", "mask_nm", "soft_threshold_nm", "hard_threshold_nm",
     # the sparse product
-    "SparsityConfig", "sparse_dense", "sparse_dot_general", "forward_weight", "prune_weight", "Pruned", "remat_policy",
+    "SparsityConfig", "sparse_dense", "sparse_dot_general", "forward_weight", "prune_weight", "PrunedWeight",
+    "remat_policy",
     # any model, one call
     "sparsify", "sparsify_fn", "feed_forward", "SparseModule", "SparseFn",
     # training and its record

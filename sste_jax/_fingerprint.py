@@ -3,8 +3,9 @@
 Two sums modulo 2**32 over the elements' bits: one weighted by an odd number per position (a change
 of any one element, e.g. one flipped bit, always changes it), one of a mixing hash of (bits,
 position) (other damage passes both with probability ~2**-64). Sums commute, so the result does not
-depend on how the array is sharded. Checkpoints checksum their arrays with it; the MVUE key of a
-product folds in the digests of its input and weight (`sste_jax._linear.fresh_key`).
+depend on how the array is sharded. Checkpoints checksum their arrays with `fingerprint` (hex digits
+of the digest); the MVUE key of a product folds in the digests of its input and weight
+(`sste_jax._linear.fresh_key`).
 
 >>> import jax.numpy as jnp
 >>> a = jnp.arange(4.0)
@@ -12,11 +13,13 @@ product folds in the digests of its input and weight (`sste_jax._linear.fresh_ke
 True
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Shaped, UInt32
 
-__all__ = ["digest"]
+__all__ = ["digest", "fingerprint", "start_fingerprints", "to_hex"]
 
 
 def _as_words(a: jax.Array) -> jax.Array:
@@ -64,3 +67,37 @@ def digest(a: Shaped[Array, "..."]) -> UInt32[Array, "2"]:
     weighted = _sum(words * (index * jnp.uint32(0x9E3779B1) | jnp.uint32(1)))
     mixed = _sum(_mix(words ^ _mix(index + jnp.uint32(0x7F4A7C15))))
     return jnp.stack([weighted, mixed])
+
+
+@jax.jit
+def digests(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """`digest` of every array of ``flat``, in one jitted call."""
+    return {name: digest(a) for name, a in flat.items()}
+
+
+def start_fingerprints(arrays: dict[str, Any]) -> dict[str, jax.Array]:
+    """Starts computing the digests of ``arrays`` (JAX dispatches asynchronously); `to_hex` waits for them."""
+    return digests({n: jnp.asarray(a) for n, a in arrays.items()})  # host leaves as JAX stores them
+
+
+def to_hex(sums: dict[str, jax.Array]) -> dict[str, str]:
+    """``{name: 16 hex digits}`` of the digests `start_fingerprints` dispatched (waits for them)."""
+    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in jax.device_get(sums).items()}
+
+
+def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
+    """``{name: 16 hex digits}``: a 64-bit checksum of each array's values, the same for any sharding.
+
+    Two sums modulo 2**32 over the elements' bits: one weighted by an odd number per position (a
+    change of any one element, e.g. one flipped bit, always changes it), one of a mixing hash of
+    (bits, position) (other damage passes both with probability ~2**-64). Sums commute, so the
+    result does not depend on how the array is split over devices or processes, and it is computed
+    where the array lives (one jitted call; every process calls it for sharded arrays).
+
+    >>> import jax.numpy as jnp
+    >>> from sste_jax import checkpoint
+    >>> a = jnp.arange(4.0)
+    >>> checkpoint.fingerprint({"a": a}) == checkpoint.fingerprint({"a": a.at[3].set(3.0000002)})
+    False
+    """
+    return to_hex(start_fingerprints(arrays))

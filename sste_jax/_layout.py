@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sste_jax._linear import SparsityConfig
+from sste_jax._config import SparsityConfig
 
 __all__ = ["SparseSpec", "SparsityBeta", "apply_layout", "undo_layout", "layer_shape", "param_axis", "operand_axis",
            "append"]

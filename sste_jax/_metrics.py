@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Real, UInt8
 
+from sste_jax._config import SparsityConfig
 from sste_jax._layout import SparseSpec, apply_layout, layer_shape, param_axis, undo_layout
-from sste_jax._linear import SparsityConfig, forward_weight
+from sste_jax._linear import forward_weight
 from sste_jax._sparsity import mask_nm
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ __all__ = [
     "SparseWeight",
     "sparse_weights",
     "sparse_kernel_mask",
+    "forward_masks",
     "FlipState",
     "init_flip_state",
     "flip_rate",
@@ -197,17 +199,39 @@ def sparse_kernel_mask(model: Any, wrt: Any = None, methods: tuple[str, ...] | N
     (True, False)
     """
     chosen = {name for name, w in sparse_weights(model).items() if methods is None or w.config.method in methods}
+    return _params_like(model, wrt, lambda name: name in chosen)
+
+
+def forward_masks(model: Any, wrt: Any = None) -> Any:
+    """A tree shaped like the trainable parameters (as `sparse_kernel_mask`'s) holding the forward mask of each
+    ``"tsrste"`` weight, its layer's `sste_jax.nnx.SparsityMask`, and None elsewhere: the ``masks`` that
+    `sste_jax.optim.add_masked_decay` reads at each update, so that the layer is the masks' one owner.
+
+    >>> from flax import nnx
+    >>> import sste_jax
+    >>> from sste_jax import nnx as sparse_nnx
+    >>> layer = sparse_nnx.SparseLinear(8, 8, config=sste_jax.SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0))
+    >>> masks = sste_jax.optim.forward_masks(nnx.Sequential(layer, nnx.Linear(8, 8, rngs=nnx.Rngs(1))))
+    >>> masks["layers"][0]["kernel"] is layer.mask[...], masks["layers"][1]["kernel"] is None
+    (True, True)
+    """
+    masks = {name: w.mask for name, w in sparse_weights(model).items() if w.config.method == "tsrste"}
+    return _params_like(model, wrt, masks.get)
+
+
+def _params_like(model: Any, wrt: Any, value_of) -> Any:
+    """A tree shaped like the trainable parameters of ``model`` holding ``value_of(weight path)`` at each."""
     if isinstance(model, Mapping):
         from sste_jax._sparsify import _is_box, _path
 
-        def mark(path, leaf):  # a Flax box (partitioning) keeps its place, holding the flag
-            return leaf.replace_boxed(_path(path) in chosen) if _is_box(leaf) else _path(path) in chosen
+        def mark(path, leaf):  # a Flax box (partitioning) keeps its place, holding the value
+            return leaf.replace_boxed(value_of(_path(path))) if _is_box(leaf) else value_of(_path(path))
 
         return jax.tree_util.tree_map_with_path(mark, model["params"], is_leaf=_is_box)
     from flax import nnx
 
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param if wrt is None else wrt))
-    return nnx.from_flat_state([(path, _join(path) in chosen) for path, _ in flat])
+    return nnx.from_flat_state([(path, value_of(_join(path))) for path, _ in flat])
 
 
 class FlipState(NamedTuple):

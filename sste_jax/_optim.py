@@ -6,9 +6,10 @@ The rules are in ``docs/algorithm.md#beta-and-the-optimizer`` and ``docs/algorit
 * `add_srste_decay(mask, decay)`: SR-STE's ``λ·(1 − mask_24(W))⊙W`` added to the gradient of the
   selected kernels: the term ``SparsityConfig(method="srste")`` layers add in their backward pass,
   for ``method="ste"`` layers (select them with ``sste_jax.optim.sparse_kernel_mask(model, methods=("ste",))``).
-* `add_masked_decay(mask, decay, refresh_every)`: T-SR-STE's ``α·(1 − M)⊙W`` with ``M`` the
-  `transposable_mask_24` of ``W``, recomputed every ``refresh_every`` steps and kept in the state.
-  Chain it after the gradient clipping, as T-SR-STE's authors do.
+* `add_masked_decay(decay)`: T-SR-STE's ``α·(1 − M)⊙W`` with ``M`` the forward mask of each ``"tsrste"``
+  layer, which the layer owns (`sste_jax.nnx.refresh_masks` refreshes it) and the update is given
+  (``masks=sste_jax.optim.forward_masks(model)``). Chain it after the gradient clipping, as T-SR-STE's
+  authors do.
 
 >>> import jax.numpy as jnp, optax, sste_jax
 >>> params = {"fc": {"kernel": jnp.ones((4, 4)), "beta": jnp.float32(1.5)}}
@@ -27,7 +28,6 @@ import optax
 from jaxtyping import Array, Bool, Int
 
 from sste_jax._decay import masked_decay_term, srste_term
-from sste_jax._sparsity import transposable_mask_24
 
 __all__ = ["freeze_beta", "is_beta", "add_srste_decay", "add_masked_decay", "AddMaskedDecayState"]
 
@@ -145,69 +145,70 @@ def add_srste_decay(mask: Any, decay: float = 2e-4) -> optax.GradientTransformat
 
 
 class AddMaskedDecayState(NamedTuple):
-    """T-SR-STE: the step count and the current transposable masks of the selected kernels.
+    """T-SR-STE's masked decay: the update count, which a ``decay`` schedule reads.
 
     >>> import jax.numpy as jnp, sste_jax
-    >>> tx = sste_jax.optim.add_masked_decay({"kernel": True})
+    >>> tx = sste_jax.optim.add_masked_decay()
     >>> state = tx.init({"kernel": jnp.ones((4, 4))})
-    >>> type(state.inner_state).__name__
-    'AddMaskedDecayState'
+    >>> type(state).__name__, int(state.count)
+    ('AddMaskedDecayState', 0)
     """
 
     count: Int[Array, ""]
-    masks: Any  # Bool[Array, "in out"] per selected kernel
 
 
-def _masked_decay_term(decay: optax.ScalarOrSchedule, refresh_every: int) -> optax.GradientTransformation:
-    def init_fn(params):
-        def placeholder(w):
-            _check_kernel(w)
-            return jnp.zeros(w.shape, bool)
+def add_masked_decay(decay: optax.ScalarOrSchedule = 6e-5) -> optax.GradientTransformationExtraArgs:
+    """Adds T-SR-STE's masked decay ``decay·(1 − M)⊙W`` to the gradient of every weight whose forward mask ``M``
+    the update is given.
 
-        return AddMaskedDecayState(jnp.zeros((), jnp.int32), jax.tree.map(placeholder, params))
-
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("add_masked_decay needs params: call update(updates, state, params)")
-        masks = jax.lax.cond(
-            state.count % refresh_every == 0,
-            lambda: jax.tree.map(transposable_mask_24, params),
-            lambda: state.masks,
-        )
-
-        alpha = decay(state.count) if callable(decay) else decay
-
-        def add(g, w, m: Bool[Array, "in out"]):
-            return (g + masked_decay_term(w, m, alpha)).astype(g.dtype)
-
-        updates = jax.tree.map(add, updates, params, masks)
-        return updates, AddMaskedDecayState(optax.safe_increment(state.count), masks)
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def add_masked_decay(
-    mask: Any, decay: optax.ScalarOrSchedule = 6e-5, refresh_every: int = 40
-) -> optax.GradientTransformationExtraArgs:
-    """Adds T-SR-STE's masked decay ``decay·(1 − M)⊙W`` to the gradient of the kernels selected by ``mask``.
-
-    ``M = transposable_mask_24(W)`` (2:4 along both axes), recomputed from the current weights at
-    steps 0, ``refresh_every``, ``2·refresh_every``... and kept in `AddMaskedDecayState` in between:
-    the mask ``"tsrste"`` layers refreshed by `sste_jax.nnx.refresh_masks` after the same steps use.
-    ``decay`` may be a schedule of the step count (e.g. 0 during a dense finish). Chain it after
-    `optax.clip_by_global_norm` and before the optimizer, as T-SR-STE's authors:
-    ``optax.chain(optax.clip_by_global_norm(1.0), add_masked_decay(mask), optax.adamw(...))``.
-    ``mask`` is as in `add_srste_decay`; the selected kernels need both dimensions divisible by 4.
+    The masks are the layers' own: a ``"tsrste"`` `sste_jax.nnx.SparseLinear` keeps its transposable mask
+    (`sste_jax.nnx.SparsityMask`, refreshed by `sste_jax.nnx.refresh_masks`, every 40 steps in the baseline),
+    and each update reads the one the forward pass used, passed as the extra argument ``masks``: a tree like
+    ``params`` (or a prefix of it) holding a weight's boolean mask where the decay applies and None elsewhere,
+    as `sste_jax.optim.forward_masks` builds it:
+    ``tx.update(grads, state, params, masks=sste_jax.optim.forward_masks(model))``, or
+    ``optimizer.update(model, grads, masks=...)`` with an ``nnx.Optimizer``. ``decay`` may be a schedule of the
+    update count (e.g. 0 during a dense finish). Chain it after `optax.clip_by_global_norm` and before the
+    optimizer, as T-SR-STE's authors:
+    ``optax.chain(optax.clip_by_global_norm(1.0), add_masked_decay(), optax.adamw(...))``.
 
     >>> import jax, jax.numpy as jnp, sste_jax
-    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}
-    >>> tx = sste_jax.optim.add_masked_decay({"kernel": True}, decay=1.0)
-    >>> updates, state = tx.update({"kernel": jnp.zeros((8, 8))}, tx.init(params), params)
-    >>> int((updates["kernel"] == 0).sum())  # the kept half of W gets no decay
-    32
+    >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 8)), "bias": jnp.ones(8)}
+    >>> masks = {"kernel": sste_jax.transposable_mask_24(params["kernel"]), "bias": None}
+    >>> tx = sste_jax.optim.add_masked_decay(decay=1.0)
+    >>> zeros = jax.tree.map(jnp.zeros_like, params)
+    >>> updates, state = tx.update(zeros, tx.init(params), params, masks=masks)
+    >>> int((updates["kernel"] == 0).sum()), float(updates["bias"].sum())  # the kept half of W gets no decay
+    (32, 0.0)
     """
     if not callable(decay) and decay < 0:
         raise ValueError(f"decay must be >= 0, got {decay}")
-    if not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(f"refresh_every must be a positive int, got {refresh_every!r}")
-    return optax.with_extra_args_support(optax.masked(_masked_decay_term(decay, refresh_every), mask))
+
+    def init_fn(params):
+        del params
+        return AddMaskedDecayState(jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+        del extra_args
+        if params is None or masks is None:
+            raise ValueError(
+                "add_masked_decay needs params and the layers' forward masks: call "
+                "update(updates, state, params, masks=sste_jax.optim.forward_masks(model))"
+            )
+        alpha = decay(state.count) if callable(decay) else decay
+
+        def add(m: Bool[Array, "in out"] | None, g, w):
+            if m is None:
+                return g
+
+            def one(g, w):
+                if w.shape != m.shape:
+                    raise ValueError(f"add_masked_decay: a mask of shape {m.shape} for a weight of shape {w.shape}")
+                return (g + masked_decay_term(w, m, alpha)).astype(g.dtype)
+
+            return jax.tree.map(one, g, w)  # g and w: the weight's array, or the variable holding it
+
+        updates = jax.tree.map(add, masks, updates, params, is_leaf=lambda x: x is None)
+        return updates, AddMaskedDecayState(optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from sste_jax._linear import FORWARD_WEIGHT, SparsityConfig, check_config, sparse_dense
+from sste_jax._config import FORWARD_WEIGHT, SparsityConfig, check_config
+from sste_jax._linear import sparse_dense
 
 __all__ = ["sparse_dot_general", "group_axis", "remat_policy"]
 
@@ -97,6 +98,15 @@ def sparse_dot_general(
     """``jax.lax.dot_general(lhs, rhs, dimension_numbers)`` with operand ``weight`` (0 or 1) made N:M
     sparse along its contraction axis (the innermost of several, or ``config.group_axis``), by
     `sste_jax.sparse_dense`. Raises, naming ``name``, when the weight has batch dimensions.
+
+    Args:
+      lhs, rhs: the operands, as ``jax.lax.dot_general`` takes them.
+      dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``.
+      weight: which operand is the weight (0 or 1); it may not have batch dimensions.
+      beta: the weight's frozen scale.
+      key: the MVUE key (``config.mvue`` only).
+      config: a `SparsityConfig`.
+      name: names the product in errors.
 
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> x, w = jnp.ones((3, 8)), jax.random.normal(jax.random.key(0), (8, 5))

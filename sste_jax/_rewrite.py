@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from sste_jax._config import SparsityConfig
 from sste_jax._layout import SparseSpec, append, layer_shape, operand_axis
-from sste_jax._linear import SparsityConfig, fresh_key
+from sste_jax._linear import fresh_key
 from sste_jax._product import contract, remat_policy
 
 __all__ = ["discover", "evaluate", "layer_keys"]

@@ -12,7 +12,7 @@ regex that matches both a module path (``h/0/mlp/c_fc``) and a parameter path (`
 import re
 from collections.abc import Mapping
 
-from sste_jax._linear import SparsityConfig, check_config
+from sste_jax._config import SparsityConfig, check_config
 
 __all__ = ["FEED_FORWARD", "feed_forward", "match_rule", "match_weight", "check_rules"]
 

@@ -35,9 +35,9 @@ import numpy as np
 from flax import linen as nn
 from flax import nnx
 
-from sste_jax import _rewrite
+from sste_jax import _beta, _rewrite
+from sste_jax._config import SparsityConfig
 from sste_jax._layout import SparseSpec, SparsityBeta, apply_layout, layer_shape
-from sste_jax._linear import SparsityConfig
 from sste_jax._optim import key_name
 from sste_jax._select import check_rules, match_weight
 from sste_jax._sparsity import initial_beta
@@ -275,9 +275,7 @@ def _sparsify_nnx(model: nnx.Module, checked, example_inputs, example_kwargs, se
     fn, others = _nnx_fn(graphdef, flat, paths, type(model).__call__)
     where = f"sparsify({type(model).__name__})"
     found = _discover(fn, {p: params[p] for p in paths}, (others, example_inputs, example_kwargs), checked, where)
-    from sste_jax.nnx import SparsityBeta as Beta
-
-    betas = {p: Beta(_fit(params[p], spec, p), spec=spec) for p, spec in sorted(found.items())}
+    betas = {p: _beta.SparsityBeta(_fit(params[p], spec, p), spec=spec) for p, spec in sorted(found.items())}
     modules = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, nnx.Module)}
     for path in found:
         owner = modules[path.rpartition("/")[0]]
@@ -288,24 +286,20 @@ def _sparsify_nnx(model: nnx.Module, checked, example_inputs, example_kwargs, se
     return model
 
 
-def densify_sparsified(model: nnx.Module) -> nnx.Module:
-    """Undoes `sparsify` on every model it made inside ``model`` (in place): each sparse weight holds its
-    ``W̃``, the ``sparsity`` attribute is gone, the classes are the models' own."""
-    from sste_jax._metrics import find_weights
-
-    roots = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
+def unsparsify(model: nnx.Module, weights: Mapping[str, Any]) -> nnx.Module:
+    """Undoes `sparsify` on every model it made inside ``model`` (in place): the parameters at the paths of
+    ``weights`` take those values (the forward weights ``W̃``, `sste_jax.nnx.densify_layers` gives them), the
+    ``sparsity`` attributes are gone, the classes are the models' own."""
+    roots = [node for _, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)
              and isinstance(getattr(node, "sparsity", None), SparsityState)]
-    if not roots:
-        return model
-    forward = {name: w.forward() for name, w in find_weights(model).items()}
     params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    for name, w_tilde in forward.items():
+    for name, value in weights.items():
         if name in params:
-            params[name].set_value(w_tilde)
+            params[name].set_value(value)
     for _, node in nnx.iter_graph(model):
         if isinstance(node, nnx.Module) and hasattr(type(node), "_sste_base"):
             object.__setattr__(node, "__class__", type(node)._sste_base)
-    for _, root in roots:
+    for root in roots:
         del root.sparsity
     return model
 

@@ -159,6 +159,11 @@ def mask_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Bo
     """Hard top-``n``-by-magnitude mask per group of ``m``, exactly ``n`` ``True``; ties go to the higher
     index. ``mask_nm(w, 2, 4)`` is `mask_24`.
 
+    Args:
+      w: the weight.
+      n, m: keep ``n`` of every ``m`` consecutive entries.
+      axis: the axis the groups run along.
+
     >>> import jax.numpy as jnp, sste_jax
     >>> sste_jax.mask_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.0, 0.0, 0.0, 0.0]), n=1, m=4).tolist()
     [False, True, False, False, False, False, False, True]
@@ -181,6 +186,11 @@ def soft_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int 
     """S-STE's continuous N:M pruning: ``sign(a)·max(|a| − t, 0)``, ``t`` the ``(n+1)``-th largest ``|a|``
     of each group of ``m``. ``soft_threshold_nm(w, 2, 4)`` is `soft_threshold_24`.
 
+    Args:
+      w: the weight.
+      n, m: keep ``n`` of every ``m`` consecutive entries.
+      axis: the axis the groups run along.
+
     >>> import jax.numpy as jnp, sste_jax
     >>> sste_jax.soft_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5]), n=1, m=4).tolist()  # t = 2
     [0.0, -1.0, 0.0, 0.0]
@@ -197,6 +207,11 @@ def soft_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int 
 
 def hard_threshold_nm(w: Float[Array, "..."], n: int = 2, m: int = 4, axis: int = 0) -> Float[Array, "..."]:
     """``w * mask_nm(w, n, m)``: the N:M forward weight of hard STE and SR-STE.
+
+    Args:
+      w: the weight.
+      n, m: keep ``n`` of every ``m`` consecutive entries.
+      axis: the axis the groups run along.
 
     >>> import jax.numpy as jnp, sste_jax
     >>> sste_jax.hard_threshold_nm(jnp.array([1.0, -3.0, 2.0, 0.5, 0.1, 0.2, 0.3, 0.4]), n=2, m=8).tolist()
@@ -216,6 +231,14 @@ def fit_beta(w: Float[Array, "..."], axis: int = 0, *, n: int = 2, m: int = 4) -
 
     Scale-invariant: weights far from 1 (``1e-20``, ``1e30``) are rescaled by a power of 2 (exact)
     before the products. 1.0 if S(W) = 0 (e.g. all-zero weights); NaN if ``w`` has a NaN or ±inf.
+
+    Args:
+      w: the dense weight.
+      axis: the axis the groups run along.
+      n, m: keep ``n`` of every ``m`` (default 2:4).
+
+    Returns:
+      β, a float32 scalar.
 
     >>> import jax, sste_jax
     >>> w = jax.random.normal(jax.random.key(0), (256, 64))
@@ -438,7 +461,7 @@ def decompress_24(
     idx0, idx1 = (meta & 3).astype(jnp.int32), (meta >> 2).astype(jnp.int32)
     zero = jnp.zeros((), values.dtype)
     parts = [jnp.where(idx0 == k, v0, jnp.where(idx1 == k, v1, zero)) for k in range(4)]
-    valid = _valid_meta(meta)
+    valid = valid_meta(meta)
     if not isinstance(valid, jax.core.Tracer):
         if not bool(jnp.all(valid)):
             bad = np.argwhere(~np.asarray(valid))
@@ -456,7 +479,8 @@ def decompress_24(
 _META_CODES = tuple(i | j << 2 for i, j in itertools.combinations(range(4), 2))
 
 
-def _valid_meta(meta: jax.Array) -> jax.Array:
+def valid_meta(meta: jax.Array) -> jax.Array:
+    """Where ``meta`` holds a code `compress_24` writes (two distinct positions of a group of 4, in order)."""
     valid = meta == _META_CODES[0]
     for code in _META_CODES[1:]:
         valid = valid | (meta == code)

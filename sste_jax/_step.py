@@ -167,6 +167,11 @@ def step_adam(
     """STEP's optimizer: `scale_by_step` (``sparse``, ``threshold``, ``min_steps``, ``max_steps``,
     ``statistic``) then the learning rate; wrap it in `sste_jax.freeze_beta` for models with β.
 
+    Args:
+      learning_rate: a float or a schedule.
+      b1, b2, eps: Adam's.
+      **switch: `scale_by_step`'s ``sparse``, ``threshold``, ``min_steps``, ``max_steps``, ``statistic``.
+
     >>> import jax.numpy as jnp, sste_jax
     >>> tx = sste_jax.optim.step_adam(1e-3, min_steps=10, max_steps=100)
     >>> bool(sste_jax.optim.step_switched(tx.init({"w": jnp.ones(3)})))

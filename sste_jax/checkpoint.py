@@ -1,4 +1,4 @@
-"""Orbax checkpoints of any training-state pytree, and the 2:4-compressed export of a trained model.
+"""Orbax checkpoints of any training-state pytree, and exports of inference weights; no framework imported.
 
 A training state is any pytree: ``nnx.state(model)`` (β included), ``nnx.state(optimizer)``, the
 step, a typed PRNG key (stored as its key data), a `FlipState`. Saves are atomic (orbax writes a
@@ -14,6 +14,9 @@ Each checkpoint also records its sparse weights (the `SparseSpec` of every β); 
 whose sparse weights differ raises `CheckpointConfigError`.
 A training loop keeps one `Checkpointer` (one orbax manager, saves written in the background);
 `save_checkpoint`, `restore_checkpoint` and `restore_latest` are one synchronous call each.
+`save_export` and `restore_export` write and read one folder of inference weights with the same checks
+(`sste_jax.nnx.export_compressed` uses them). A folder without the checksum record this module writes
+is refused, naming the file.
 
 >>> import tempfile, jax, jax.numpy as jnp
 >>> from sste_jax import checkpoint
@@ -25,9 +28,7 @@ A training loop keeps one `Checkpointer` (one orbax manager, saves written in th
 (3, True)
 """
 
-import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import os
@@ -35,20 +36,18 @@ import pathlib
 import re
 import shutil
 import warnings
-import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from sste_jax._fingerprint import digest
+from sste_jax import _fingerprint
+from sste_jax._event_loops import settling_loops
+from sste_jax._fingerprint import fingerprint
 from sste_jax._layout import SparseSpec, SparsityBeta
 from sste_jax._optim import key_name
-from sste_jax._sparsity import _valid_meta
-from sste_jax.nnx import CompressedLinear, Packed24, compress_layers, densify_layers  # re-exported here
 
 __all__ = [
     "Checkpointer",
@@ -59,13 +58,9 @@ __all__ = [
     "restore_checkpoint",
     "restore_latest",
     "checkpoint_steps",
+    "save_export",
+    "restore_export",
     "fingerprint",
-    "Packed24",
-    "CompressedLinear",
-    "compress_layers",
-    "densify_layers",
-    "export_compressed",
-    "load_compressed",
 ]
 
 
@@ -177,42 +172,6 @@ def _check_narrowing(name: str, leaf) -> None:
         )
 
 
-def _crc32(array) -> int:  # the checksum of checkpoints written before `fingerprint`
-    return zlib.crc32(np.ascontiguousarray(np.asarray(array)).tobytes())
-
-
-@jax.jit
-def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    return {name: digest(a) for name, a in flat.items()}
-
-
-def fingerprint(arrays: dict[str, Any]) -> dict[str, str]:
-    """``{name: 16 hex digits}``: a 64-bit checksum of each array's values, the same for any sharding.
-
-    Two sums modulo 2**32 over the elements' bits: one weighted by an odd number per position (a
-    change of any one element, e.g. one flipped bit, always changes it), one of a mixing hash of
-    (bits, position) (other damage passes both with probability ~2**-64). Sums commute, so the
-    result does not depend on how the array is split over devices or processes, and it is computed
-    where the array lives (one jitted call; every process calls it for sharded arrays).
-
-    >>> import jax.numpy as jnp
-    >>> from sste_jax import checkpoint
-    >>> a = jnp.arange(4.0)
-    >>> checkpoint.fingerprint({"a": a}) == checkpoint.fingerprint({"a": a.at[3].set(3.0000002)})
-    False
-    """
-    return _hex(_dispatch_fingerprints(arrays))
-
-
-def _dispatch_fingerprints(arrays: dict[str, Any]) -> dict[str, jax.Array]:
-    """Starts computing the fingerprints (JAX dispatches asynchronously); `_hex` waits for them."""
-    return _fingerprints({n: jnp.asarray(a) for n, a in arrays.items()})  # host leaves as JAX stores them
-
-
-def _hex(sums: dict[str, jax.Array]) -> dict[str, str]:
-    return {n: f"{int(v[0]):08x}{int(v[1]):08x}" for n, v in jax.device_get(sums).items()}
-
-
 def _record(flat: dict[str, Any]) -> dict:
     """``{"algorithm": "fingerprint64", "layout": {name: [dtype, shape]}}`` of the stored arrays; their
     checksums go under ``"arrays"``. The layout lets a restore check the target without reading
@@ -227,7 +186,7 @@ class _ChecksumHandler(ocp.JsonCheckpointHandler):
 
     async def async_save(self, directory, item=None, args=None):
         async def write():
-            record = {**args.record, "arrays": _hex(args.sums.result())}
+            record = {**args.record, "arrays": _fingerprint.to_hex(args.sums.result())}
             if jax.process_index() == 0:
                 (directory / _CHECKSUM_FILE).write_text(json.dumps(record))
 
@@ -238,32 +197,24 @@ class _ChecksumHandler(ocp.JsonCheckpointHandler):
 @dataclasses.dataclass
 class _ChecksumSave(ocp.args.CheckpointArgs):
     record: dict
-    sums: concurrent.futures.Future  # of the dispatched `_fingerprints`
+    sums: concurrent.futures.Future  # of the dispatched `_fingerprint.start_fingerprints`
 
 
 @ocp.args.register_with_handler(_ChecksumHandler, for_restore=True)
 @dataclasses.dataclass
 class _ChecksumRestore(ocp.args.CheckpointArgs):
-    """Unused (restores read the record with `_read_json`); orbax wants a handler's restore arguments."""
+    """Unused (restores read the record with `_read_record`); orbax wants a handler's restore arguments."""
 
 
-def _verify_checksums(path: pathlib.Path, checksums: dict | None, restored: dict[str, Any]) -> None:
+def _verify_checksums(path: pathlib.Path, record: dict, restored: dict[str, Any]) -> None:
     """Raises `CheckpointError` naming the first array whose values do not match its stored checksum."""
-    if checksums is None:
-        return  # written before checksums existed
-    algorithm = checksums.get("algorithm")
-    if algorithm not in ("fingerprint64", "crc32") or not isinstance(checksums.get("arrays"), dict):
-        raise CheckpointError(f"checkpoint {path}: its checksum file is malformed")
-    wanted = {n: v for n, v in checksums["arrays"].items() if n in restored}
-    if algorithm == "crc32":
-        found = {n: _crc32(restored[n]) for n in wanted}
-    else:
-        found = fingerprint({n: restored[n] for n in wanted})
+    wanted = {n: v for n, v in record["arrays"].items() if n in restored}
+    found = fingerprint({n: restored[n] for n in wanted})
     for name, want in wanted.items():
         if found[name] != want:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: array {name!r} does not match its stored checksum "
-                f"({algorithm} {found[name]}, stored {want})"
+                f"(fingerprint64 {found[name]}, stored {want})"
             )
 
 
@@ -302,16 +253,10 @@ def _compared(record: dict) -> dict:
     return {"axis": record.get("axis"), "layout": record.get("layout"), **{f: config[f] for f in fields if f in config}}
 
 
-def _check_layers(path: pathlib.Path, record: dict | None, target: Any) -> None:
+def _check_layers(path: pathlib.Path, record: dict, target: Any) -> None:
     """Raises `CheckpointConfigError` naming each β whose presence or compared fields differ between the
     checkpoint's ``record`` and ``target``."""
-    if record is None or _LAYERS not in record:
-        what = "has no checksum file" if record is None else "has no sparse-layer record in its checksum file"
-        raise CheckpointError(f"checkpoint {path} {what}; it was not written by sste_jax.checkpoint")
-    stored = record[_LAYERS]
-    if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
-        raise CheckpointError(f"checkpoint {path}: its sparse-layer record is malformed")
-    wanted = _sparse_layers(target)
+    stored, wanted = record[_LAYERS], _sparse_layers(target)
     problems = []
     for name in sorted(set(stored) | set(wanted)):
         if (name in stored) != (name in wanted):
@@ -332,11 +277,34 @@ def _check_layers(path: pathlib.Path, record: dict | None, target: Any) -> None:
         )
 
 
-def _read_json(path: pathlib.Path, file: pathlib.Path, required: bool) -> dict | None:
+def _read_record(path: pathlib.Path, file: pathlib.Path) -> dict:
+    """The checkpoint's checksum record in ``file``, checked whole (`_check_record`)."""
     if not file.is_file():
-        if required:
-            raise CheckpointError(f"checkpoint {path} is incomplete: {file} is missing")
-        return None
+        raise CheckpointError(f"checkpoint {path} has no checksum file {file}: it was not written by "
+                              "sste_jax.checkpoint, which refuses it")
+    return _check_record(path, file, _read_json(path, file), layers=True)
+
+
+def _check_record(path: pathlib.Path, file: pathlib.Path, record: Any, layers: bool) -> dict:
+    """``record`` if it holds fingerprint64 checksums, the layout and (``layers``) the sparse-layer record;
+    else raises `CheckpointError` naming ``file`` and what it lacks."""
+    problem = None
+    if not isinstance(record, dict) or record.get("algorithm") != "fingerprint64":
+        problem = "no fingerprint64 checksums"
+    elif not isinstance(record.get("arrays"), dict):
+        problem = "no checksum per array"
+    elif not isinstance(record.get("layout"), dict):
+        problem = "no dtype and shape per array"
+    elif layers and not isinstance(record.get(_LAYERS), dict):
+        problem = "no sparse-layer record"
+    elif layers and not all(isinstance(v, dict) for v in record[_LAYERS].values()):
+        problem = "a sparse-layer record that is not one dict per β"
+    if problem:
+        raise CheckpointError(f"{path}: its checksum file {file} is malformed ({problem})")
+    return record
+
+
+def _read_json(path: pathlib.Path, file: pathlib.Path) -> Any:
     try:
         return json.loads(file.read_text())
     except (OSError, ValueError) as e:
@@ -506,6 +474,13 @@ def save_checkpoint(
     ``"sparsity"`` collection) the config, grouped axis and layout its `SparseSpec` carries. β saved as
     bare arrays (e.g. ``nnx.to_pure_dict``) are not recorded.
 
+    Args:
+      directory: the run's checkpoint folder (created if missing).
+      step: the step, newer than every step there.
+      state: any pytree (see the module docstring).
+      max_to_keep: keep at most this many steps (None: all).
+      compress: zstd-compress the arrays.
+
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
     >>> d = tempfile.mkdtemp()
@@ -516,95 +491,31 @@ def save_checkpoint(
         return checkpointer.save(step, state)
 
 
-class _SettlingLoop(asyncio.SelectorEventLoop):
-    """An event loop that, when closed with tasks still pending, first lets them finish.
-
-    orbax runs each read in a fresh event loop and closes it as soon as one array's read fails; the
-    other reads' tasks are left pending and, when tensorstore completes them later, raise "Event loop
-    is closed" from its threads. Waiting for them here ends every read inside the failing call.
-    """
-
-    def close(self) -> None:
-        pending = [t for t in asyncio.all_tasks(self) if not t.done()]
-        if pending and not self.is_running() and not self.is_closed():
-            done, late = self.run_until_complete(asyncio.wait(pending, timeout=_SETTLE_S))
-            for task in late:
-                task.cancel()
-            if late:
-                self.run_until_complete(asyncio.wait(late))
-            for task in done | late:  # retrieved, so asyncio does not log them as never retrieved
-                if not task.cancelled():
-                    task.exception()
-        super().close()
-
-
-_SETTLE_S = 120.0  # at most this long for the reads left pending by a failed read
-
-
-def _settling_policy():
-    class _SettlingPolicy(asyncio.DefaultEventLoopPolicy):
-        def new_event_loop(self):
-            return _SettlingLoop()
-
-    return _SettlingPolicy()
-
-
-def _set_policy(policy):
-    """Installs ``policy``, returning the previous one (event-loop policies warn from Python 3.14 on)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        previous = asyncio.get_event_loop_policy()
-        asyncio.set_event_loop_policy(policy)
-    return previous
-
-
-@contextlib.contextmanager
-def _settling_loops():
-    """The event loops orbax creates inside the block are `_SettlingLoop` instances."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        policy = _settling_policy()
-    previous = _set_policy(policy)
-    try:
-        yield
-    finally:
-        _set_policy(previous)
-
-
 def _quietly(path: pathlib.Path, what: str, read):
     """``read()``, turning a failure into `CheckpointError` (``what`` says which read failed)."""
     try:
-        with _settling_loops():
+        with settling_loops():
             return read()
     except Exception as e:
         message = f"checkpoint {path} is truncated or corrupt: {what} failed ({_first_line(e)})"
     raise CheckpointError(message)
 
 
-def _stored_layout(path: pathlib.Path, checksums: dict | None, read_metadata) -> dict[str, tuple[tuple, np.dtype]]:
-    """``{name: (shape, dtype)}`` of the stored arrays: from the checksum record, or (checkpoints
-    written before it held the layout) from orbax's metadata, ``read_metadata()``."""
-    layout = checksums.get("layout") if checksums is not None else None
-    if layout is None:
-        metadata = _quietly(path, "reading its metadata", read_metadata)
-        if getattr(metadata, "tree", None) is None:
-            raise CheckpointError(f"checkpoint {path} is incomplete: its array metadata (_METADATA) is missing")
-        return {n: (tuple(m.shape), np.dtype(m.dtype)) for n, m in _unnest(metadata.tree).items()}
+def _stored_layout(path: pathlib.Path, record: dict) -> dict[str, tuple[tuple, np.dtype]]:
+    """``{name: (shape, dtype)}`` of the stored arrays, from the checksum record."""
     try:
-        return {n: (tuple(shape), np.dtype(dtype)) for n, (dtype, shape) in layout.items()}
+        return {n: (tuple(shape), np.dtype(dtype)) for n, (dtype, shape) in record["layout"].items()}
     except (AttributeError, TypeError, ValueError):
         raise CheckpointError(f"checkpoint {path}: its checksum file is malformed (layout)") from None
 
 
-def _restore_from(
-    path: pathlib.Path, store: pathlib.Path, read_metadata, read, target: Any, checksums: dict | None
-) -> Any:
-    """Shared by `restore_checkpoint` and `load_compressed`: checks the stored bytes, then names,
-    shapes and dtypes against ``target``, then reads and verifies the arrays against ``checksums``."""
+def _restore_from(path: pathlib.Path, store: pathlib.Path, read, target: Any, record: dict) -> Any:
+    """Shared by `restore_checkpoint` and `restore_export`: checks the stored bytes, then names, shapes and
+    dtypes against ``target`` (from the checksum ``record``), then reads and verifies the arrays."""
     flat, like, treedef = _flatten(target)
     if not (store / "manifest.ocdbt").is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {store / 'manifest.ocdbt'} is missing")
-    stored = _stored_layout(path, checksums, read_metadata)
+    stored = _stored_layout(path, record)
     missing = [n for n in flat if n not in stored]
     extra = [n for n in stored if n not in flat]
     if missing or extra:
@@ -621,7 +532,7 @@ def _restore_from(
                 f"but the target is {a.dtype}{list(a.shape)}"
             )
     restored = _unnest(_quietly(path, "reading the arrays", lambda: read(_nest(abstract))))
-    _verify_checksums(path, checksums, restored)
+    _verify_checksums(path, record, restored)
     leaves = [_from_array(restored[n], leaf) for n, leaf in zip(flat, like)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -645,6 +556,12 @@ class Checkpointer:
     is committed.
     ``async_save=False`` makes `save` return only once the step is committed; ``compress`` as in
     `save_checkpoint`.
+
+    Args:
+      directory: the run's checkpoint folder (created at the first save).
+      max_to_keep: keep at most this many steps (None: all).
+      async_save: write in the background.
+      compress: zstd-compress the arrays.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
@@ -750,7 +667,7 @@ class Checkpointer:
             )
         record, sums = {**_record(flat), _LAYERS: _sparse_layers(state)}, concurrent.futures.Future()
         if not self.async_save:  # orbax writes the record inside its save call
-            sums.set_result(_dispatch_fingerprints(flat))
+            sums.set_result(_fingerprint.start_fingerprints(flat))
         manager = self._open(steps)
         try:
             args = ocp.args.Composite(
@@ -758,7 +675,7 @@ class Checkpointer:
             )
             saved = manager.save(step, args=args)
             if self.async_save:  # once orbax has its host copy: the two do not compete for the arrays
-                sums.set_result(_dispatch_fingerprints(flat))
+                sums.set_result(_fingerprint.start_fingerprints(flat))
             if not saved:
                 raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
         except Exception as e:
@@ -842,20 +759,19 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} is incomplete: {problem}; restore_latest falls back to an older one"
             )
-        checksums = _read_json(path, path / _CHECKSUMS / _CHECKSUM_FILE, required=(path / _CHECKSUMS).exists())
+        record = _read_record(path, path / _CHECKSUMS / _CHECKSUM_FILE)
         if check_layers:
-            _check_layers(path, checksums, target)
+            _check_layers(path, record, target)
         manager = self._open(steps)
         try:
             return _restore_from(
                 path,
                 path / "default",
-                lambda: manager.item_metadata(step)["default"],
                 lambda abstract: manager.restore(
                     step, args=ocp.args.Composite(default=_pytree_restore(abstract))
                 )["default"],
                 target,
-                checksums,
+                record,
             )
         except CheckpointError:
             self._discard()
@@ -899,8 +815,13 @@ def restore_checkpoint(
     array) when a layer is sparse in one but not the other, or, where both the checkpoint and
     ``target`` hold the modules (see `save_checkpoint`), a layer's ``method``, ``mvue``, ``fp8`` or
     the decay its method uses differ (``backend`` and ``matmul`` may). ``check_layers=False`` skips
-    that check, e.g. to resume a run that switched a layer's method. Checkpoints written before this
-    record existed restore unchecked.
+    that check, e.g. to resume a run that switched a layer's method.
+
+    Args:
+      directory: the run's checkpoint folder.
+      target: a state of the checkpoint's structure (its arrays' shardings place the restored ones).
+      step: the step (default: the latest).
+      check_layers: compare the sparse weights' records first.
 
     >>> import tempfile, jax.numpy as jnp
     >>> from sste_jax import checkpoint
@@ -934,102 +855,80 @@ def restore_latest(directory: str | os.PathLike, target: Any, *, check_layers: b
         return checkpointer.restore_latest(target, check_layers=check_layers)
 
 
-def _checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+def save_export(directory: str | os.PathLike, state: Any, info: dict | None = None) -> pathlib.Path:
+    """Saves ``state`` (any pytree) as one orbax folder ``directory``, for inference: atomically, with every
+    array's checksum (`fingerprint`) and ``info`` (JSON fields) in its ``sste_export.json``; returns it.
 
-
-def _compressed_layers(model: nnx.Module) -> dict[str, "CompressedLinear"]:
-    return {
-        "/".join(str(p) for p in path): node
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, CompressedLinear)
-    }
-
-
-def export_compressed(directory: str | os.PathLike, model: nnx.Module) -> pathlib.Path:
-    """Saves an inference copy of ``model`` (2:4 layers compressed by `compress_layers`) with orbax.
-
-    ``directory`` must not exist (nothing is overwritten); ``model`` itself is left unchanged. The
-    export is written to a temporary sibling folder and renamed into place, with each array's
-    checksum (`fingerprint`) and each compressed layer's ``fp8`` setting (in ``sste_export.json``). Load it with
-    `load_compressed`. A failed write raises `CheckpointWriteError` and leaves nothing behind.
+    ``directory`` must not exist (nothing is overwritten). The folder is written beside it and renamed into
+    place; a failed write raises `CheckpointWriteError` and leaves nothing behind. `restore_export` reads it
+    back; `sste_jax.nnx.export_compressed` writes a model's 2:4-compressed layers with it.
 
     >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
-    >>> path.name
-    'export'
+    >>> from sste_jax import checkpoint
+    >>> path = checkpoint.save_export(tempfile.mkdtemp() + "/export", {"w": jnp.ones(3)}, {"note": "fp32"})
+    >>> sorted(p.name for p in path.iterdir() if p.suffix == ".json")
+    ['sste_export.json']
     """
     directory = pathlib.Path(directory).absolute()
     if directory.exists():
         raise FileExistsError(f"cannot export to {directory}: it already exists")
-    compressed = compress_layers(nnx.clone(model))
-    flat, _, _ = _flatten(nnx.state(compressed))
-    info = {
-        "checksums": {**_record(flat), "arrays": fingerprint(flat)},
-        "layers": {name: {"fp8": bool(layer.fp8)} for name, layer in _compressed_layers(compressed).items()},
-    }
+    info = dict(info or {})
+    if "checksums" in info:
+        raise ValueError("save_export: info has a 'checksums' field, where the export's own checksums go")
+    flat, _, _ = _flatten(state)
+    record = {**_record(flat), "arrays": fingerprint(flat)}
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.sste-export-tmp-{os.getpid()}"
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     try:
-        _checkpointer().save(tmp, args=ocp.args.StandardSave(_nest(flat)))
+        checkpointer.save(tmp, args=ocp.args.StandardSave(_nest(flat)))
         with open(tmp / _EXPORT_FILE, "w") as f:
-            json.dump(info, f)
+            json.dump({"checksums": record, **info}, f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, directory)
     except Exception as e:
         partial = [tmp, *directory.parent.glob(f"{tmp.name}.orbax-checkpoint-tmp*")]
         _write_failed(e, f"exporting to {directory}", partial)
+    finally:
+        checkpointer.close()
     return directory
 
 
-def load_compressed(directory: str | os.PathLike, model: nnx.Module) -> nnx.Module:
-    """Loads an `export_compressed` directory into ``model``, a freshly built model sparsified with
-    the same configs (any weights): its sparse layers become `CompressedLinear`; returns it.
+def restore_export(directory: str | os.PathLike, target: Any) -> tuple[Any, dict]:
+    """``(state, info)`` of a `save_export` folder: its arrays in the structure of ``target`` (names, shapes
+    and dtypes checked against the export's record, every array verified against its checksum) and the
+    ``info`` saved with it.
 
-    Each layer takes the exported ``fp8`` setting. Everything is read and verified (checksums,
-    metadata bytes) on a copy first: on any error ``model`` is left exactly as it was.
+    Raises `FileNotFoundError` when there is no export at ``directory`` and `CheckpointError`, naming the
+    file, when its ``sste_export.json`` is missing, unreadable or malformed, when an array is corrupt, or when
+    it does not match ``target``.
 
     >>> import tempfile, jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import checkpoint, nnx as sparse_nnx
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> path = checkpoint.export_compressed(tempfile.mkdtemp() + "/export", model)
-    >>> served = checkpoint.load_compressed(path, nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(1))))
-    >>> x = jnp.ones((2, 8))
-    >>> bool(jnp.array_equal(served(x), model(x)))
-    True
+    >>> from sste_jax import checkpoint
+    >>> path = checkpoint.save_export(tempfile.mkdtemp() + "/export", {"w": jnp.arange(3.0)}, {"note": "fp32"})
+    >>> state, info = checkpoint.restore_export(path, {"w": jnp.zeros(3)})
+    >>> state["w"].tolist(), info
+    ([0.0, 1.0, 2.0], {'note': 'fp32'})
     """
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"no exported model at {directory}")
-    info = _read_json(directory, directory / _EXPORT_FILE, required=False)  # older exports have none
-    if info is not None and not isinstance(info.get("layers"), dict):
-        raise CheckpointError(f"exported model {directory}: {_EXPORT_FILE} is malformed")
-    settings = info["layers"] if info is not None else {}
-    target = compress_layers(nnx.clone(model))
-    checkpointer = _checkpointer()
+    file = directory / _EXPORT_FILE
+    if not file.is_file():
+        raise CheckpointError(f"exported model {directory} has no {file}: it was not written by sste_jax, "
+                              "which refuses it")
+    info = _read_json(directory, file)
+    record = _check_record(directory, file, info.get("checksums") if isinstance(info, dict) else None, layers=False)
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     try:
         state = _restore_from(
             directory,
             directory,
-            lambda: checkpointer.metadata(directory).item_metadata,
             lambda abstract: checkpointer.restore(directory, args=ocp.args.StandardRestore(abstract)),
-            nnx.state(target),
-            info["checksums"] if info is not None else None,
+            target,
+            record,
         )
     finally:
         checkpointer.close()
-    nnx.update(target, state)
-    for name, layer in _compressed_layers(target).items():
-        if not bool(jnp.all(_valid_meta(layer.meta[...]))):
-            raise CheckpointError(f"exported model {directory}: {name}/meta holds bytes compress_24 never writes")
-    compress_layers(model)
-    nnx.update(model, state)
-    for name, layer in _compressed_layers(model).items():
-        if name in settings:
-            layer.fp8 = bool(settings[name]["fp8"])
-    return model
+    return state, {k: v for k, v in info.items() if k != "checksums"}

@@ -1,4 +1,4 @@
-"""From a trained 2:4 model to the files inference engines read, and back.
+"""The file formats of a trained 2:4 model: the safetensors folders inference engines read, and back.
 
 The export is a Hugging Face style folder: ``model.safetensors`` and ``config.json`` whose
 ``quantization_config`` names the ``compressed-tensors`` method with a ``sparsity_config`` of
@@ -14,10 +14,10 @@ sparse layer's forward weight ``W̃ = β·S(W)`` asked from the layer, so the ex
 mapping ``{path: Target(name, transpose)}`` says where each goes. Flax kernels are ``(in, out)``;
 PyTorch ``Linear`` weights are ``(out, in)`` with the 2:4 groups along ``in``, the last axis, which
 is what the bitmask format packs: pass ``transpose=True`` for them. `load_safetensors` reads a
-folder back into ``{path: array}`` in our layout, bit for bit, and `import_weights` puts them into
-an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers. ``save_safetensors(..., fp8=...)``
-stores the 2:4 weights as FP8 e4m3 with per-tensor or per-channel scales instead; `to_backend` swaps a served
-model's compressed layers for dense ones (decompressed once) or for cuSPARSELt products on a GPU.
+folder back into ``{path: array}`` in our layout, bit for bit; `sste_jax.nnx.import_weights` puts them
+into an NNX model, 2:4 kernels as `sste_jax.nnx.CompressedLinear` layers, and `sste_jax.nnx.to_backend`
+serves those on XLA or cuSPARSELt. ``save_safetensors(..., fp8=...)`` stores the 2:4 weights as FP8 e4m3
+with per-tensor or per-channel scales instead.
 
 >>> import tempfile, jax, jax.numpy as jnp, numpy as np
 >>> from flax import nnx
@@ -35,7 +35,7 @@ model's compressed layers for dense ones (decompressed once) or for cuSPARSELt p
 >>> back = serving.load_safetensors(d, targets)
 >>> all(np.array_equal(back[p], weights[p]) for p in weights)
 True
->>> served = serving.import_weights(MLP(nnx.Rngs(1)), back, sparse=sparse)
+>>> served = sparse_nnx.import_weights(MLP(nnx.Rngs(1)), back, sparse=sparse)
 >>> x = jnp.ones((2, 8))
 >>> bool(jnp.array_equal(served(x), model(x))), type(served.fc1).__name__
 (True, 'CompressedLinear')
@@ -50,22 +50,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jaxtyping import Array, Float, UInt8
+from jaxtyping import Array
 
 from sste_jax._metrics import find_weights
-from sste_jax._sparsity import compress_24
-from sste_jax.nnx import CompressedLinear, Packed24, _dense_linear, _set_child
 
 __all__ = [
     "Target",
     "inference_weights",
     "save_safetensors",
     "load_safetensors",
-    "import_weights",
-    "to_backend",
-    "CusparseltLinear",
-    "BACKENDS",
     "SAFETENSORS_FILE",
     "DTYPES",
     "FP8_SCALES",
@@ -76,7 +69,6 @@ SAFETENSORS_FILE = "model.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 FP8_SCALES = ("tensor", "channel")
 FP8_INPUTS = ("token", "tensor")
-BACKENDS = ("dense", "cusparselt", "cusparselt-fp8")
 _PACKED = ("compressed", "bitmask", "shape")  # what compressed-tensors stores for one 2:4 weight
 _SCALE = "weight_scale"  # and for one FP8 weight, its scale(s)
 
@@ -114,7 +106,8 @@ def inference_weights(model: Any) -> tuple[dict[str, Array], frozenset[str]]:
     """``({path: array}, sparse paths)``: every trainable parameter of ``model`` by ``/``-joined path, each sparse
     weight (`sste_jax.sparse_weights`) replaced by its forward weight ``W̃`` (β·S(W) for S-STE, the masked weight
     for T-SR-STE), and the paths of those whose forward weight is N:M sparse. ``model`` is an NNX model
-    (`sste_jax.nnx.CompressedLinear` layers, a served model, give their decompressed weight) or the variables
+    (the inference layers of a served model, `sste_jax.nnx.CompressedLinear` and
+    `sste_jax.nnx.CusparseltLinear`, give the weight they compute with) or the variables
     ``{"params", "sparsity"}`` of a Linen module or function made sparse by `sste_jax.sparsify` /
     `sste_jax.sparsify_fn` (Flax's partitioning boxes unboxed). The original model holding these weights,
     without sste_jax, computes what the sparse model computes.
@@ -132,16 +125,21 @@ def inference_weights(model: Any) -> tuple[dict[str, Array], frozenset[str]]:
         from sste_jax._sparsify import _linen_params
 
         weights = {path: jnp.asarray(v) for path, v in _linen_params(model).items()}
+        served = []
     else:
+        from flax import nnx
+
+        from sste_jax.nnx import CompressedLinear, CusparseltLinear
+
         weights = {_path_str(path): v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        served = [(path, node) for path, node in nnx.iter_graph(model)
+                  if isinstance(node, CompressedLinear | CusparseltLinear)]
     sparse = set()
-    compressed = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)] \
-        if not isinstance(model, Mapping) else []
     for name, w in find_weights(model).items():
         weights[name] = w.forward()
         if w.config.sparse:
             sparse.add(name)
-    for path, node in compressed:
+    for path, node in served:  # an inference layer gives the weight it computes with
         weights[_path_str((*path, "kernel"))] = node.forward_weight()
         sparse.add(_path_str((*path, "kernel")))
     return weights, frozenset(sparse)
@@ -382,172 +380,3 @@ def load_safetensors(directory: str | os.PathLike, targets: Mapping[str, Target]
         a = t.view(torch.int16).numpy().view(jnp.bfloat16) if t.dtype == torch.bfloat16 else t.numpy()
         out[path] = np.ascontiguousarray(a.T if targets[path].transpose else a)
     return out
-
-
-def import_weights(model: nnx.Module, weights: Mapping[str, Any], *, sparse: Iterable[str] = ()) -> nnx.Module:
-    """Puts ``weights`` (``{path: array}``, e.g. from `load_safetensors`) into ``model`` in place; returns it.
-
-    ``model`` is a freshly built model of the same architecture (dense or sparsified, any weights).
-    The layer of each ``sparse`` kernel becomes a `sste_jax.nnx.CompressedLinear` holding that 2:4
-    weight compressed (decompressed once per call: its output equals the exported model's); every
-    other path must be an ``nnx.Param`` of ``model`` of the same shape (raises naming each mismatch).
-
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import nnx as sparse_nnx, serving
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> weights, sparse = serving.inference_weights(model)
-    >>> served = serving.import_weights(nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(1))), weights, sparse=sparse)
-    >>> x = jnp.ones((2, 8))
-    >>> type(served.layers[0]).__name__, bool(jnp.array_equal(served(x), model(x)))
-    ('CompressedLinear', True)
-    """
-    sparse = set(sparse)
-    params = {_path_str(path): v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    layers = {_path_str(path): (path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Module)}
-    problems = []
-    for path, array in weights.items():
-        if path in sparse:
-            layer = layers.get(path.removesuffix("/kernel"))
-            if not path.endswith("/kernel") or layer is None or not isinstance(layer[1], nnx.Linear):
-                problems.append(f"{path}: not the kernel of an nnx.Linear layer of the model")
-            elif tuple(layer[1].kernel.shape) != np.shape(array):
-                problems.append(f"{path}: shape {np.shape(array)} in the weights, {layer[1].kernel.shape} in the model")
-        elif path not in params:
-            problems.append(f"{path}: not a parameter of the model")
-        elif tuple(params[path].shape) != np.shape(array):
-            problems.append(f"{path}: shape {np.shape(array)} in the weights, {params[path].shape} in the model")
-    absent = sorted(p for p in params if p not in weights)
-    problems += [f"{p}: a parameter of the model with no weight" for p in absent]
-    if problems:
-        raise ValueError("the weights do not fit the model:\n  " + "\n  ".join(problems[:12]))
-    for path, array in weights.items():
-        if path in sparse:
-            layer_path, layer = layers[path.removesuffix("/kernel")]
-            bias = jnp.asarray(weights[f"{path[: -len('kernel')]}bias"]) if layer.bias is not None else None
-            fp8 = bool(getattr(getattr(layer, "config", None), "fp8", False))
-            new = CompressedLinear(
-                *compress_24(jnp.asarray(array)), bias, fp8=fp8, dtype=layer.dtype, promote_dtype=layer.promote_dtype
-            )
-            _set_child(model, layer_path, new)
-        elif not any(path == f"{s[: -len('kernel')]}bias" for s in sparse):
-            params[path][...] = jnp.asarray(array, params[path].dtype)
-    return model
-
-
-class CusparseltLinear(nnx.Module):
-    """Inference layer whose product runs on Hopper's sparse tensor cores: ``y = x @ W̃ (+ bias)`` with ``W̃ᵀ``
-    compressed once by cuSPARSELt (`sste_jax.kernels.cusparselt`) in bfloat16, or in FP8 e4m3 with one
-    float32 scale per output channel (``W̃ᵀ ≈ scale·W_fp8``; the input is cast to e4m3 with a per-call
-    per-tensor scale, the product accumulated in float32 and rescaled). Built by `to_backend` (needs an
-    NVIDIA GPU with cuSPARSELt: ``pip install -e ".[cuda]"``); the layer's dimensions must be multiples of
-    16, the token count is padded to one.
-
-    >>> import jax, jax.numpy as jnp, sste_jax
-    >>> w = sste_jax.hard_threshold_24(jax.random.normal(jax.random.key(0), (64, 32)))
-    >>> layer = CusparseltLinear.from_weight(w)  # doctest: +SKIP
-    >>> y = layer(jnp.ones((5, 64), jnp.bfloat16))  # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        packed: UInt8[Array, " nbytes"],
-        in_features: int,
-        out_features: int,
-        bias: Float[Array, " out"] | None = None,
-        scale: Float[Array, " out"] | None = None,
-        *,
-        dtype: Any = None,
-    ):
-        self.packed = Packed24(packed)
-        self.scale = Packed24(scale) if scale is not None else None
-        self.bias = nnx.Param(bias) if bias is not None else None
-        self.in_features, self.out_features, self.dtype = in_features, out_features, dtype
-
-    @classmethod
-    def from_weight(
-        cls, w_IxO: Float[Array, "in out"], bias: Float[Array, " out"] | None = None, *, fp8: bool = False,
-        dtype: Any = None, name: str = "weight",
-    ) -> "CusparseltLinear":
-        """Compresses the 2:4 ``(in, out)`` forward weight ``w_IxO`` (2:4 along ``in``) for cuSPARSELt, once."""
-        from sste_jax.kernels import cusparselt
-
-        _check_gpu("CusparseltLinear")
-        w_OxI = jnp.asarray(w_IxO).T
-        if any(d % 16 for d in w_OxI.shape):
-            raise ValueError(f"{name}: cuSPARSELt needs in and out divisible by 16, got (in, out) = {w_IxO.shape}")
-        _check_24(name, np.asarray(jax.device_get(w_OxI.astype(jnp.float32))))
-        scale = None
-        if fp8:
-            fmax = float(jnp.finfo(jnp.float8_e4m3fn).max)
-            w_OxI = w_OxI.astype(jnp.float32)
-            amax = jnp.max(jnp.abs(w_OxI), axis=1)
-            scale = jnp.where(amax > 0, amax / fmax, 1.0)
-            packed = cusparselt.compress(jnp.clip(w_OxI / scale[:, None], -fmax, fmax).astype(jnp.float8_e4m3fn))
-        else:
-            packed = cusparselt.compress(w_OxI.astype(jnp.bfloat16))
-        return cls(packed, w_OxI.shape[1], w_OxI.shape[0], bias, scale, dtype=dtype)
-
-    def __call__(self, x: Float[Array, "*batch in"]) -> Float[Array, "*batch out"]:
-        from sste_jax import _fp8
-        from sste_jax.kernels import cusparselt
-
-        x_NxI = x.reshape(-1, self.in_features)
-        n = x_NxI.shape[0]
-        x_NxI = jnp.pad(x_NxI, ((0, -n % 16), (0, 0)))
-        if self.scale is not None:
-            qx, sx = _fp8.quantize(x_NxI, _fp8.FORWARD)
-            y = cusparselt.matmul(self.packed[...], qx, self.out_features, jnp.float32) * (self.scale[...] / sx)
-        else:
-            y = cusparselt.matmul(self.packed[...], x_NxI.astype(jnp.bfloat16), self.out_features, jnp.bfloat16)
-        y = y[:n].astype(jnp.float32)
-        if self.bias is not None:
-            y = y + self.bias[...]
-        return y.astype(self.dtype or x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-
-def _check_gpu(what: str) -> None:
-    if jax.default_backend() != "gpu":
-        raise RuntimeError(
-            f"{what} runs on an NVIDIA GPU's sparse tensor cores (cuSPARSELt); jax.default_backend() is "
-            f"{jax.default_backend()!r}: serve with backend='dense' (or the CompressedLinear layers as they are) here"
-        )
-
-
-def to_backend(model: nnx.Module, backend: str) -> nnx.Module:
-    """Replaces, in place, every `sste_jax.nnx.CompressedLinear` of a served model (e.g. from
-    `import_weights`) by a layer for ``backend``; returns ``model``.
-
-    ``"dense"``: an ``nnx.Linear`` holding the decompressed weight, decompressed here once (a
-    `CompressedLinear` keeps half the bytes and decompresses in every call), the same outputs.
-    ``"cusparselt"`` / ``"cusparselt-fp8"``: a `CusparseltLinear` holding the weight compressed once by
-    cuSPARSELt in bfloat16 / FP8 e4m3 (NVIDIA GPU only: raises `RuntimeError` elsewhere).
-
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> from sste_jax import nnx as sparse_nnx, serving
-    >>> model = nnx.Sequential(sparse_nnx.SparseLinear(8, 4, rngs=nnx.Rngs(0)))
-    >>> served = sparse_nnx.compress_layers(model)
-    >>> x, y = jnp.ones((2, 8)), served(jnp.ones((2, 8)))
-    >>> dense = serving.to_backend(served, "dense")
-    >>> type(dense.layers[0]).__name__, bool(jnp.array_equal(dense(x), y))
-    ('Linear', True)
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {BACKENDS}")
-    if backend != "dense":
-        _check_gpu(f"backend={backend!r}")
-    layers = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, CompressedLinear)]
-    for path, layer in layers:
-        name = _path_str(path)
-        if backend == "dense":
-            if layer.fp8:
-                raise ValueError(f"{name}: the layer computes FP8 products, which an nnx.Linear does not; keep it")
-            new = _dense_linear(layer, layer.forward_weight())
-        else:
-            bias = layer.bias[...] if layer.bias is not None else None
-            new = CusparseltLinear.from_weight(
-                layer.forward_weight(), bias, fp8=backend == "cusparselt-fp8", dtype=layer.dtype, name=name
-            )
-        _set_child(model, path, new)
-    return model

@@ -10,7 +10,6 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from sste_jax._linear import prune_weight
 from sste_jax.nnx import SparseLinear, accumulate_gradients
 
 
@@ -138,7 +137,7 @@ def test_sparse_dense_takes_a_pruned_weight_with_the_same_gradient():
     kernel = jax.random.normal(jax.random.key(0), (16, 8))
     x = jax.random.normal(jax.random.key(1), (4, 16))
     config = sste_jax.SparsityConfig(method="srste")
-    pruned = prune_weight(kernel, 1.0, config)
+    pruned = sste_jax.prune_weight(kernel, 1.0, config)
     loss = lambda k, p: jnp.sum(jnp.sin(sste_jax.sparse_dense(x, k, 1.0, config=config, pruned=p)))  # noqa: E731
     np.testing.assert_array_equal(jax.grad(loss)(kernel, pruned), jax.grad(loss)(kernel, None))
     np.testing.assert_array_equal(jax.grad(loss, argnums=1)(kernel, pruned).weight, 0)  # nothing flows to W̃
@@ -147,7 +146,7 @@ def test_sparse_dense_takes_a_pruned_weight_with_the_same_gradient():
 @pytest.mark.outside_annotations
 def test_a_pruned_weight_of_another_kernel_or_method_is_refused():
     kernel = jnp.ones((16, 8))
-    pruned = prune_weight(kernel, 1.0, sste_jax.SparsityConfig())
+    pruned = sste_jax.prune_weight(kernel, 1.0, sste_jax.SparsityConfig())
     with pytest.raises(ValueError, match=r"pruned.weight is float32\[16, 8\] but the kernel is bfloat16\[16, 8\]"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel.astype(jnp.bfloat16), 1.0, pruned=pruned)
     with pytest.raises(ValueError, match=r"pruned.weight is float32\[16, 8\] but the kernel is float32\[16, 4\]"):
@@ -155,7 +154,7 @@ def test_a_pruned_weight_of_another_kernel_or_method_is_refused():
     with pytest.raises(ValueError, match="not made for method='srste', matmul='xla'"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel, 1.0, config=sste_jax.SparsityConfig(method="srste"),
                               pruned=pruned)
-    with pytest.raises(TypeError, match="pruned must be a Pruned"):
+    with pytest.raises(TypeError, match="pruned must be a PrunedWeight"):
         sste_jax.sparse_dense(jnp.ones((2, 16)), kernel, 1.0, pruned=pruned.weight)
     with pytest.raises(ValueError, match="same leading axis"):
         accumulate_gradients(_loss, _Net(sste_jax.SparsityConfig(), nnx.Rngs(0)), jnp.ones((2, 4, 16)),
@@ -166,7 +165,7 @@ def test_a_pruned_weight_of_another_kernel_or_method_is_refused():
 def test_cutlass_operands_are_emitted_once_outside_the_scan(monkeypatch, fp8):
     from types import SimpleNamespace
 
-    from sste_jax.kernels import _backend
+    from sste_jax import _backend
 
     monkeypatch.setattr(_backend, "jax", SimpleNamespace(default_backend=lambda: "gpu"))  # resolve as on a GPU
     config = sste_jax.SparsityConfig(mvue=True, fp8=fp8, matmul="cutlass")

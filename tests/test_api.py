@@ -41,9 +41,12 @@ MOVED = {  # a former top-level name -> what it is now
 
 REMOVED = {  # module -> names it no longer has
     "sste_jax": ["sparsity_spec", "apply_sparsity", "ParamSparsity", "spec_weights", "select_kernels", "select_paths",
-                 "einsum_axis", "sparse_einsum", "match_rule", "FEED_FORWARD", "linen", "anymodel"],
-    "sste_jax.nnx": ["sparsify", "all_linear", "feed_forward", "sparse_kernel_mask"],
-    "sste_jax.serving": ["linen_inference_weights"],
+                 "einsum_axis", "sparse_einsum", "match_rule", "FEED_FORWARD", "linen", "anymodel", "Pruned"],
+    "sste_jax.nnx": ["sparsify", "all_linear", "feed_forward", "sparse_kernel_mask", "Packed24"],
+    "sste_jax.serving": ["linen_inference_weights", "import_weights", "to_backend", "CusparseltLinear", "BACKENDS"],
+    "sste_jax.checkpoint": ["export_compressed", "load_compressed", "compress_layers", "densify_layers",
+                            "CompressedLinear", "Packed24"],
+    "sste_jax.kernels": ["Pruned24"],
 }
 
 
@@ -92,8 +95,11 @@ def _uses_of_old_names(text: str) -> list[str]:
 def _uses_of_removed_names(text: str) -> list[str]:
     top = "|".join(REMOVED["sste_jax"])
     nnx = "|".join(REMOVED["sste_jax.nnx"])
+    serving = "|".join(REMOVED["sste_jax.serving"])
+    ckpt = "|".join(REMOVED["sste_jax.checkpoint"])
     patterns = [rf"\bsste_jax\.({top})\b", rf"\b(?:sste_jax\.nnx|sparse_nnx)\.({nnx})\b",
-                r"\bserving\.(linen_inference_weights)\b", r"\bfrom sste_jax import (linen|anymodel)\b"]
+                rf"\bserving\.({serving})\b", rf"\bcheckpoint\.({ckpt})\b", r"\b(Pruned24|Packed24)\b",
+                r"\bfrom sste_jax import (linen|anymodel)\b"]
     return [m for pattern in patterns for m in re.findall(pattern, text)]
 
 
@@ -124,6 +130,8 @@ def test_nothing_in_the_repository_uses_a_removed_name():
     assert _uses_of_removed_names(
         "sste_jax.sparsity_spec(p); sparse_nnx.sparsify(m); serving.linen_inference_weights(v); sste_jax.sparsify(m)"
     ) == ["sparsity_spec", "sparsify", "linen_inference_weights"]
+    text = "checkpoint.export_compressed(d, m); serving.to_backend(m, b); sparse_nnx.to_backend(m)"
+    assert _uses_of_removed_names(text) == ["to_backend", "export_compressed"]
 
 
 def _documented() -> set[str]:

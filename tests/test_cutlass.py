@@ -212,17 +212,18 @@ def test_sparse_dense_with_cutlass_matches_xla(fp8):
 
 
 def test_one_resolver_picks_every_piece():
-    from sste_jax.kernels import _backend, _dispatch
+    from sste_jax import _backend
+    from sste_jax.kernels import _mvue, _products, _prune
 
     cfg = sste_jax.SparsityConfig
     ops = _backend.resolve(cfg(mvue=True, matmul="cutlass"), "gpu")
-    assert (ops.forward, ops.weight_grad) == (_dispatch.cutlass_forward, _dispatch.cutlass_weight_grad)
+    assert (ops.forward, ops.weight_grad) == (_products.cutlass_forward, _products.cutlass_weight_grad)
     assert ops.prune is None and ops.mvue is sste_jax.mvue_24
     assert _backend.resolve(cfg(mvue=True, fp8=True, matmul="cutlass"), "gpu").weight_grad is not None  # e5m2
     assert _backend.resolve(cfg(mvue=True, fp8=True, matmul="cusparselt"), "gpu").weight_grad is None  # no e5m2
     assert _backend.resolve(cfg(matmul="cutlass"), "gpu").weight_grad is None  # ĝ dense without MVUE
     ops = _backend.resolve(cfg(mvue=True, backend="pallas", matmul="cutlass"), "gpu")
-    assert (ops.prune, ops.mvue) == (_dispatch.pallas_forward_weight, _dispatch.pallas_mvue)
+    assert (ops.prune, ops.mvue) == (_prune.pallas_forward_weight, _mvue.pallas_mvue)
     assert _backend.resolve(cfg(matmul="cutlass"), "cpu", products=False).forward is None
 
 
@@ -238,16 +239,16 @@ def test_cutlass_config_off_gpu_raises_naming_the_gpu_but_prunes():
 
 
 @pytest.mark.parametrize("fp8,fwd,wgrad", [(False, "bf16", "bf16"), (True, "e4m3", "e5m2")])
-def test_dispatch_lowers_both_products_to_the_cutlass_calls(fp8, fwd, wgrad):
-    from sste_jax.kernels import _dispatch
+def test_the_gemm_pieces_lower_both_products_to_the_cutlass_calls(fp8, fwd, wgrad):
+    from sste_jax.kernels import _products
 
     x, w = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
     cuda = dict(lowering_platforms=("cuda",))
-    f = jax.jit(lambda x, w: _dispatch.cutlass_forward(x, w, fp8, jnp.bfloat16))
+    f = jax.jit(lambda x, w: _products.cutlass_forward(x, w, fp8, jnp.bfloat16))
     text = f.trace(x, w).lower(**cuda).as_text()
     assert f"@sste_cutlass_sparse_{fwd}" in text and "tensor<512x128xbf16>" in text
     g = jax.ShapeDtypeStruct((512, 128), jnp.bfloat16)
-    f = jax.jit(lambda x, g: _dispatch.cutlass_weight_grad(x, g, fp8, jnp.float32))
+    f = jax.jit(lambda x, g: _products.cutlass_weight_grad(x, g, fp8, jnp.float32))
     text = f.trace(x, g).lower(**cuda).as_text()
     assert f"@sste_cutlass_sparse_{wgrad}" in text and "tensor<256x128xbf16>" in text
 
@@ -256,7 +257,7 @@ def test_dispatch_lowers_both_products_to_the_cutlass_calls(fp8, fwd, wgrad):
 def test_sparse_dense_training_step_lowers_to_both_cutlass_products(monkeypatch, fp8, fwd, wgrad):
     from types import SimpleNamespace
 
-    from sste_jax.kernels import _backend
+    from sste_jax import _backend
 
     monkeypatch.setattr(_backend, "jax", SimpleNamespace(default_backend=lambda: "gpu"))  # resolve as on a GPU
     config = sste_jax.SparsityConfig(mvue=True, fp8=fp8, matmul="cutlass")
@@ -276,7 +277,7 @@ def test_sparse_dense_training_step_lowers_to_both_cutlass_products(monkeypatch,
 def test_remat_policy_saves_the_pruned_weight_and_its_cutlass_operands(monkeypatch, capsys):
     from types import SimpleNamespace
 
-    from sste_jax.kernels import _backend
+    from sste_jax import _backend
 
     monkeypatch.setattr(_backend, "jax", SimpleNamespace(default_backend=lambda: "gpu"))  # resolve as on a GPU
     config = sste_jax.SparsityConfig(mvue=True, matmul="cutlass")

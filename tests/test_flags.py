@@ -42,7 +42,7 @@ BAD_FLAGS = [
     (sample.main, [*RUN, "--temperature", "-0.5"], "--temperature: '-0.5': must be a finite number >= 0"),
     (sample.main, [*RUN, "--temperature", "inf"], "--temperature: 'inf': must be a finite number >= 0"),
     (sample.main, [*RUN, "--top-k", "-1"], "--top-k: '-1': must be an integer >= 0"),
-    (sample.main, [*RUN, "--backend", "dense"], "--backend applies to compressed 2:4 layers"),
+    (sample.main, [*RUN, "--backend", "xla"], "--backend applies to compressed 2:4 layers"),
     (agreement.main, [*RUN, "--tokens", "-3"], "--tokens: '-3': must be an integer >= 1"),
     (lm_compare.main, ["--jobs", "0"], "--jobs: '0': must be an integer >= 1"),
     (lm_compare.main, ["--seeds", "0", "-1"], "--seeds: '-1': must be an integer >= 0"),

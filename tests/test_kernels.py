@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import sste_jax
+from sste_jax._backend import resolve_backend
 from sste_jax.kernels import mvue_compress_24, prune_compress_24
-from sste_jax.kernels._auto import resolve_backend
 
 BLOCK = (2, 16)  # small blocks: several programs per test array, ragged edges
 

@@ -498,3 +498,14 @@ def test_tsrste_mask_errors():
         sste_jax.sparse_dense(x, w, 1.0, config=SparsityConfig(method="ste"), mask=jnp.ones(w.shape, bool))
     with pytest.raises(ValueError, match="masked_decay must be >= 0"):
         SparsityConfig(method="tsrste", masked_decay=-1.0)
+
+
+def test_the_backend_is_resolved_once_per_product(monkeypatch):
+    from sste_jax import _backend
+
+    calls, resolve = [], _backend.resolve
+    monkeypatch.setattr(_backend, "resolve", lambda *a, **k: calls.append(a) or resolve(*a, **k))
+    config = SparsityConfig(mvue=True, backend="pallas")
+    kernel = jax.random.normal(jax.random.key(0), (8, 4))
+    jax.grad(lambda k: sste_jax.sparse_dense(jnp.ones((4, 8)), k, 1.0, jax.random.key(1), config).sum())(kernel)
+    assert len(calls) == 1  # the forward weight, the forward product, MVUE and the weight gradient share it

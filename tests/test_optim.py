@@ -150,22 +150,42 @@ def test_ste_layers_with_srste_transform_equal_srste_layers():
     chex.assert_trees_all_close(updates, srste_grads, rtol=1e-6, atol=1e-9)
 
 
-def test_masked_decay_refreshes_the_transposable_mask_every_40_steps():
-    tx = sste_jax.optim.add_masked_decay({"w": True, "b": False}, decay=0.25)
+def test_masked_decay_reads_the_masks_the_layers_refresh_every_40_steps():
+    # the baseline's schedule: the layer's mask is refreshed from the current weights at steps 0, 40, 80 (the
+    # update of count c uses transposable_mask_24 of the weights after update c - c % 40), and the decay reads it
+    layer = sparse_nnx.SparseLinear(8, 4, config=SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0), use_bias=True)
+    tx = sste_jax.optim.add_masked_decay(decay=0.25)
     keys = jax.random.split(jax.random.key(3), 81)
     weights = [jax.random.normal(k, (8, 4)) for k in keys]
-    state = tx.init({"w": weights[0], "b": jnp.ones(3)})
+    params = nnx.as_pure(nnx.state(layer, nnx.Param))
+    state = tx.init(params)
     update = jax.jit(tx.update)
     for step, w in enumerate(weights):
-        params = {"w": w, "b": jnp.ones(3)}
-        updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
-        source = weights[step - step % 40]  # the weights at the last refresh: steps 0, 40, 80
-        m = np.asarray(sste_jax.transposable_mask_24(source))
-        np.testing.assert_array_equal(state.inner_state.masks["w"], m)
-        np.testing.assert_array_equal(updates["w"], 0.25 * np.where(m, 0.0, np.asarray(w)))
-        np.testing.assert_array_equal(updates["b"], 0.0)
-        if step % 40:  # between refreshes the kept mask is not the current weights' mask
+        layer.kernel[...] = w
+        if step % 40 == 0:
+            assert sparse_nnx.refresh_masks(layer) == 1
+        params = nnx.as_pure(nnx.state(layer, nnx.Param))
+        masks = sste_jax.optim.forward_masks(layer)
+        assert masks["bias"] is None
+        updates, state = update(jax.tree.map(jnp.zeros_like, params), state, params, masks=masks)
+        m = np.asarray(sste_jax.transposable_mask_24(weights[step - step % 40]))
+        np.testing.assert_array_equal(updates["kernel"], 0.25 * np.where(m, 0.0, np.asarray(w)))
+        np.testing.assert_array_equal(updates["bias"], 0.0)
+        if step % 40:  # between refreshes the layer's mask is not the current weights' mask
             assert not np.array_equal(m, sste_jax.transposable_mask_24(w))
-    assert int(state.inner_state.count) == 81
-    with pytest.raises(ValueError, match="refresh_every"):
-        sste_jax.optim.add_masked_decay({"w": True}, refresh_every=0)
+    assert int(state.count) == 81
+    with pytest.raises(ValueError, match="forward masks"):
+        tx.update(params, state, params)
+
+
+def test_masked_decay_takes_the_masks_through_freeze_beta_and_nnx_optimizer():
+    model = nnx.Sequential(sparse_nnx.SparseLinear(8, 8, config=SparsityConfig(method="tsrste"), rngs=nnx.Rngs(0)),
+                           nnx.Linear(8, 8, rngs=nnx.Rngs(1)))
+    w = model.layers[0].kernel[...]
+    tx = sste_jax.freeze_beta(optax.chain(optax.clip_by_global_norm(1.0), sste_jax.optim.add_masked_decay(0.5),
+                                          optax.sgd(1.0)))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, zeros, masks=sste_jax.optim.forward_masks(model))
+    m = np.asarray(model.layers[0].mask[...])
+    np.testing.assert_allclose(model.layers[0].kernel[...], np.where(m, w, 0.5 * w), rtol=1e-6)

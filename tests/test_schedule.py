@@ -146,11 +146,11 @@ def test_tsrste_masked_decay_joins_the_clipped_gradient_before_adamw():
         return updates
 
     state, update = tx.init(params), jax.jit(tx.update)
-    current = params
+    current, layer_masks = params, sste_jax.optim.forward_masks(model)  # the layers' masks: M of the initial W
     ours = []
     for g in grads:
         g_tree = jax.tree.unflatten(jax.tree.structure(params), [np.asarray(x, np.float32) for x in g])
-        u, state = update(g_tree, state, current)
+        u, state = update(g_tree, state, current, masks=layer_masks)
         current = optax.apply_updates(current, u)
         ours.append(jax.tree.leaves(u))
     after, before = reference(True), reference(False)
@@ -166,11 +166,11 @@ def test_tsrste_masked_decay_is_off_during_the_dense_finish():
     model = methods.sparsify(_gpt(), recipe, seed=0)
     steps = 12  # dense from step 11 (1-based): counts 10 and 11
     assert methods.dense_finish_from(recipe, steps) == 11
-    tx = methods._masked_decay(recipe, steps, model)
+    tx = methods._masked_decay(recipe, steps)
     params = nnx.split(model, nnx.Param, ...)[1]
     state, zeros = tx.init(params), jax.tree.map(np.zeros_like, params)
     for count in range(steps):
-        updates, state = tx.update(zeros, state, params)
+        updates, state = tx.update(zeros, state, params, masks=sste_jax.optim.forward_masks(model))
         total = sum(float(np.abs(u).sum()) for u in jax.tree.leaves(updates))
         assert (total > 0) == (count < 10), count
 

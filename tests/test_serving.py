@@ -158,7 +158,7 @@ def test_serving_refuses_bad_input(tmp_path):
     weights, sparse = serving.inference_weights(model)
     weights["b/kernel"] = jnp.ones((4, 8))
     with pytest.raises(ValueError, match=r"b/kernel: shape \(4, 8\) in the weights, \(8, 8\) in the model"):
-        serving.import_weights(_Two(nnx.Rngs(1)), weights, sparse=sparse)
+        sparse_nnx.import_weights(_Two(nnx.Rngs(1)), weights, sparse=sparse)
 
 
 @pytest.mark.parametrize("layer, name", [("attn", "transformer.h.0.attn.c_attn.weight"),
@@ -301,7 +301,7 @@ def test_cli_exports_a_trained_run_and_samples_it(trained, tmp_path, capsys):
     assert "GPTBigCodeForCausalLM, sparse24" in capsys.readouterr().out
     texts = []
     for extra in (["--weights", "compressed"], ["--export", str(tmp_path / "hf")],
-                  ["--export", str(tmp_path / "hf"), "--backend", "dense"]):
+                  ["--export", str(tmp_path / "hf"), "--backend", "xla"]):
         lm_sample.main(["--workdir", run, "--prompt", "ab", "--tokens", "6", "--seed", "1", *extra])
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] == texts[2] and texts[0].startswith("ab")
@@ -438,7 +438,7 @@ def test_fp8_keeps_the_24_format_when_kept_values_underflow(tmp_path):
     np.testing.assert_array_equal(back, want)
     assert (want[[1, 6, 4], [0, 0, 1]] == 0).all() and not np.signbit(back).any(where=back == 0)
     assert np.count_nonzero(back) == 5 and np.count_nonzero(w) == 8  # three kept values underflowed
-    layer = serving.import_weights(nnx.Sequential(nnx.Linear(8, 2, rngs=nnx.Rngs(0))), {"layers/0/kernel": back,
+    layer = sparse_nnx.import_weights(nnx.Sequential(nnx.Linear(8, 2, rngs=nnx.Rngs(0))), {"layers/0/kernel": back,
                                    "layers/0/bias": np.zeros(2, np.float32)}, sparse={"layers/0/kernel"}).layers[0]
     assert isinstance(layer, sparse_nnx.CompressedLinear)
     np.testing.assert_array_equal(layer.forward_weight(), want)
@@ -510,12 +510,12 @@ def test_linen_export_refuses_variables_without_their_beta_boxes_or_params():
         serving.inference_weights({"sparsity": variables["sparsity"]})
 
 
-def test_dense_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
+def test_xla_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
     model = _trained_like()
     served = export_hf.import_hf(_export(tmp_path, model), _trained_like(seed=5))
     ids = _ids()
     want = np.asarray(served(ids))
-    dense = serving.to_backend(served, "dense")
+    dense = sparse_nnx.to_backend(served, "xla")
     assert type(dense.blocks[0].mlp.c_fc).__name__ == "Linear"
     assert not any(isinstance(n, sparse_nnx.CompressedLinear) for _, n in nnx.iter_graph(dense))
     assert np.asarray(dense(ids)).tobytes() == want.tobytes()
@@ -525,16 +525,16 @@ def test_dense_backend_decompresses_once_and_gives_the_same_logits(tmp_path):
 def test_backends_refuse_what_they_cannot_run():
     served = sparse_nnx.compress_layers(_sparse_two(SparsityConfig()))
     with pytest.raises(ValueError, match=r"backend='tpu'"):
-        serving.to_backend(served, "tpu")
+        sparse_nnx.to_backend(served, "tpu")
     if jax.default_backend() != "gpu":
         for backend in ("cusparselt", "cusparselt-fp8"):
             with pytest.raises(RuntimeError, match=r"jax.default_backend\(\) is 'cpu'"):
-                serving.to_backend(served, backend)
+                sparse_nnx.to_backend(served, backend)
         with pytest.raises(RuntimeError, match="sparse tensor cores"):
-            serving.CusparseltLinear.from_weight(jnp.zeros((16, 16)))
+            sparse_nnx.CusparseltLinear.from_weight(jnp.zeros((16, 16)))
     fp8 = sparse_nnx.compress_layers(_sparse_two(SparsityConfig(fp8=True)))
     with pytest.raises(ValueError, match="a: the layer computes FP8 products"):
-        serving.to_backend(fp8, "dense")
+        sparse_nnx.to_backend(fp8, "xla")
 
 
 @pytest.mark.gpu
@@ -547,8 +547,8 @@ def test_cusparselt_backend_matches_the_dense_product(backend):
     bias = jax.random.normal(jax.random.key(1), (m,))
     x = jax.random.normal(jax.random.key(2), (tokens, k))
     served = nnx.Sequential(sparse_nnx.CompressedLinear(*sste_jax.compress_24(w_IxO), bias))
-    fast = serving.to_backend(served, backend)
-    assert isinstance(fast.layers[0], serving.CusparseltLinear)
+    fast = sparse_nnx.to_backend(served, backend)
+    assert isinstance(fast.layers[0], sparse_nnx.CusparseltLinear)
     y = np.asarray(nnx.jit(lambda mdl, v: mdl(v))(fast, x), np.float64)
     if backend == "cusparselt":  # bf16 operands, float32 accumulation, bf16 output
         xr = np.asarray(x.astype(jnp.bfloat16), np.float64)
@@ -567,6 +567,9 @@ def test_cusparselt_backend_matches_the_dense_product(backend):
     # rounding of the output plus float32 accumulation over k terms
     tol = out_unit * (np.abs(ref) + np.abs(np.asarray(bias))) + k * EPS32 * (np.abs(xr) @ np.abs(wr))
     assert np.all(np.abs(y - ref) <= tol), np.max(np.abs(y - ref) / tol)
+    plain = sparse_nnx.densify_layers(fast)  # every inference layer bakes into an nnx.Linear
+    assert type(plain.layers[0]).__name__ == "Linear"
+    np.testing.assert_allclose(np.asarray(plain.layers[0].kernel[...], np.float64), wr, rtol=4 * EPS32, atol=0)
 
 
 @pytest.mark.parametrize("inputs", serving.FP8_INPUTS)

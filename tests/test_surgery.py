@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from sste_jax import SparsityConfig, checkpoint
+from sste_jax import SparsityConfig
 from sste_jax import nnx as sparse_nnx
 
 
@@ -52,15 +52,15 @@ def test_tsrste_model_survives_surgery_bitwise(surgery):
 def test_tsrste_model_exports_and_loads(tmp_path):
     model = _tsrste_model(0)
     x = jax.random.normal(jax.random.key(2), (4, 16))
-    checkpoint.export_compressed(tmp_path / "export", model)
-    served = checkpoint.load_compressed(tmp_path / "export", _tsrste_model(3))
+    sparse_nnx.export_compressed(tmp_path / "export", model)
+    served = sparse_nnx.load_compressed(tmp_path / "export", _tsrste_model(3))
     assert np.asarray(served(x)).tobytes() == np.asarray(model(x)).tobytes()
 
 
 def test_checkpoint_reexports_the_surgery_of_the_layer_module():
-    assert checkpoint.CompressedLinear is sparse_nnx.CompressedLinear
-    assert checkpoint.densify_layers is sparse_nnx.densify_layers
-    assert checkpoint.compress_layers is sparse_nnx.compress_layers
+    assert sparse_nnx.CompressedLinear is sparse_nnx.CompressedLinear
+    assert sparse_nnx.densify_layers is sparse_nnx.densify_layers
+    assert sparse_nnx.compress_layers is sparse_nnx.compress_layers
 
 
 def test_a_sparse_module_without_forward_weight_is_named():

@@ -142,7 +142,10 @@ def make_train_step(loss_fn: LossFn, schedule: Schedule, tx: optax.GradientTrans
             rest, total, loss = grads(graphdefs[0])
         else:
             rest, total, loss = jax.lax.switch(phase, [lambda g=g: grads(g) for g in graphdefs])
-        updates, opt = tx.update(total, state["opt"], state["params"])
+        extra = {}
+        if schedule.recipe.config.method == "tsrste":  # T-SR-STE's decay reads the masks its layers hold
+            extra["masks"] = sste_jax.optim.forward_masks(nnx.merge(graphdefs[0], state["params"], rest))
+        updates, opt = tx.update(total, state["opt"], state["params"], **extra)
         params = optax.apply_updates(state["params"], updates)
         step = state["step"] + 1
         rest = schedule.after_update(params, rest, step)

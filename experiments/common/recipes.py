@@ -165,12 +165,12 @@ def dense_finish_from(recipe: Recipe, steps: int) -> int | None:
     return steps - round(recipe.dense_finish * steps) + 1 if recipe.dense_finish else None
 
 
-def _masked_decay(recipe: Recipe, steps: int, model: nnx.Module) -> optax.GradientTransformation:
-    """T-SR-STE's masked decay on the ``"tsrste"`` kernels, off during the dense finish."""
+def _masked_decay(recipe: Recipe, steps: int) -> optax.GradientTransformation:
+    """T-SR-STE's masked decay on the ``"tsrste"`` kernels (their layers' masks, given to each update), off during
+    the dense finish."""
     alpha, start = recipe.config.masked_decay, dense_finish_from(recipe, steps)
     decay = alpha if start is None else lambda count: jnp.where(count + 1 < start, alpha, 0.0)
-    return sste_jax.optim.add_masked_decay(sste_jax.optim.sparse_kernel_mask(model, methods=("tsrste",)), decay,
-                                     recipe.mask_refresh)
+    return sste_jax.optim.add_masked_decay(decay)
 
 
 def make_optimizer(
@@ -190,7 +190,7 @@ def make_optimizer(
         inner = [optax.adamw(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)]
     parts = [optax.clip_by_global_norm(cfg.clip), *inner]
     if recipe.config.method == "tsrste":
-        parts.insert(1, _masked_decay(recipe, cfg.steps, model))
+        parts.insert(1, _masked_decay(recipe, cfg.steps))
     if scale != 1.0:
         parts.append(optax.masked(optax.scale(scale), sste_jax.optim.sparse_kernel_mask(model)))
     return sste_jax.freeze_beta(optax.chain(*parts))

@@ -13,7 +13,7 @@ float products, while ``dense`` turns a run trained with FP8 products into float
 logits: `experiments.lm.agreement` measures it). ``--export`` reads an `experiments.export_hf`
 folder back, refusing one whose files do not match its ``SHA256SUMS``. Sampling is a pure function
 of the weights, the prompt, the temperature, top-k and the seed. ``--backend`` (with ``--export`` or
-``--weights compressed``) serves the 2:4 layers through `sste_jax.serving.to_backend`: ``dense``
+``--weights compressed``) serves the 2:4 layers through `sste_jax.nnx.to_backend`: ``xla``
 (decompressed once at load; the same tokens), ``cusparselt`` or ``cusparselt-fp8`` (cuSPARSELt
 products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
 
@@ -43,7 +43,7 @@ from experiments.common.schedule import Schedule
 from experiments.lm import data
 from experiments.lm.model import GPT
 from experiments.lm.train import build_model, stored_run
-from sste_jax import checkpoint, serving
+from sste_jax import checkpoint
 from sste_jax import nnx as sparse_nnx
 
 WEIGHTS = ("trained", "dense", "compressed")
@@ -162,7 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=flags.number(minimum=0), default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=flags.integer(0), default=0, help="0: all tokens")
     p.add_argument("--seed", type=flags.integer(0), default=0)
-    p.add_argument("--backend", choices=serving.BACKENDS, default=None,
+    p.add_argument("--backend", choices=sparse_nnx.BACKENDS, default=None,
                    help="serve the compressed 2:4 layers (--export or --weights compressed) this way")
     args = p.parse_args(argv)
     if args.backend and not args.export and args.weights != "compressed":
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
         model = import_hf(args.export, model) if args.export else with_weights(model, args.weights)
         prompt = tokenizer.encode(args.prompt)
         if args.backend:
-            model = serving.to_backend(model, args.backend)
+            model = sparse_nnx.to_backend(model, args.backend)
         tokens = generate(model, jnp.asarray([prompt]), args.tokens, temperature=args.temperature,
                           top_k=args.top_k, seed=args.seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # a run or export that cannot be read names its file

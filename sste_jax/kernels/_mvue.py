@@ -20,11 +20,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, PRNGKeyArray, UInt8
 
-from sste_jax._sparsity import _EPS, check_groupable
+from sste_jax._sparsity import _EPS, check_groupable, decompress_24
 from sste_jax._sparsity import _select as select
 from sste_jax._sparsity import _threefry_uniform as _uniform
 
-__all__ = ["mvue_compress_24"]
+__all__ = ["mvue_compress_24", "pallas_mvue"]
 
 
 def _draw(weights, r):
@@ -80,6 +80,11 @@ def mvue_compress_24(
     ``idx0 | idx1 << 2`` of the drawn positions. Bit-identical to `sste_jax.mvue_24` with the same
     (threefry) key. ``block``, ``interpret`` and ``num_warps`` as in `prune_compress_24`.
 
+    Args:
+      key: a threefry PRNG key (typed, or its raw ``uint32[2]``).
+      g: the ``(T, N)`` gradient, ``T`` divisible by 4.
+      block, interpret, num_warps: as in `prune_compress_24`.
+
     >>> import jax, jax.numpy as jnp, sste_jax
     >>> from sste_jax.kernels import mvue_compress_24
     >>> g, key = jax.random.normal(jax.random.key(0), (8, 16)), jax.random.key(1)
@@ -127,3 +132,14 @@ def _mvue_call(key, g, block, interpret, num_warps):
         **params,
     )(key, g.reshape(gp, 4, n_pad))
     return values[:groups, :, :n].reshape(t // 2, n), meta[:groups, :n]
+
+
+def pallas_mvue(key, g_TxO):
+    """``mvue_24(key, g, axis=0)`` through the fused MVUE kernel, bit for bit.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> g, key = jax.random.normal(jax.random.key(0), (8, 16)), jax.random.key(1)
+    >>> bool(jnp.array_equal(pallas_mvue(key, g), sste_jax.mvue_24(key, g)))
+    True
+    """
+    return decompress_24(*mvue_compress_24(key, g_TxO))

@@ -20,15 +20,17 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, ArrayLike, Float, Real, UInt8
 
 from sste_jax._sparsity import _select as select
-from sste_jax._sparsity import _threshold, _top2_flags, check_groupable
+from sste_jax._sparsity import _threshold, _top2_flags, check_groupable, decompress_24
 
-__all__ = ["Pruned24", "prune_compress_24"]
+__all__ = ["Compressed24", "prune_compress_24", "pallas_forward_weight"]
 
 _METHODS = ("sste", "ste", "srste")
 
 
-class Pruned24(NamedTuple):
-    """Output of `prune_compress_24` for a ``(K, N)`` weight (``transpose=False``).
+class Compressed24(NamedTuple):
+    """A pruned 2:4 weight in compressed form, as `prune_compress_24` writes it for a ``(K, N)`` weight
+    (``transpose=False``): the kept values and their metadata (`sste_jax.compress_24`'s layout) and the
+    hard mask's bits.
 
     Attributes:
       values: ``(K/2, N)``, the two kept entries of each group of the forward weight, in index order.
@@ -84,7 +86,7 @@ def prune_compress_24(
     block: tuple[int, int] = (8, 512),
     interpret: bool | None = None,
     num_warps: int | None = 4,
-) -> Pruned24:
+) -> Compressed24:
     """Prunes a ``(K, N)`` kernel 2:4 along K and compresses it in one pass.
 
     Equals ``compress_24``'s layout applied to ``forward_weight(w, beta, method)`` with the kept
@@ -172,5 +174,18 @@ def _prune_call(w, beta, method, transpose, block, interpret, num_warps):
     )(beta, w.reshape(g, 4, n))
     kg, kn = real[0] // 4, real[1]
     if transpose:
-        return Pruned24(values[:kn, :kg].reshape(kn, 2 * kg), meta[:kn, :kg], bits[:kn, :kg])
-    return Pruned24(values[:kg, :, :kn].reshape(2 * kg, kn), meta[:kg, :kn], bits[:kg, :kn])
+        return Compressed24(values[:kn, :kg].reshape(kn, 2 * kg), meta[:kn, :kg], bits[:kn, :kg])
+    return Compressed24(values[:kg, :, :kn].reshape(2 * kg, kn), meta[:kg, :kn], bits[:kg, :kn])
+
+
+def pallas_forward_weight(kernel_IxO, beta, method: str):
+    """`sste_jax.forward_weight` for ``"ste"``/``"srste"``/``"sste"`` through the fused prune kernel, bit for bit.
+
+    >>> import jax, jax.numpy as jnp, sste_jax
+    >>> w = jax.random.normal(jax.random.key(0), (8, 4))
+    >>> bool(jnp.array_equal(pallas_forward_weight(w, 1.5, "sste"),
+    ...                      sste_jax.forward_weight(w, 1.5, sste_jax.SparsityConfig())))
+    True
+    """
+    compressed = prune_compress_24(kernel_IxO, beta, method)
+    return decompress_24(compressed.values, compressed.meta)

@@ -1,13 +1,13 @@
-"""The kernel-backed pieces of `sste_jax.sparse_dense`: Pallas pruning/MVUE, cuSPARSELt and CUTLASS products.
+"""The sparse GEMMs of `sste_jax.sparse_dense` on Hopper: its forward and weight-gradient products through
+cuSPARSELt and CUTLASS, and CUTLASS's operands emitted from ``W̃``.
 
-Each function computes exactly what its pure-JAX counterpart in the core computes: the Pallas ones
-bit for bit, the GEMM ones up to the bf16/fp8 rounding of a different GEMM kernel.
+Each computes what the core's dense ``dot_general`` computes, up to the bf16/fp8 rounding of another GEMM;
+`sste_jax._backend` decides which runs where.
 
->>> import jax, jax.numpy as jnp, sste_jax
->>> from sste_jax.kernels._dispatch import pallas_forward_weight
->>> w = jax.random.normal(jax.random.key(0), (8, 4))
->>> cfg = sste_jax.SparsityConfig()
->>> bool((pallas_forward_weight(w, 1.5, "sste") == sste_jax.forward_weight(w, 1.5, cfg)).all())
+>>> import jax, jax.numpy as jnp
+>>> x, w = jax.ShapeDtypeStruct((512, 256), jnp.bfloat16), jax.ShapeDtypeStruct((256, 128), jnp.bfloat16)
+>>> f = jax.jit(lambda x, w: cutlass_forward(x, w, False, jnp.bfloat16))
+>>> "sste_cutlass_sparse_bf16" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 True
 """
 
@@ -15,28 +15,11 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sste_jax import _fp8
-from sste_jax._linear import FORWARD_WEIGHT
-from sste_jax._sparsity import decompress_24
+from sste_jax._config import FORWARD_WEIGHT
 from sste_jax.kernels import _cusparselt as cusparselt
 from sste_jax.kernels import _cutlass as cutlass
-from sste_jax.kernels._mvue import mvue_compress_24
-from sste_jax.kernels._prune import prune_compress_24
 
-__all__ = [
-    "pallas_forward_weight", "pallas_mvue", "cusparselt_forward", "cusparselt_weight_grad", "cutlass_forward",
-    "cutlass_weight_grad", "cutlass_emit",
-]  # fmt: skip
-
-
-def pallas_forward_weight(kernel_IxO, beta, method):
-    """``forward_weight`` for ``ste``/``srste``/``sste`` through the fused Pallas prune kernel."""
-    pruned = prune_compress_24(kernel_IxO, beta, method)
-    return decompress_24(pruned.values, pruned.meta)
-
-
-def pallas_mvue(key, g_TxO):
-    """``mvue_24(key, g, axis=0)`` through the fused Pallas MVUE kernel (bit-identical)."""
-    return decompress_24(*mvue_compress_24(key, g_TxO))
+__all__ = ["cusparselt_forward", "cusparselt_weight_grad", "cutlass_forward", "cutlass_weight_grad", "cutlass_emit"]
 
 
 def cusparselt_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
@@ -50,8 +33,11 @@ def cusparselt_forward(x_TxI, w_IxO, fp8: bool, out_dtype):
     return cusparselt.sparse_linear(x_TxI.astype(jnp.bfloat16), w_OxI.astype(jnp.bfloat16)).astype(out_dtype)
 
 
-def cusparselt_weight_grad(x_TxI, g_hat_TxO, out_dtype):
-    """``xᵀ ĝ`` with ``ĝ`` 2:4 along tokens: ``(ĝᵀ x)ᵀ``, i.e. A = ``ĝᵀ`` with K = tokens (bf16)."""
+def cusparselt_weight_grad(x_TxI, g_hat_TxO, fp8: bool, out_dtype):
+    """``xᵀ ĝ`` with ``ĝ`` 2:4 along tokens: ``(ĝᵀ x)ᵀ``, i.e. A = ``ĝᵀ`` with K = tokens (bf16; cuSPARSELt has
+    no e5m2 operands, so `sste_jax._backend` never picks it with ``fp8``)."""
+    if fp8:
+        raise ValueError("cuSPARSELt has no e5m2 operands: the FP8 weight gradient runs on the dense FP8 product")
     x_IxT = x_TxI.T.astype(jnp.bfloat16)
     g_OxT = g_hat_TxO.T.astype(jnp.bfloat16)
     return cusparselt.sparse_linear(x_IxT, g_OxT).astype(out_dtype)
