@@ -1,8 +1,19 @@
-"""Strict test configuration: CPU only, float32 matmuls, runtime-checked annotations, fixed hypothesis profile."""
+"""Strict test configuration: CPU only, float32 matmuls, runtime-checked annotations, fixed hypothesis profile;
+tests marked ``integration`` run with ``--integration``, ``slow`` ones with ``--run-slow``; one compilation cache
+per run, shared by the xdist workers and the processes the tests start."""
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# A persistent compilation cache in a fresh temporary folder per run: made by the first pytest process (xdist's
+# controller, or the only one), inherited through the environment by its workers and by every process a test
+# starts, removed at the end. A hit returns the executable the same compilation made, so no result changes.
+_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("M29_NO_CACHE")  # M29TEMP
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sste_jax_tests_xla_cache_")
 
 import chex  # noqa: E402
 import jax  # noqa: E402
@@ -24,6 +35,13 @@ settings.load_profile("ci")
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
+    parser.addoption("--integration", action="store_true",
+                     help="run tests marked integration (the README's test command and CI do)")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def _has_gpu() -> bool:
@@ -34,11 +52,14 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    run_slow = config.getoption("--run-slow")
+    run_slow, integration = config.getoption("--run-slow"), config.getoption("--integration")
     on_gpu = os.environ.get("JAX_PLATFORMS", "") != "cpu" and _has_gpu()
     skip_slow = pytest.mark.skipif(not run_slow, reason="slow: pass --run-slow")
     skip_gpu = pytest.mark.skipif(not on_gpu, reason="needs an NVIDIA GPU (set JAX_PLATFORMS=cuda)")
+    skip_integration = pytest.mark.skipif(not integration, reason="integration: pass --integration")
     for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip_integration)
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
         if "gpu" in item.keywords:

@@ -1,5 +1,5 @@
 """What every real model made sparse in one call must show, as checks shared by the Python 3.11 tests
-(tests/test_third_party.py) and the Python 3.12 script for gemma and MaxText (run_py312.py).
+(tests/third_party/test_third_party.py) and the Python 3.12 script for gemma and MaxText (run_py312.py).
 
 A `View` sees a sparsified model as a loss of one pytree ``state`` (its variables, or an NNX model's
 parameters). The checks: the record names exactly the expected weights, each grouped along the axis its
@@ -89,7 +89,7 @@ def check_mvue(make: Make, seeds: int = 6) -> None:
     """MVUE samples the weight gradient: per seed a different draw around the straight-through gradient, whose
     mean over ``seeds`` draws is ~seeds times closer (its mean square is 1/seeds of one draw's: < 0.5 asserted);
     and after an optimizer step the draw is new (its noise uncorrelated with the step before's, where a draw that
-    repeats itself would correlate ~1). Exact unbiasedness is checked per product in tests/test_sparsify.py."""
+    repeats itself would correlate ~1). Exact unbiasedness is checked per product in tests/sste_jax/test_sparsify.py."""
     plain = make(sste_jax.SparsityConfig(), 0)
     ste = _sparse_grads(plain)
     noises = []

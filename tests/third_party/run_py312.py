@@ -1,6 +1,6 @@
 """The checks of `checks.py` on the models that need Python >= 3.12: Google DeepMind's gemma and Google's
 MaxText 0.2.5 (its default layout: scanned layers, parameters stacked on axis 1, remat). Run by
-tests/test_third_party.py in the environment `setup_py312.sh` makes::
+tests/third_party/test_third_party.py in the environment `setup_py312.sh` makes::
 
     .venv312/bin/python tests/third_party/run_py312.py maxtext-linen   # or gemma, maxtext-nnx, maxtext-attention-out
 """

@@ -79,7 +79,7 @@ EOF
   clu==0.0.12 ml_collections==1.1.0 immutabledict==4.3.1 typeguard==4.6.1 lark==1.3.1 dialog==1.1.0 \
   sentencepiece==0.2.3 einops==0.8.2 treescope==0.1.10 tqdm "etils[edc,enp,epath,epy,etree]"
 
-# 5. tunix for the project's Python 3.11 venv too (tests/test_third_party.py imports tunix.models.llama3 there; that
+# 5. tunix for the project's Python 3.11 venv too (tests/third_party/test_third_party.py imports tunix.models.llama3 there; that
 #    venv already has its few imports: safetensors, fsspec, huggingface_hub). SKIP_MAIN_VENV=1 leaves .venv alone.
 if [[ -z "${SKIP_MAIN_VENV:-}" && -x "$ROOT/.venv/bin/python" ]]; then
   "$ROOT/.venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps google-tunix==0.1.7

@@ -50,6 +50,7 @@ def _by_kind(workdir, kind):
     return [r for r in read_records(workdir / "metrics.jsonl") if r["kind"] == kind]
 
 
+@pytest.mark.integration
 def test_vision_fig4_end_to_end(tmp_path):
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     argv = ["--task", "vision", "--config", "tiny", "--set", "eval_every=3", "--sets", "fig4", "--refit-every", "2",
@@ -80,6 +81,7 @@ def test_vision_fig4_end_to_end(tmp_path):
     assert {w: (w / "metrics.jsonl").read_text() for w in workdirs.values()} == before
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # 8 ViT trainings in subprocesses: ~2 min on 2 shared cores
 def test_vision_tables_end_to_end(tmp_path):
     runs_dir = tmp_path / "runs"
@@ -166,6 +168,7 @@ def test_lm_ablation_tables_from_finished_runs(tmp_path, monkeypatch):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # three experiments.lm.train subprocesses: ~1 min wall on 2 shared cores
 def test_lm_ablation_end_to_end(tmp_path):
     runs_dir = tmp_path / "runs"

@@ -6,14 +6,17 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import sste_jax
 import sste_jax.metrics
 import sste_jax.nnx
 import sste_jax.optim
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_sphinx_build_has_no_warnings(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-E", "-b", "html", "docs", str(tmp_path)],

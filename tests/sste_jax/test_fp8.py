@@ -79,7 +79,7 @@ def test_fp8_dot_matches_reference_and_is_float32(name, variant):
     # Products of FP8 values are exact in float32; only the f32 accumulation and the division round.
     np.testing.assert_allclose(np.asarray(out), ref, rtol=0, atol=1e-6 * (np.abs(qa) @ np.abs(qb)).max() / (sa * sb))
     # And within FP8 rounding of the exact product: 2^-(m+1) per operand entry (m = 3 or 2 mantissa
-    # bits) plus half the subnormal spacing, see tests/test_linear.py::_fp8_bound.
+    # bits) plus half the subnormal spacing, see tests/sste_jax/test_linear.py::_fp8_bound.
     m, sub = (3, 2.0**-9) if name == "e4m3fn" else (2, 2.0**-16)
     da = 2.0 ** -(m + 1) * np.abs(a) + sub / (2 * sa)
     db = 2.0 ** -(m + 1) * np.abs(b) + sub / (2 * sb)

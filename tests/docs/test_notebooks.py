@@ -8,7 +8,7 @@ import nbclient
 import nbformat
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 FIGURES = {
     "01_quickstart": ["quickstart_weights.png", "quickstart_training.png"],
@@ -22,6 +22,7 @@ FIGURES = {
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", sorted(FIGURES))
 def test_notebook_runs_at_toy_size_and_writes_its_figures(name, tmp_path, monkeypatch):
     monkeypatch.setenv("NOTEBOOK_SCALE", "toy")

@@ -16,7 +16,7 @@ import sste_jax.metrics
 import sste_jax.nnx
 import sste_jax.optim
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 MOVED = {  # a former top-level name -> what it is now
     "StepState": sste_jax.optim.ScaleByStepState,

@@ -13,7 +13,7 @@ import pytest
 import sste_jax
 from sste_jax.kernels import _toolchain, cutlass
 
-HOST_SOURCE = pathlib.Path(__file__).parent / "csrc" / "cutlass_sm90_compress_host.cu"
+HOST_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cutlass_sm90_compress_host.cu"
 TYPES = {"bf16": jnp.bfloat16, "e4m3": jnp.float8_e4m3fn, "e5m2": jnp.float8_e5m2}
 
 
@@ -79,6 +79,7 @@ def host_reference(tmp_path_factory):
     return exe
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "name,m,k",
     [("bf16", 128, 128), ("bf16", 100, 80), ("bf16", 192, 320), ("e4m3", 192, 256), ("e4m3", 64, 96),
@@ -96,6 +97,7 @@ def test_emitter_matches_cutlass_layout_byte_for_byte(host_reference, tmp_path, 
     np.testing.assert_array_equal(ours, ref)
 
 
+@pytest.mark.integration
 def test_extension_compiles_for_sm90a_and_exports_the_handlers(tmp_path, monkeypatch):
     _toolchain_or_skip()
     monkeypatch.setenv("SSTE_JAX_CACHE", str(tmp_path))

@@ -1,4 +1,3 @@
-import doctest
 import math
 
 import jax
@@ -8,7 +7,6 @@ import optax
 import pytest
 
 import sste_jax
-from sste_jax import _step
 from sste_jax._step import ScaleByStepState, scale_by_step
 
 
@@ -179,7 +177,3 @@ def test_a_mask_selecting_nothing_raises():
 def test_state_is_a_namedtuple_with_switched():
     state = scale_by_step().init({"w": jnp.zeros((2,))})
     assert isinstance(state, ScaleByStepState) and state.switched.dtype == jnp.bool_
-
-
-def test_module_doctests():
-    assert doctest.testmod(_step).failed == 0

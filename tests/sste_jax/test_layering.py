@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "sste_jax"
 PRIMITIVES = {"sste_jax._sparsity", "sste_jax._fp8", "sste_jax._config"}  # what the kernels may import of the core
 

@@ -572,12 +572,3 @@ def test_a_checkpoint_refuses_a_target_sparsified_differently(tmp_path):
     other = sste_jax.sparsify(_Net(nnx.Rngs(5)), sste_jax.feed_forward(SparsityConfig(method="ste")), x)
     with pytest.raises(checkpoint.CheckpointConfigError, match="blocks/0/mlp/fc/kernel: .*method='sste' in the check"):
         checkpoint.restore_checkpoint(tmp_path, nnx.state(other))
-
-
-def test_module_doctests():
-    import doctest
-
-    from sste_jax import _layout, _product, _rewrite, _select, _sparsify
-
-    for module in (_layout, _product, _rewrite, _select, _sparsify):
-        assert doctest.testmod(module).failed == 0, module.__name__

@@ -115,6 +115,7 @@ def test_first_per_book_and_small_buckets_are_reported(data, cache):
     assert "dropped, not truncated" in train.describe(data, "synthetic")
 
 
+@pytest.mark.integration
 def test_tiny_end_to_end_per_method(compared):
     runs_dir, text = compared["runs_dir"], compared["text"]
     runs = runner.load(compared["planned"])
@@ -143,6 +144,7 @@ def test_tiny_end_to_end_per_method(compared):
     assert (out / "examples.md").read_text().count("- **sste** (seed 0):") == 5
 
 
+@pytest.mark.integration
 def test_resumed_run_ends_bit_identical_to_a_straight_run(compared, cache, tmp_path):
     straight = next(p for p in compared["planned"] if p.name == "step")
     workdir = tmp_path / "split"
@@ -159,11 +161,12 @@ def test_resumed_run_ends_bit_identical_to_a_straight_run(compared, cache, tmp_p
            [{k: v for k, v in r.items() if k not in timing} for r in ends[1]]
 
 
+@pytest.mark.integration
 def test_unknown_method_setting_or_other_run_is_rejected(compared, cache, tmp_path, capsys):
     base = ["--config", "tiny", "--workdir", str(tmp_path / "w"), "--cache-dir", str(cache), "--quiet"]
     with pytest.raises(SystemExit):
         train.main([*base, "--method", "bogus"])
-    for bad in (["--set", "bogus=1"], ["--recipe", "bogus=1"]):  # flags' values: tests/test_flags.py
+    for bad in (["--set", "bogus=1"], ["--recipe", "bogus=1"]):  # flags' values: tests/experiments/test_flags.py
         with pytest.raises(SystemExit, match="bogus"):
             train.main([*base, *bad])
     with pytest.raises(SystemExit):

@@ -20,6 +20,7 @@ def _toolchain_or_skip():
         pytest.skip(f"no CUDA toolchain here: {e}")
 
 
+@pytest.mark.integration
 def test_build_compiles_and_exports_the_handlers(tmp_path, monkeypatch):
     _toolchain_or_skip()
     monkeypatch.setenv("SSTE_JAX_CACHE", str(tmp_path))

@@ -16,7 +16,7 @@ from flax import nnx
 from sste_jax import SparsityConfig, _fingerprint, checkpoint
 from sste_jax import nnx as sparse_nnx
 
-ROOT = pathlib.Path(__file__).parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _state(step: int):

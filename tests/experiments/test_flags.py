@@ -67,6 +67,7 @@ def test_a_bad_flag_exits_at_parse_time_naming_the_flag_and_the_rule(main, argv,
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_launch_with_a_bad_grace_starts_no_process(tmp_path):
     marker = tmp_path / "started"
     cmd = [sys.executable, "-m", "experiments.launch", "--processes", "2", "--grace", "-1", "--",

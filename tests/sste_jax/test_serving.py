@@ -287,6 +287,7 @@ def trained(tmp_path_factory):
     return {method: root / method for method in ("sste", "sste_fp8", "sste_mvue_fp8")}
 
 
+@pytest.mark.integration
 def test_a_run_trained_with_mvue_samples_from_its_own_weights(trained, capsys):
     """The sparse layers draw no MVUE key in a forward pass: the compiled decoding loop runs them as is."""
     for weights in ("trained", "compressed"):
@@ -295,6 +296,7 @@ def test_a_run_trained_with_mvue_samples_from_its_own_weights(trained, capsys):
         assert capsys.readouterr().out.startswith("ab")
 
 
+@pytest.mark.integration
 def test_cli_exports_a_trained_run_and_samples_it(trained, tmp_path, capsys):
     run = str(trained["sste"])
     export_hf.main(["--workdir", run, "--out", str(tmp_path / "hf")])
@@ -331,6 +333,7 @@ def test_dense_format_stores_every_weight_dense_and_serves_the_same_model(tmp_pa
     assert np.asarray(served(ids)).tobytes() == np.asarray(model(ids)).tobytes()
 
 
+@pytest.mark.integration
 def test_the_ways_of_serving_agree_as_measured(trained, tmp_path):
     """What docs/serving.md states: the same logits and tokens for every way of serving a run, except
     that a run trained with FP8 products computes other logits once its 2:4 layers are dense."""
@@ -355,6 +358,7 @@ def _flip_a_bit(path):
     path.write_bytes(bytes(content))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("damage, file, why", [
     (_truncate, serving.SAFETENSORS_FILE, "has SHA-256"), (_flip_a_bit, serving.SAFETENSORS_FILE, "has SHA-256"),
     (_flip_a_bit, "config.json", "has SHA-256"), (_truncate, "tokenizer.json", "has SHA-256"),

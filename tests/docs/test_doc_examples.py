@@ -1,6 +1,6 @@
 """The examples of docs/any_model.md run, in order, in one namespace, and print exactly what the page shows
 under each (a ```python block followed by a ```text block); the other blocks are recipes for models that do
-not install here (they run in tests/test_third_party.py)."""
+not install here (they run in tests/third_party/test_third_party.py)."""
 
 import pathlib
 import re
@@ -8,7 +8,7 @@ import re
 import jax
 import pytest
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "any_model.md"
+DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "any_model.md"
 
 
 @pytest.fixture(autouse=True)

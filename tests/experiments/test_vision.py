@@ -56,6 +56,7 @@ def test_batches_are_a_function_of_seed_and_step():
     assert not np.array_equal(train.make_task(TINY, 1, data.load_digits_split()).batch_at(4)[0], x)
 
 
+@pytest.mark.integration
 def test_tiny_end_to_end_per_method_through_compare(tmp_path):
     runs_dir = tmp_path / "runs"
     argv = ["--config", "tiny", "--methods", "dense", "srste", "sste", "--runs-dir", str(runs_dir)]
@@ -76,6 +77,7 @@ def test_tiny_end_to_end_per_method_through_compare(tmp_path):
     assert compare.main(argv) == text  # finished runs are reused, not retrained
 
 
+@pytest.mark.integration
 def test_learns_digits_quickly(tmp_path):
     # 150 steps of the small ViT, dense and S-STE: far above the 10% of chance on 359 held-out digits
     cfg, digits = get_config("small", ["steps=150"]), data.load_digits_split()
@@ -98,6 +100,7 @@ def _fake_fashion(folder, sizes):
         _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
 
 
+@pytest.mark.integration
 def test_fashion_idx_files_end_to_end(tmp_path):
     idx = tmp_path / "idx"
     _fake_fashion(idx, (64, 20))
@@ -160,6 +163,7 @@ def test_summary_pairs_seeds_and_the_table_shows_spread():
     ] and "| sste | 94.0 ± 0.0 | 94.0 |  | 0.5000 ± 0.0000 |  |" in compare.table(no_dense)
 
 
+@pytest.mark.integration
 def test_resume_after_until_is_bit_identical(tmp_path):
     run, digits = train.make_run(TINY, "sste", seed=1), data.load_digits_split()
     straight = train.train(run, tmp_path / "straight", data=digits, progress=False)
@@ -176,6 +180,7 @@ def test_resume_after_until_is_bit_identical(tmp_path):
     assert [r["kind"] for r in ends[0]] == ["eval", "final"] and ends[0] == ends[1]
 
 
+@pytest.mark.integration
 def test_workdir_with_other_settings_is_refused(tmp_path):
     base = ["--config", "tiny", "--method", "dense", "--workdir", str(tmp_path), "--quiet", "--until", "3"]
     train.main([*base, "--set", "steps=4"])

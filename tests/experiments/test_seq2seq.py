@@ -1,4 +1,3 @@
-import doctest
 import itertools
 
 import jax
@@ -25,10 +24,6 @@ def _padded_src(rng, lengths, width, vocab_size=24):
     src_BxS = rng.integers(3, vocab_size, (len(lengths), width))
     src_BxS[np.arange(width)[None] >= np.array(lengths)[:, None]] = PAD
     return jnp.asarray(src_BxS, jnp.int32)
-
-
-def test_module_doctests():
-    assert doctest.testmod(seq2seq).failed == 0
 
 
 def test_shapes_and_config_errors():
@@ -186,6 +181,7 @@ def _copy_batch(rng, batch, vocab_size=16, max_symbols=7):
     return src_BxS, jnp.asarray(tgt_in), jnp.asarray(tgt_out)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", ["dense", "sste"])
 def test_learns_to_copy(method):
     cfg = Seq2SeqConfig(vocab_size=16, d_model=32, n_head=2, n_enc_layer=1, n_dec_layer=1, max_len=8)

@@ -6,7 +6,7 @@ differ only in how the all-reduce adds partial sums (gloo across processes, in-p
 a last-bit difference per sum: values agree to 1e-5 relative and the 2:4 masks exactly. Runs on the
 same layout (straight vs. stopped and resumed) are bit-identical. The runs use S-STE without MVUE: MVUE's
 keys fold in the bits of each product's input and weight, so on another layout it draws other (equally
-distributed) samples after the first step; its resume on one layout is bit-identical (tests/test_loop.py).
+distributed) samples after the first step; its resume on one layout is bit-identical (tests/experiments/test_loop.py).
 """
 
 import json
@@ -29,7 +29,9 @@ from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
 from sste_jax import checkpoint
 
-ROOT = pathlib.Path(__file__).parent.parent
+pytestmark = pytest.mark.integration  # every test starts processes
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SETTINGS = ["--config", "tiny", "--method", "sste", "--quiet", "--mesh", "data=2,fsdp=2"]
 TIMEOUT = 600  # seconds for one launch (two cold JAX processes compiling on 2 shared cores)
 

@@ -40,6 +40,7 @@ def _fit(tmp_path, task, method="sste", **kw):
     return loop.fit(run, tmp_path, task, lm_train.build_model(run, 256), progress=False, **kw)
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_before_saving_and_keeps_the_finite_checkpoints(tmp_path):
     with pytest.raises(loop.NonFiniteError, match=r"step 5: train_loss=nan.*newest checkpoint \(4\)"):
         _fit(tmp_path, _task(poison_at=5))
@@ -51,6 +52,7 @@ def test_non_finite_loss_stops_before_saving_and_keeps_the_finite_checkpoints(tm
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.integration
 def test_sigterm_saves_pending_metrics_and_a_checkpoint(tmp_path):
     def term(i):
         if i == 3:  # while the host prepares step 4 (steps 1-3 done, step 3 not yet checkpointed)
@@ -119,6 +121,7 @@ def test_paired_interval_matches_a_direct_t_computation():
         report.paired_interval([1.0])
 
 
+@pytest.mark.integration
 def test_runner_names_failed_runs_and_their_logs(tmp_path):
     from experiments.common import runner
 
@@ -130,6 +133,7 @@ def test_runner_names_failed_runs_and_their_logs(tmp_path):
     assert "--no-such-flag" in (tmp_path / "bad" / "log.txt").read_text()
 
 
+@pytest.mark.integration
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     straight = _fit(tmp_path / "straight", _task())
     _fit(tmp_path / "split", _task(), until=4)  # checkpoints 2 and 4
@@ -148,6 +152,7 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, capsys):
     assert steps == list(range(1, 9))  # the records after step 2 were rewritten, once
 
 
+@pytest.mark.integration
 def test_an_mvue_run_stopped_and_resumed_is_bit_identical_to_one_straight_run(tmp_path):
     """MVUE's keys fold in the bits of each product's input and weight: restored bit for bit, they draw the
     same samples as the straight run."""

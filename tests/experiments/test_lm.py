@@ -35,6 +35,7 @@ def _assert_trees_equal(a, b):
         assert x.dtype == y.dtype and bool(jnp.all(x == y))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", sorted(recipes.METHODS))
 def test_tiny_trains_each_method(tmp_path, method):
     state = lm_train.train(lm_train.make_run(TINY, method), tmp_path, progress=False)
@@ -52,6 +53,7 @@ def test_tiny_trains_each_method(tmp_path, method):
     assert all({"method", "seed", "step", "kind"} <= set(r) for r in _records(tmp_path, "eval"))
 
 
+@pytest.mark.integration
 def test_interrupt_and_resume_are_bit_identical(tmp_path, monkeypatch):
     run = lm_train.make_run(TINY, "sste_mvue")  # MVUE: the key counters must be restored too
     straight = lm_train.train(run, tmp_path / "straight", progress=False)
@@ -82,6 +84,7 @@ def test_interrupt_and_resume_are_bit_identical(tmp_path, monkeypatch):
     assert len(_records(tmp_path / "split", "final")) == 1
 
 
+@pytest.mark.integration
 def test_workdir_guards(tmp_path):
     run = lm_train.make_run(TINY, "ste")
     lm_train.train(run, tmp_path, until=2, progress=False)
@@ -94,6 +97,7 @@ def test_workdir_guards(tmp_path):
     assert stored["identity"]["method"] == "ste"  # not overwritten by the refused run
 
 
+@pytest.mark.integration
 def test_resume_with_metrics_but_no_checkpoint_is_refused(tmp_path):
     run = lm_train.make_run(TINY, "sste")
     lm_train.train(run, tmp_path, until=2, progress=False)
@@ -107,6 +111,7 @@ def test_resume_with_metrics_but_no_checkpoint_is_refused(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.integration
 def test_corrupt_checkpoint_fails_clearly_and_touches_nothing(tmp_path):
     run = lm_train.make_run(TINY, "sste")
     lm_train.train(run, tmp_path, until=2, progress=False)
@@ -119,6 +124,7 @@ def test_corrupt_checkpoint_fails_clearly_and_touches_nothing(tmp_path):
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.integration
 def test_init_from_dense_fits_beta_to_the_dense_weights(tmp_path):
     dense = lm_train.train(lm_train.make_run(TINY, "dense"), tmp_path / "dense", until=4, progress=False)
     sparse = lm_train.make_run(TINY, "sste", seed=1, init_from=str(tmp_path / "dense"))
@@ -202,6 +208,7 @@ def test_compare_table_verdict_and_plots_from_fake_metrics(tmp_path):
         assert (tmp_path / "out" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.integration
 def test_compare_reuses_finished_runs_and_refuses_other_settings(tmp_path):
     planned = compare.plan("tiny", ["dense"], [0], [], tmp_path)
     (p,) = planned

@@ -11,6 +11,8 @@ from experiments import export_hf
 from experiments.lm import sample
 from experiments.lm import train as lm_train
 
+pytestmark = pytest.mark.integration  # every test reads a run the module trains
+
 TINY = ["--config", "tiny", "--set", "steps=2", "warmup=1", "ckpt_every=2", "eval_every=2", "log_every=1",
         "--method", "sste", "--quiet"]
 
