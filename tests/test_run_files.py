@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from experiments import export_hf
-from experiments.lm import sample
+from experiments.lm import export_hf, sample
 from experiments.lm import train as lm_train
 
 TINY = ["--config", "tiny", "--set", "steps=2", "warmup=1", "ckpt_every=2", "eval_every=2", "log_every=1",

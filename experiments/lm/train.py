@@ -26,10 +26,11 @@ import optax
 from flax import nnx
 
 import sste_jax
-from experiments.common import cli, distributed, flags, loop
+from experiments.common import cache, cli, distributed, flags, loop
 from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig
 from experiments.common.recipes import ALL, FEED_FORWARD, make_optimizer, sparsify
 from experiments.common.records import BadFileError
+from experiments.common.schedule import Schedule
 from experiments.lm import data
 from experiments.lm.configs import CONFIGS, LMData, get_config
 from experiments.lm.model import GPT
@@ -79,6 +80,20 @@ def beta_lr_scale(cfg: Config, seed: int, vocab_size: int, sparsify_: str = "ffn
     """The mean β S-STE fits to the initial model of ``seed``: the β-matched dense control's LR factor."""
     model = build_model(make_run(cfg, "dense", seed, sparsify_=sparsify_), vocab_size)
     return float(np.mean([sste_jax.fit_beta(w.kernel) for w in sste_jax.sparse_weights(model).values()]))
+
+
+def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run]:
+    """``(model, tokenizer, run)`` of a language-model run: its GPT holding the newest checkpoint that
+    verifies, in the phase that checkpoint trains (e.g. STEP's hard 2:4 after its switch, dense for the
+    last part of ``tsrste_df``)."""
+    workdir = pathlib.Path(workdir)
+    run = stored_run(workdir)
+    cfg = run.config
+    tokenizer = data.get_tokenizer(cfg.data.tokenizer)
+    model = build_model(run, tokenizer.vocab_size)
+    target = loop.initial_state(model, make_optimizer(cfg.optim, model, run.recipe(), run.sparse_lr_scale))
+    _, state = checkpoint.restore_latest(workdir / "ckpt", target)
+    return Schedule(model, run.recipe(), cfg.optim.steps).model(state), tokenizer, run
 
 
 def lm_loss(model: nnx.Module, x_BxT, y_BxT) -> jax.Array:
@@ -164,7 +179,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     cli.train_or_exit(lambda: train(run, args.workdir, resume=args.resume, until=args.until,
-                                cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet,
+                                cache_dir=args.cache_dir or cache.cache_dir_default(), progress=not args.quiet,
                                 mesh=mesh))
 
 
