@@ -31,7 +31,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 COLORS = {  # one colour per method across every figure
     "dense": "black", "dense_beta": "dimgray", "ste": "tab:red", "srste": "tab:orange", "tsrste": "tab:brown",
-    "tsrste_df": "peru", "step": "tab:purple", "sste": "tab:blue", "sste_mvue": "tab:cyan",
+    "tsrste_df": "peru", "tsrste_df_mvue": "sienna", "step": "tab:purple", "sste": "tab:blue", "sste_mvue": "tab:cyan",
     "sste_fp8": "tab:olive", "sste_mvue_fp8": "tab:green", "sste_beta_none": "tab:pink",
     "sste_beta_l1": "tab:gray", "sste_beta_refit": "navy",
 }
