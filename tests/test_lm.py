@@ -269,8 +269,10 @@ def test_step_pilot_finds_where_each_threshold_fires():
     assert step_pilot.fires_at(steps, values, 4.0, t_min=5) == 20
     assert step_pilot.fires_at(steps, values, 4.0, t_min=20) == 30  # strictly after T_min
     assert step_pilot.fires_at(steps, values, 1.0, t_min=5) is None
-    assert step_pilot.default_candidates([(np.arange(10, 110, 10), np.linspace(1e-6, 1e-7, 10))], 100) == [
-        9e-07, 8e-07, 7e-07, 3e-08]  # the first logged step at or after 15%, 20%, 30%, 40%: steps 20, 20, 30, 40
+    curves = [(np.arange(10, 60, 10), np.array([9.0, 1.0, 2.0, 3.0, 4.0]) * 1e-7)]
+    assert step_pilot.default_candidates(curves, t_min=10) == [3.2e-07, 2.5e-07, 1.7e-07, 1.1e-07, 3e-08]
+    fired = {4.0: (20, 20), 3.5: (20, 20), 2.5: (30, None), 0.5: (None, None)}
+    assert step_pilot.representatives(fired) == {4.0: 4.0, 3.5: 4.0, 2.5: 2.5, 0.5: 0.0}
 
 
 def test_scaling_summary_table_has_a_row_per_point():

@@ -50,8 +50,11 @@ CONFIGS = {
                     LoopConfig(log_every=50, eval_every=250, ckpt_every=1000)),
 }
 
-# Peak learning rate per row (min_lr keeps the config's ratio), from the grid in docs/results.md.
-TUNED_LR: dict[str, dict[str, float]] = {"capacity": {}}
+# Peak learning rate per row (min_lr keeps the config's ratio), from the grid in docs/results.md:
+#   python -m experiments.finetune.compare --lrs 1e-4 3e-4 1e-3 3e-3 --seeds 0 1
+TUNED_LR: dict[str, dict[str, float]] = {
+    "capacity": {"dense": 1e-3, "ste": 1e-3, "srste": 1e-3, "sste": 1e-3, "sste_mvue_fp8": 1e-3, "scratch_dense": 3e-4}
+}
 
 
 def get_config(name: str, overrides=()) -> Config:

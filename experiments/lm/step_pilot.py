@@ -6,14 +6,16 @@
 Stage 1 trains STEP with threshold 0, so that its switch waits for ``T_max`` (half the run), logging
 every ``--log-every`` steps: up to ``T_max`` its statistic is the curve any threshold sees until it
 fires, so the curve shows where each candidate fires (the first logged step after ``T_min`` where
-it is below the threshold; logged values are means over the logging interval). The candidates are
-``--thresholds``, by default the seed-mean curve's values at 15%, 20%, 30% and 40% of the run (two
-significant digits) and the recipe's earlier 3e-8. Stage 2 trains STEP at each candidate with the
-same seeds, at STEP's tuned rate; threshold 0 (switch at ``T_max``) is a candidate too, its runs
-stage 1's. The best threshold has the lowest mean final validation loss; the command prints the
-`experiments.lm.configs.STEP_RECIPE` entry. Runs live in ``runs/lm_<config>_step_pilot``; writes
-``pilot.md`` and ``pilot.png`` (the curve per seed, log scale, each candidate as a line with a mark
-where it fires) to ``--out`` (default that folder's ``report``).
+it is below the threshold; exact with ``--log-every 1``, the default, where thresholds that fire
+at the same steps on every seed train identically and share their runs). The candidates are
+``--thresholds``, by default the 5%, 25%, 50% and 75% quantiles of the logged statistic between
+``T_min`` and ``T_max`` over the seeds (two significant digits) and the recipe's earlier 3e-8.
+Stage 2 trains STEP at each candidate with the same seeds, at STEP's tuned rate; threshold 0 (switch
+at ``T_max``) is a candidate too, its runs stage 1's. The best threshold has the lowest mean final
+validation loss; the command prints the `experiments.lm.configs.STEP_RECIPE` entry. Runs live in
+``runs/lm_<config>_step_pilot``; writes ``pilot.md`` and ``pilot.png`` (the curve per seed, log
+scale, each candidate as a line with a mark where it fires) to ``--out`` (default that folder's
+``report``).
 """
 
 import argparse
@@ -30,7 +32,7 @@ from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, TUNED_LR, get_config, recipe_defaults
 from experiments.lm.train import make_run
 
-FRACTIONS = (0.15, 0.2, 0.3, 0.4)
+QUANTILES = (0.05, 0.25, 0.5, 0.75)
 EARLIER = 3e-8  # the threshold piloted for the earlier statistic (every parameter, a full window)
 
 
@@ -59,11 +61,20 @@ def fires_at(steps: np.ndarray, values: np.ndarray, threshold: float, t_min: int
     return int(steps[below[0]]) if below.size else None
 
 
-def default_candidates(curves: list[tuple[np.ndarray, np.ndarray]], steps: int) -> list[float]:
-    """The seed-mean curve's values at `FRACTIONS` of the run (two significant digits), and `EARLIER`."""
-    at, mean = curves[0][0], np.mean([c[1] for c in curves], 0)
-    picked = {float(f"{mean[np.searchsorted(at, f * steps)]:.2g}") for f in FRACTIONS}
-    return sorted(picked | {EARLIER}, reverse=True)
+def default_candidates(curves: list[tuple[np.ndarray, np.ndarray]], t_min: int) -> list[float]:
+    """`QUANTILES` of the statistic's logged values after ``t_min`` over every seed (two significant
+    digits), and `EARLIER`: thresholds across the range the switch can meet."""
+    after = np.concatenate([values[steps > t_min] for steps, values in curves])
+    return sorted({float(f"{q:.2g}") for q in np.quantile(after, QUANTILES)} | {EARLIER}, reverse=True)
+
+
+def representatives(fired: dict[float, tuple]) -> dict[float, float]:
+    """Per threshold, the one whose runs stand for it: the largest threshold firing at the same steps
+    on every seed (they train identically); 0 (stage 1's runs) for those that never fire."""
+    groups: dict[tuple, float] = {}
+    for t, steps in fired.items():
+        groups[steps] = max(groups.get(steps, t), t)
+    return {t: groups[steps] if any(s is not None for s in steps) else 0.0 for t, steps in fired.items()}
 
 
 def plot(curves, candidates, fired, t_min: int, t_max: int, path: pathlib.Path, title: str) -> None:
@@ -78,7 +89,7 @@ def plot(curves, candidates, fired, t_min: int, t_max: int, path: pathlib.Path, 
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(candidates)))
     for threshold, color in zip(candidates, colors):
         ax.axhline(threshold, color=color, ls="--", lw=0.9, label=f"threshold {threshold:.2g}")
-        for seed, step in fired[threshold].items():
+        for step in fired[threshold]:
             if step is not None:
                 ax.plot(step, threshold, marker="v", color=color, ms=7)
     for x, name in ((t_min, "T_min"), (t_max, "T_max")):
@@ -100,7 +111,8 @@ def main(argv=None) -> float:
     cli.add_config_args(p, CONFIGS, "capacity")
     p.add_argument("--seeds", nargs="+", type=flags.integer(0), default=[0, 1], help="default: %(default)s")
     p.add_argument("--thresholds", nargs="+", type=flags.number(above=0), help="default: from the curve")
-    p.add_argument("--log-every", type=flags.integer(1), default=10, help="stage 1's logging period (default 10)")
+    p.add_argument("--log-every", type=flags.integer(1), default=1,
+                   help="stage 1's logging period (default 1: the curve is the statistic itself)")
     cli.add_jobs_arg(p)
     p.add_argument("--out", default=None, help="default runs/lm_<config>_step_pilot/report")
     args = p.parse_args(argv)
@@ -122,12 +134,13 @@ def main(argv=None) -> float:
         first = [with_threshold(q, args.config, 0.0, args.log_every) for q in base]
         runner.execute("experiments.lm.train", first, args.jobs)
         curves = {q.seed: curve(recs, t_max) for q, recs in zip(first, runner.load(first)["step"].values())}
-        candidates = sorted(args.thresholds or default_candidates(list(curves.values()), steps), reverse=True)
-        second = {t: [with_threshold(q, args.config, t) for q in base] for t in candidates}
+        candidates = sorted(args.thresholds or default_candidates(list(curves.values()), t_min), reverse=True)
+        fired = {t: tuple(fires_at(*curves[s], t, t_min) for s in args.seeds) for t in candidates}
+        trained = representatives(fired) if args.log_every == 1 else {t: t for t in candidates}
+        second = {t: [with_threshold(q, args.config, t) for q in base] for t in set(trained.values()) - {0.0}}
         runner.execute("experiments.lm.train", [q for qs in second.values() for q in qs], args.jobs)
     except (loop.RunMismatchError, runner.RunsFailed) as e:
         sys.exit(f"error: {e}")
-    fired = {t: {s: fires_at(*curves[s], t, t_min) for s in args.seeds} for t in candidates}
     rows = {t: runner.load(qs)["step"] for t, qs in second.items()} | {0.0: runner.load(first)["step"]}
     finals = {t: [report.final_record(by_seed[s]) for s in args.seeds] for t, by_seed in rows.items()}
     mean_loss = {t: float(np.mean([f["val_loss"] for f in fs])) for t, fs in finals.items()}
@@ -136,16 +149,21 @@ def main(argv=None) -> float:
     lines = [f"### STEP's switch threshold, `{args.config}`, seeds {args.seeds}\n",
              f"Command: `{command.strip()}`. Machine: {report.machine()}. STEP at LR {lr:g}; T_min {t_min}, "
              f"T_max {t_max} of {steps} steps.\n",
-             "| threshold | fires on the curve at (per seed) | switched at (per seed) | val loss (per seed) | mean |",
-             "|---|---|---|---|---|"]
+             "| threshold | fires on the curve at (per seed) | runs of | switched at (per seed) | val loss (per seed) "
+             "| mean |",
+             "|---|---|---|---|---|---|"]
     for t in [*candidates, 0.0]:
-        on_curve = ", ".join(str(fired[t][s] or "T_max") for s in args.seeds) if t else "T_max (never below)"
-        switched = ", ".join(str(f.get("second_phase_from")) for f in finals[t])
-        losses = ", ".join(f"{f['val_loss']:.4f}" for f in finals[t])
-        text = f"{mean_loss[t]:.4f}"
-        lines.append(f"| {t:.2g} | {on_curve} | {switched} | {losses} | {f'**{text}**' if t == best else text} |")
-    lines += ["", f"Best: threshold {best:.2g} (lowest mean final validation loss, 2:4 weights). "
-              "'Switched at' is the first step of the hard 2:4 phase."]
+        rep = trained.get(t, 0.0)
+        on_curve = ", ".join(str(step or "T_max") for step in fired[t]) if t else "T_max (never below)"
+        switched = ", ".join(str(f.get("second_phase_from")) for f in finals[rep])
+        losses = ", ".join(f"{f['val_loss']:.4f}" for f in finals[rep])
+        text = f"{mean_loss[rep]:.4f}"
+        lines.append(f"| {t:.2g} | {on_curve} | {rep:.2g} | {switched} | {losses} | "
+                     f"{f'**{text}**' if rep == best else text} |")
+    lines += ["", f"Best: threshold {best:.2g} (lowest mean final validation loss, 2:4 weights). 'Switched at' is the "
+              "first step of the hard 2:4 phase. " + ("Thresholds that fire at the same steps on every seed train "
+                                                      "identically: they share the runs of the largest of them "
+                                                      "('runs of'; 0: stage 1's)." if args.log_every == 1 else "")]
     text = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "pilot.md").write_text(text)
