@@ -2,7 +2,8 @@
 
     python -m experiments.lm.train --config capacity --method sste --workdir runs/sste
 
-Methods: the recipes of `experiments.common.recipes` (``--recipe KEY=VALUE`` changes a field). The
+Methods: the recipes of `experiments.common.recipes` (``--recipe KEY=VALUE`` changes a field; STEP
+starts from the config's piloted switch, `experiments.lm.configs.STEP_RECIPE`). The
 feed-forward linears are 2:4 sparse (``--sparsify all``: every linear but the tied LM head);
 ``dense`` runs keep them as ``method="dense"`` layers so their top-2 flip rate is logged as the
 reference. ``--sparse-lr-scale beta`` multiplies the sparse layers' learning rate by the mean β
@@ -32,7 +33,7 @@ from experiments.common.recipes import ALL, FEED_FORWARD, make_optimizer, sparsi
 from experiments.common.records import BadFileError
 from experiments.common.schedule import Schedule
 from experiments.lm import data
-from experiments.lm.configs import CONFIGS, LMData, get_config
+from experiments.lm.configs import CONFIGS, LMData, get_config, recipe_defaults
 from experiments.lm.model import GPT
 from sste_jax import checkpoint
 
@@ -168,7 +169,8 @@ def main(argv=None) -> None:
         distributed.initialize_from(args)
         mesh = distributed.make_mesh(args.mesh)
         cfg = get_config(args.config, args.set)
-        recipe = cli.parse_recipe(args.recipe)
+        recipe = tuple(sorted({**dict(recipe_defaults(args.config, args.method)),
+                               **dict(cli.parse_recipe(args.recipe))}.items()))
         if args.sparse_lr_scale == "beta":
             vocab_size = data.get_tokenizer(cfg.data.tokenizer, args.cache_dir).vocab_size
             scale = beta_lr_scale(cfg, args.seed, vocab_size, args.sparsify)
