@@ -2,7 +2,7 @@
 
 - `load_novels(corpus, cache_dir)` -> ``{title: lines}``: ``"austen"`` is Debian's
   ``r-cran-janeaustenr`` (public-domain Project Gutenberg texts), fetched once into the cache
-  directory with ``apt-get download`` (`experiments.lm.data.fetch_debian`: verified on every use)
+  directory with ``apt-get download`` (`experiments.common.cache.fetch_debian`: verified on every use)
   and read from its R data (`experiments.finetune.rdata`); ``"synthetic"`` is three generated
   "novels" that need no download.
 - `split_chapters(novels, val_every)` -> `Split`: each novel cut into chapters at its ``CHAPTER``
@@ -28,8 +28,8 @@ import re
 
 import numpy as np
 
+from experiments.common.cache import cache_dir_default, fetch_debian
 from experiments.finetune import rdata
-from experiments.lm.data import cache_dir_default, fetch_debian
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_DATA = "usr/lib/R/site-library/janeaustenr/data"
