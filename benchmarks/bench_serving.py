@@ -3,7 +3,7 @@
 A GPT (the experiments' model, byte vocabulary, S-STE feed-forward layers) is written six ways:
 the orbax training checkpoint of its state (dense ``W`` + β), the orbax 2:4 export
 (`sste_jax.nnx.export_compressed`: values + uint8 metadata), and the Hugging Face folder of
-`experiments.export_hf` in float32, bfloat16 and bfloat16 with the 2:4 weights in FP8 e4m3 (per-channel
+`experiments.lm.export_hf` in float32, bfloat16 and bfloat16 with the 2:4 weights in FP8 e4m3 (per-channel
 scales) (2:4 weights as sparse-24-bitmask) plus, for
 reference, the same folder with every weight dense. Each is loaded ``--repeats`` times (median): into
 our JAX model, and the Hugging Face folders also by ``transformers`` (PyTorch CPU). Sizes count the
@@ -43,9 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import export_hf
 from experiments.common import recipes
-from experiments.lm import data
+from experiments.lm import data, export_hf
 from experiments.lm import sample as lm_sample
 from experiments.lm.model import GPT
 from sste_jax import checkpoint, serving

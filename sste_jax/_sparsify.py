@@ -385,14 +385,33 @@ class SparseModule:
     seed: int = 0
 
     def init(self, rngs, *args, method=None, **kwargs) -> dict[str, Any]:
-        """``module.init(rngs, ...)`` and β fitted to those weights (`fit`)."""
+        """``module.init(rngs, ...)`` and β fitted to those weights (`fit`).
+
+        Args:
+          rngs: a PRNG key or a dict of them, as ``nn.Module.init`` takes.
+          *args, **kwargs: one call's inputs, as ``nn.Module.init`` takes them.
+          method: the module's method to trace (default ``__call__``).
+
+        Returns:
+          The module's variables and a ``"sparsity"`` collection ``{weight path: SparsityBeta}``.
+        """
         variables = self.module.init(rngs, *args, method=method, **kwargs)
         rngs = rngs if isinstance(rngs, Mapping) else {"params": rngs}
         return self.fit(variables, *args, rngs=rngs, method=method, **kwargs)
 
     def fit(self, variables: Mapping[str, Any], *args, rngs=None, method=None, **kwargs) -> dict[str, Any]:
         """``variables`` (e.g. loaded from a dense checkpoint) with a ``"sparsity"`` collection: β fitted
-        to their weights, from one abstract call with these arguments."""
+        to their weights, from one abstract call with these arguments.
+
+        Args:
+          variables: the module's variables, with a ``"params"`` collection.
+          *args, **kwargs: one call's inputs.
+          rngs: the RNG streams the call needs (dropout, ...), as ``nn.Module.apply`` takes them.
+          method: the module's method to trace (default ``__call__``).
+
+        Returns:
+          ``variables`` with ``"sparsity"`` (replaced if there was one).
+        """
         where = f"sparsify({type(self.module).__name__})"
         _check_variables(variables, where)
         checked = check_rules(dict(self.rules), "sparsify")
@@ -404,7 +423,16 @@ class SparseModule:
         return {**{k: v for k, v in variables.items() if k != "sparsity"}, "sparsity": betas}
 
     def apply(self, variables: Mapping[str, Any], *args, rngs=None, method=None, mutable=False, **kwargs):
-        """``module.apply(variables, ...)`` with the chosen products sparse (Linen's arguments)."""
+        """``module.apply(variables, ...)`` with the chosen products sparse.
+
+        Args:
+          variables: what `init` or `fit` returned (their ``"sparsity"`` names the sparse weights).
+          *args, **kwargs: the call's inputs.
+          rngs, method, mutable: as ``nn.Module.apply`` takes them; no stream is needed for MVUE.
+
+        Returns:
+          What ``module.apply`` returns (with ``mutable``, the output and the updated collections).
+        """
         where = f"{type(self.module).__name__}.apply"
         _check_variables(variables, where)
         betas = _betas(variables, where)

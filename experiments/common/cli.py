@@ -15,7 +15,7 @@ Every flag's value is checked when the command line is parsed, by the argparse `
 import argparse
 import sys
 
-from experiments.common import distributed, integrity, loop
+from experiments.common import cache, distributed, loop
 from experiments.common.config import parse_fields
 from experiments.common.flags import integer, parsed_by
 from experiments.common.recipes import METHODS, Recipe
@@ -68,7 +68,7 @@ def train_or_exit(train):
         return train()
     except KeyboardInterrupt:
         sys.exit(130)
-    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError, BadFileError, integrity.CacheError) as e:
+    except (loop.NonFiniteError, loop.RunMismatchError, FileExistsError, BadFileError, cache.CacheError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -104,6 +104,7 @@ METHODS: dict[str, Recipe] = {
     "srste": Recipe(sste_jax.SparsityConfig(method="srste")),
     "tsrste": Recipe(sste_jax.SparsityConfig(method="tsrste")),
     "tsrste_df": Recipe(sste_jax.SparsityConfig(method="tsrste"), dense_finish=1 / 6),  # 250k of 300k sparse
+    "tsrste_df_mvue": Recipe(sste_jax.SparsityConfig(method="tsrste", mvue=True), dense_finish=1 / 6),  # as its authors
     "step": Recipe(DENSE, optimizer="step", then=sste_jax.SparsityConfig(method="ste")),
     "sste": Recipe(_SSTE),
     "sste_mvue": Recipe(sste_jax.SparsityConfig(method="sste", mvue=True)),

@@ -31,7 +31,7 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 COLORS = {  # one colour per method across every figure
     "dense": "black", "dense_beta": "dimgray", "ste": "tab:red", "srste": "tab:orange", "tsrste": "tab:brown",
-    "tsrste_df": "peru", "step": "tab:purple", "sste": "tab:blue", "sste_mvue": "tab:cyan",
+    "tsrste_df": "peru", "tsrste_df_mvue": "sienna", "step": "tab:purple", "sste": "tab:blue", "sste_mvue": "tab:cyan",
     "sste_fp8": "tab:olive", "sste_mvue_fp8": "tab:green", "sste_beta_none": "tab:pink",
     "sste_beta_l1": "tab:gray", "sste_beta_refit": "navy",
 }
@@ -129,7 +129,8 @@ def seed_mean_curve(by_seed: dict[int, list[dict]], key: str) -> tuple[list[int]
 
 
 def machine(single_thread: bool = True) -> str:
-    """The CPU model, usable cores, threading and jax version: the line every results table states."""
+    """The CPU model (with its family and model numbers: one name covers several generations), usable
+    cores, threading and jax version: the line every results table states."""
     import os
     import platform
 
@@ -137,8 +138,10 @@ def machine(single_thread: bool = True) -> str:
 
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info['model name']} (family {info['cpu family']}, model {info['model']})"
+    except (OSError, KeyError):
         cpu = platform.processor() or platform.machine()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = "single-threaded runs, one per core" if single_thread else "XLA's default threading"

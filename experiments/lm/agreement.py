@@ -1,5 +1,5 @@
 """How far apart the ways of serving one run are: the trained model, its densified and compressed
-copies (`experiments.lm.sample.with_weights`), and exports read back (`experiments.export_hf.import_hf`,
+copies (`experiments.lm.sample.with_weights`), and exports read back (`experiments.lm.export_hf.import_hf`,
 and with ``--transformers`` the export's own model in ``transformers``).
 
     python -m experiments.lm.agreement --workdir runs/tiny_sste --export runs/tiny_sste_hf [--transformers]
@@ -18,6 +18,8 @@ import numpy as np
 
 from experiments.common import flags
 from experiments.lm import sample
+from experiments.lm.export_hf import import_hf
+from experiments.lm.train import load_run
 
 
 def _logits(model, ids_1xT) -> np.ndarray:
@@ -37,9 +39,8 @@ def measure(workdir: str, exports=(), *, prompt: str = "\n", tokens: int = 32, t
             top_k: int = 0, seed: int = 0, transformers: bool = False) -> list[tuple[str, float, bool | None]]:
     """``[(way, max |Δ logit| from the trained model, same tokens or None)]`` for each way of serving
     the run in ``workdir`` (see the module docstring)."""
-    from experiments.export_hf import import_hf
 
-    model, tokenizer, _ = sample.load_run(workdir)
+    model, tokenizer, _ = load_run(workdir)
     prompt_1xP = jnp.asarray([tokenizer.encode(prompt)])
     settings = dict(temperature=temperature, top_k=top_k, seed=seed)
     ways = {w: sample.with_weights(model, w) for w in sample.WEIGHTS}

@@ -23,11 +23,12 @@ import numpy as np
 
 from experiments.common import cli, loop, report, runner
 from experiments.common.config import parse_overrides, with_lr
-from experiments.lm.configs import CONFIGS, TUNED_LR, get_config
+from experiments.lm.configs import CONFIGS, TUNED_LR, get_config, recipe_defaults
 from experiments.lm.train import make_run
 
 MAIN = ("dense", "ste", "srste", "sste")
-PAIRS = (("sste", "srste"), ("sste", "ste"), ("sste_mvue_fp8", "srste"), ("srste", "ste"))
+PAIRS = (("sste", "srste"), ("sste", "ste"), ("srste", "ste"), ("sste_mvue_fp8", "srste"), ("sste_mvue_fp8", "ste"),
+         ("sste_mvue_fp8", "sste"), ("sste", "step"), ("sste", "tsrste_df"), ("tsrste_df_mvue", "tsrste_df"))
 
 
 def run_dir(runs_dir: pathlib.Path, method: str, lr: float, seed: int) -> pathlib.Path:
@@ -37,7 +38,8 @@ def run_dir(runs_dir: pathlib.Path, method: str, lr: float, seed: int) -> pathli
 def plan(config: str, methods, seeds, overrides, runs_dir: pathlib.Path,
          lrs: dict[str, float] | None = None) -> list[runner.Planned]:
     """The runs of ``methods`` x ``seeds``, each method at ``lrs[method]``, else at ``--set lr=`` if
-    given, else at its tuned rate for ``config`` (`TUNED_LR`), else at the config's."""
+    given, else at its tuned rate for ``config`` (`TUNED_LR`), else at the config's; STEP with the
+    config's piloted switch (`experiments.lm.configs.STEP_RECIPE`)."""
     base = get_config(config, overrides)
     fixed_lr = ("optim", "lr") in parse_overrides(base, overrides)
     tuned = {} if fixed_lr else TUNED_LR.get(config, {})
@@ -48,8 +50,9 @@ def plan(config: str, methods, seeds, overrides, runs_dir: pathlib.Path,
         lr_args = () if fixed_lr else (f"lr={cfg.optim.lr!r}", f"min_lr={cfg.optim.min_lr!r}")
         sets = (*overrides, *lr_args)
         args = ("--config", config, *(("--set", *sets) if sets else ()))
-        out += [runner.Planned(method, seed, make_run(cfg, method, seed), run_dir(runs_dir, method, lr, seed), args)
-                for seed in seeds]
+        changes = recipe_defaults(config, method)
+        out += [runner.Planned(method, seed, make_run(cfg, method, seed, recipe_changes=changes),
+                               run_dir(runs_dir, method, lr, seed), args) for seed in seeds]
     return out
 
 
@@ -114,7 +117,8 @@ def verdict(summary) -> str:
         elif hi < 0:
             words.append(f"S-STE beats {ref} by {-mean:.4f} nats (95% CI {-hi:.4f} to {-lo:.4f}): resolved")
         else:
-            words.append(f"S-STE vs {ref}: {mean:+.4f} nats, 95% CI {lo:+.4f} to {hi:+.4f}: not resolved")
+            words.append(f"S-STE vs {ref}: {mean:+.4f} nats, 95% CI {lo:+.4f} to {hi:+.4f}: not resolved (the data "
+                         f"rule out a lead of S-STE over {ref} above {-lo:.4f} nats and a deficit above {hi:.4f})")
     return "; ".join(words) + "."
 
 

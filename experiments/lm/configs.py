@@ -4,6 +4,8 @@
 - ``capacity``: the comparison (the main job): 2 layers, d 64, byte-level Shakespeare, 3000 steps.
   A model this small is capacity-limited, so removing half of its feed-forward weights costs
   accuracy and the methods separate; ~1 minute per run on one CPU core.
+- ``capacity_d128``, ``capacity_d256``: ``capacity`` at widths 128 and 256 (head size 32 throughout),
+  the same tokens: the width-scaling comparison.
 - ``small``: 4 layers, d 128, 800 steps: every method lands within the seed spread of dense.
 - ``gpt2_124m``, ``gpt2_350m``, ``gpt2_774m``: the paper's GPT-2 sizes (512 x 1024 tokens per step), for GPUs.
 
@@ -14,6 +16,7 @@
 import dataclasses
 
 from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig, override
+from experiments.common.recipes import METHODS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +44,10 @@ def _gpt2(n_layer: int, n_head: int, d_model: int, batch_size: int, grad_accum: 
                   LoopConfig(log_every=100, eval_every=2000, ckpt_every=5000))
 
 
+def _width(cfg: Config, d_model: int) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, d_model=d_model, n_head=d_model // 32))
+
+
 CONFIGS = {
     "tiny": Config(ModelConfig(2, 2, 32, 16), LMData("synthetic", "byte", eval_batches=2),
                    OptimConfig(steps=8, batch_size=4, lr=3e-3, min_lr=3e-4, warmup=2),
@@ -55,21 +62,35 @@ CONFIGS = {
     "gpt2_350m": _gpt2(24, 16, 1024, 16, 32),
     "gpt2_774m": _gpt2(36, 20, 1280, 8, 64),
 }
+CONFIGS |= {f"capacity_d{d}": _width(CONFIGS["capacity"], d) for d in (128, 256)}
 
-# Peak learning rate per method (min_lr keeps the config's ratio), from the sweep in docs/results.md:
+# Peak learning rate per method (min_lr keeps the config's ratio), from the sweeps in docs/results.md:
 #   python -m experiments.lm.sweep --config capacity
+# The S-STE ablations (experiments.ablate) train at S-STE's rate: each changes one thing of it.
+_ABLATIONS = ("sste_fp8", "sste_beta_none", "sste_beta_l1", "sste_beta_refit")
 TUNED_LR: dict[str, dict[str, float]] = {
     "capacity": {
         "dense": 1.2e-2,
         "ste": 6e-3,
         "srste": 6e-3,
         "tsrste_df": 3e-3,
+        "tsrste_df_mvue": 3e-3,
         "step": 6e-3,
         "sste": 6e-3,
         "sste_mvue": 6e-3,
         "sste_mvue_fp8": 6e-3,
+        **{name: 6e-3 for name in _ABLATIONS},
     }
 }
+
+# STEP's switch per config (recipe fields), from `python -m experiments.lm.step_pilot --config capacity`.
+STEP_RECIPE: dict[str, dict[str, float]] = {"capacity": {"switch_threshold": 3e-8}}
+
+
+def recipe_defaults(config: str, method: str) -> tuple[tuple[str, float], ...]:
+    """The recipe changes a ``method`` run of ``config`` starts from: STEP's piloted switch, else none."""
+    is_step = method in METHODS and METHODS[method].optimizer == "step"
+    return tuple(sorted(STEP_RECIPE.get(config, {}).items())) if is_step else ()
 
 
 def get_config(name: str, overrides=()) -> Config:

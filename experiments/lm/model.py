@@ -93,7 +93,8 @@ class GPT(nnx.Module):
         self.blocks = nnx.List([Block(n_head, d_model, proj_std, rngs) for _ in range(n_layer)])
         self.ln_f = nnx.LayerNorm(d_model, use_bias=False, rngs=rngs)
 
-    def __call__(self, idx_BxT: Int[Array, "B T"]) -> Float[Array, "BT vocab"]:
+    def features(self, idx_BxT: Int[Array, "B T"]) -> Float[Array, "BT d"]:
+        """The final LayerNorm's output ``(B*T, d)``: what the LM head (and a classifier) reads."""
         batch, t = idx_BxT.shape
         if t > self.seq_len:
             raise ValueError(f"sequence length {t} exceeds the model's seq_len={self.seq_len}")
@@ -102,4 +103,7 @@ class GPT(nnx.Module):
         x_BTxD = x_BxTxD.reshape(batch * t, -1)
         for block in self.blocks:
             x_BTxD = block(x_BTxD, batch)
-        return self.wte.attend(self.ln_f(x_BTxD))
+        return self.ln_f(x_BTxD)
+
+    def __call__(self, idx_BxT: Int[Array, "B T"]) -> Float[Array, "BT vocab"]:
+        return self.wte.attend(self.features(idx_BxT))

@@ -41,8 +41,10 @@ def plan(config: str, methods, seeds, overrides, pattern: tuple[int, int]) -> li
     if pattern == (2, 4):
         return compare.plan(config, methods, seeds, overrides, pathlib.Path(f"runs/lm_{config}"))
     planned = compare.plan(config, methods, seeds, overrides, pathlib.Path(f"runs/lm_{config}_n{n}m{m}"))
-    changes = (("m", m), ("n", n))
-    return [dataclasses.replace(p, run=make_run(p.run.config, p.name, p.seed, recipe_changes=changes),
+    def changed(p):
+        return tuple(sorted({**dict(p.run.recipe_changes), "n": n, "m": m}.items()))
+
+    return [dataclasses.replace(p, run=make_run(p.run.config, p.name, p.seed, recipe_changes=changed(p)),
                                 args=(*p.args, "--recipe", f"n={n}", f"m={m}")) for p in planned]
 
 

@@ -10,7 +10,7 @@ layer densified: an ``nnx.Linear`` holding its forward weight), ``compressed`` (
 `sste_jax.nnx.CompressedLinear`, decompressed once per generation, before decoding). All three hold
 the same forward weights; they give the same tokens for a seed when the run's 2:4 layers compute
 float products, while ``dense`` turns a run trained with FP8 products into float products (other
-logits: `experiments.lm.agreement` measures it). ``--export`` reads an `experiments.export_hf`
+logits: `experiments.lm.agreement` measures it). ``--export`` reads an `experiments.lm.export_hf`
 folder back, refusing one whose files do not match its ``SHA256SUMS``. Sampling is a pure function
 of the weights, the prompt, the temperature, top-k and the seed. ``--backend`` (with ``--export`` or
 ``--weights compressed``) serves the 2:4 layers through `sste_jax.nnx.to_backend`: ``xla``
@@ -28,7 +28,6 @@ products on an NVIDIA GPU, bf16 or e4m3: rounding may change tokens).
 
 import argparse
 import functools
-import pathlib
 import sys
 
 import jax
@@ -37,30 +36,13 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from experiments.common import flags, loop
-from experiments.common.recipes import make_optimizer
-from experiments.common.schedule import Schedule
-from experiments.lm import data
+from experiments.common import flags
+from experiments.lm.export_hf import import_hf
 from experiments.lm.model import GPT
-from experiments.lm.train import build_model, stored_run
-from sste_jax import checkpoint
+from experiments.lm.train import load_run
 from sste_jax import nnx as sparse_nnx
 
 WEIGHTS = ("trained", "dense", "compressed")
-
-
-def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run]:
-    """``(model, tokenizer, run)`` of a language-model run: its GPT holding the newest checkpoint that
-    verifies, in the phase that checkpoint trains (e.g. STEP's hard 2:4 after its switch, dense for the
-    last part of ``tsrste_df``)."""
-    workdir = pathlib.Path(workdir)
-    run = stored_run(workdir)
-    cfg = run.config
-    tokenizer = data.get_tokenizer(cfg.data.tokenizer)
-    model = build_model(run, tokenizer.vocab_size)
-    target = loop.initial_state(model, make_optimizer(cfg.optim, model, run.recipe(), run.sparse_lr_scale))
-    _, state = checkpoint.restore_latest(workdir / "ckpt", target)
-    return Schedule(model, run.recipe(), cfg.optim.steps).model(state), tokenizer, run
 
 
 def with_weights(model: GPT, weights: str) -> GPT:
@@ -171,7 +153,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from experiments.export_hf import import_hf
 
     args = parse_args(argv)
     try:

@@ -2,7 +2,8 @@
 
     python -m experiments.lm.train --config capacity --method sste --workdir runs/sste
 
-Methods: the recipes of `experiments.common.recipes` (``--recipe KEY=VALUE`` changes a field). The
+Methods: the recipes of `experiments.common.recipes` (``--recipe KEY=VALUE`` changes a field; STEP
+starts from the config's piloted switch, `experiments.lm.configs.STEP_RECIPE`). The
 feed-forward linears are 2:4 sparse (``--sparsify all``: every linear but the tied LM head);
 ``dense`` runs keep them as ``method="dense"`` layers so their top-2 flip rate is logged as the
 reference. ``--sparse-lr-scale beta`` multiplies the sparse layers' learning rate by the mean β
@@ -26,12 +27,13 @@ import optax
 from flax import nnx
 
 import sste_jax
-from experiments.common import cli, distributed, flags, loop
+from experiments.common import cache, cli, distributed, flags, loop
 from experiments.common.config import Config, LoopConfig, ModelConfig, OptimConfig
 from experiments.common.recipes import ALL, FEED_FORWARD, make_optimizer, sparsify
 from experiments.common.records import BadFileError
+from experiments.common.schedule import Schedule
 from experiments.lm import data
-from experiments.lm.configs import CONFIGS, LMData, get_config
+from experiments.lm.configs import CONFIGS, LMData, get_config, recipe_defaults
 from experiments.lm.model import GPT
 from sste_jax import checkpoint
 
@@ -79,6 +81,20 @@ def beta_lr_scale(cfg: Config, seed: int, vocab_size: int, sparsify_: str = "ffn
     """The mean β S-STE fits to the initial model of ``seed``: the β-matched dense control's LR factor."""
     model = build_model(make_run(cfg, "dense", seed, sparsify_=sparsify_), vocab_size)
     return float(np.mean([sste_jax.fit_beta(w.kernel) for w in sste_jax.sparse_weights(model).values()]))
+
+
+def load_run(workdir: str | pathlib.Path) -> tuple[GPT, data.Tokenizer, loop.Run]:
+    """``(model, tokenizer, run)`` of a language-model run: its GPT holding the newest checkpoint that
+    verifies, in the phase that checkpoint trains (e.g. STEP's hard 2:4 after its switch, dense for the
+    last part of ``tsrste_df``)."""
+    workdir = pathlib.Path(workdir)
+    run = stored_run(workdir)
+    cfg = run.config
+    tokenizer = data.get_tokenizer(cfg.data.tokenizer)
+    model = build_model(run, tokenizer.vocab_size)
+    target = loop.initial_state(model, make_optimizer(cfg.optim, model, run.recipe(), run.sparse_lr_scale))
+    _, state = checkpoint.restore_latest(workdir / "ckpt", target)
+    return Schedule(model, run.recipe(), cfg.optim.steps).model(state), tokenizer, run
 
 
 def lm_loss(model: nnx.Module, x_BxT, y_BxT) -> jax.Array:
@@ -153,7 +169,8 @@ def main(argv=None) -> None:
         distributed.initialize_from(args)
         mesh = distributed.make_mesh(args.mesh)
         cfg = get_config(args.config, args.set)
-        recipe = cli.parse_recipe(args.recipe)
+        recipe = tuple(sorted({**dict(recipe_defaults(args.config, args.method)),
+                               **dict(cli.parse_recipe(args.recipe))}.items()))
         if args.sparse_lr_scale == "beta":
             vocab_size = data.get_tokenizer(cfg.data.tokenizer, args.cache_dir).vocab_size
             scale = beta_lr_scale(cfg, args.seed, vocab_size, args.sparsify)
@@ -164,7 +181,7 @@ def main(argv=None) -> None:
     except ValueError as e:
         sys.exit(f"error: {e}")
     cli.train_or_exit(lambda: train(run, args.workdir, resume=args.resume, until=args.until,
-                                cache_dir=args.cache_dir or data.cache_dir_default(), progress=not args.quiet,
+                                cache_dir=args.cache_dir or cache.cache_dir_default(), progress=not args.quiet,
                                 mesh=mesh))
 
 

@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, flags, integrity, loop, report, runner
-from experiments.lm.data import cache_dir_default
-from experiments.translation import bible
+from experiments.common import cache, cli, flags, loop, report, runner
+from experiments.common.cache import cache_dir_default
+from experiments.translation import data as bible
 from experiments.translation.configs import CONFIGS, get_config
 from experiments.translation.train import describe, first_per_book, make_run, prepare_data
 
@@ -135,7 +135,7 @@ def main(argv=None) -> str:
     began = time.perf_counter()
     try:
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())  # fills the caches the runs share
-    except (ValueError, integrity.CacheError) as e:
+    except (ValueError, cache.CacheError) as e:
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     try:

@@ -4,7 +4,7 @@
     python -m experiments.translation.compare --config small --seeds 0   # every method, the table
     python -m experiments.translation.compare --config tiny              # synthetic corpus, seconds per method (CI)
 
-Each run trains the `experiments.translation.seq2seq.Transformer` of its config with the encoder and
+Each run trains the `experiments.translation.model.Transformer` of its config with the encoder and
 decoder feed-forward linears as the method's layers (`experiments.common.recipes.sparsify`; ``dense``
 keeps them as dense layers to log the reference flip rate), on teacher-forced masked token cross
 entropy, in the one loop `experiments.common.loop.fit` (AdamW or STEP, warmup + cosine, clipping,
@@ -13,7 +13,7 @@ holding other settings is refused). ``--set KEY=VALUE`` changes a config field (
 ``corpus=synthetic``), ``--recipe KEY=VALUE`` a field of the method's recipe (e.g. ``switch_max=0.3``);
 STEP starts from `experiments.translation.configs.STEP_RECIPE`.
 
-Data (`experiments.translation.bible`): Reina-Valera 1909 → King James, whole books held out for
+Data (`experiments.translation.data`): Reina-Valera 1909 → King James, whole books held out for
 validation and test (``corpus=synthetic``: a generated toy language pair, no download); a joint
 byte-level BPE trained on the training pairs; ``max_len`` the 99th percentile of their lengths
 (capped by the config's ``seq_len``): longer pairs are dropped, not truncated, and the counts are
@@ -59,13 +59,15 @@ from flax import nnx
 from jaxtyping import Int
 
 import sste_jax
-from experiments.common import cli, flags, integrity, loop
+from experiments.common import cache, cli, flags, loop
+from experiments.common.cache import cache_dir_default
 from experiments.common.config import Config
 from experiments.common.recipes import METHODS, sparsify
 from experiments.common.records import read_records
 from experiments.common.report import final_record
-from experiments.lm.data import cache_dir_default
-from experiments.translation import bible, seq2seq
+from experiments.translation import data as bible
+from experiments.translation import decode
+from experiments.translation import model as seq2seq
 from experiments.translation.configs import CONFIGS, STEP_RECIPE, get_config
 
 N_EXAMPLES = 5  # test translations kept in the final record
@@ -179,10 +181,10 @@ def first_per_book(split: bible.EncodedSplit, n: int | None) -> np.ndarray:
 
 def translate_split(model, data: Data, split: bible.EncodedSplit, idx, beam: int, batch_size: int) -> list[str]:
     """Detokenised translations of the pairs ``idx`` of ``split`` (greedy, or beam search when ``beam`` > 0)."""
-    decode = functools.partial(seq2seq.beam_decode, beam=beam) if beam else seq2seq.greedy_decode
+    decoder = functools.partial(decode.beam_decode, beam=beam) if beam else decode.greedy_decode
     tok = data.tokenizer
-    ids_NxL = seq2seq.translate(decode, model, split.src[idx], tok.bos_id, tok.eos_id, data.max_len, batch_size)
-    return seq2seq.ids_to_texts(ids_NxL, tok.decode, tok.eos_id)
+    ids_NxL = decode.translate(decoder, model, split.src[idx], tok.bos_id, tok.eos_id, data.max_len, batch_size)
+    return decode.ids_to_texts(ids_NxL, tok.decode, tok.eos_id)
 
 
 def make_run(cfg: Config, method: str, seed: int = 0, *, recipe_changes=(), beam: int = 0,
@@ -225,12 +227,12 @@ def make_task(run: loop.Run, data: Data) -> loop.Task:
         test_idx = first_per_book(test, opts["test_per_book"])
         hypotheses = translate_split(model, data, test, test_idx, opts["beam"], batch_size)
         stats = sste_jax.metrics.to_host(sste_jax.metrics.sparsity_stats(sste_jax.sparse_weights(model)))
-        out = {"test_bleu": seq2seq.bleu(hypotheses, [test.pairs[i].target for i in test_idx]),
+        out = {"test_bleu": decode.bleu(hypotheses, [test.pairs[i].target for i in test_idx]),
                "n_test": len(test_idx), "examples": hypotheses[:N_EXAMPLES],
                **{k: v for k, v in stats.items() if k.startswith("zero_fraction/")}}
         if opts["val_bleu"]:
             val_idx = np.arange(len(val.pairs))
-            out["val_bleu"] = seq2seq.bleu(translate_split(model, data, val, val_idx, opts["beam"], batch_size),
+            out["val_bleu"] = decode.bleu(translate_split(model, data, val, val_idx, opts["beam"], batch_size),
                                            val.references)
         return {**out, "decode_seconds": time.perf_counter() - began}
 
@@ -266,7 +268,7 @@ def main(argv=None) -> None:
         run = make_run(cfg, args.method, args.seed, recipe_changes=cli.parse_recipe(args.recipe), beam=args.beam,
                        test_per_book=args.test_per_book, val_bleu=args.val_bleu)
         data = prepare_data(cfg, args.cache_dir or cache_dir_default())
-    except (ValueError, integrity.CacheError) as e:  # a bad setting; a cached input that cannot be rebuilt
+    except (ValueError, cache.CacheError) as e:  # a bad setting; a cached input that cannot be rebuilt
         sys.exit(f"error: {e}")
     print(describe(data, cfg.data.corpus), flush=True)
     cli.train_or_exit(

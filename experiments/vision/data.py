@@ -8,7 +8,7 @@ split from the idx files of the Debian package ``dataset-fashion-mnist``, which 
 unpacks once into the cache (``$SSTE_CACHE`` or ``~/.cache/sste_jax``) with ``apt-get download`` +
 ``dpkg-deb -x`` (no root), unless a data folder is given. A Debian package's files are recorded
 (``SHA256SUMS``) when unpacked and verified on every load; a damaged one is unpacked again, with a
-warning naming the file (`experiments.lm.data.fetch_debian`). A ``--data-dir`` of your own is read
+warning naming the file (`experiments.common.cache.fetch_debian`). A ``--data-dir`` of your own is read
 as it is. Images are standardised by the training split's mean and standard deviation.
 
 >>> x_train, y_train, x_test, y_test = load_data("digits")
@@ -23,7 +23,7 @@ import pathlib
 
 import numpy as np
 
-from experiments.lm.data import cache_dir_default, fetch_debian, installed_file
+from experiments.common.cache import cache_dir_default, fetch_debian, installed_file
 
 DATASETS = {"digits": (8, 2), "fashion": (28, 4)}  # image size, patch size
 

@@ -59,9 +59,9 @@ def accumulate_gradients(loss_fn: Callable[..., jax.Array], model: nnx.Module, *
     layer's ``pruned`` attribute holds its `sste_jax.PrunedWeight` while the micro-batch's loss runs.
 
     ``grads`` is the ``nnx.State`` of the ``nnx.Param`` variables, as ``nnx.grad`` gives it; each micro-batch's
-    gradient is exactly the one ``nnx.grad`` computes for it (same straight-through rule, MVUE drawing a fresh
-    key per micro-batch), summed in order and divided by their number. The model's other variables (MVUE key
-    counters, batch statistics) are updated as after the last micro-batch. Layers inside ``nnx.scan`` or
+    gradient is exactly the one ``nnx.grad`` computes for it (same straight-through rule, MVUE drawing afresh
+    for each micro-batch's input), summed in order and divided by their number. The model's other variables
+    (batch statistics, caches) are updated as after the last micro-batch. Layers inside ``nnx.scan`` or
     ``nnx.vmap`` (stacked kernels), and those whose kernel wider inputs promote to another dtype, still prune in
     their call. See ``docs/kernels.md``.
 

@@ -7,8 +7,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from experiments.common import integrity
-from experiments.translation import bible
+from experiments.common import cache
+from experiments.translation import data as bible
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 needs_tokenizers = pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs PyPI tokenizers (experiments extra)")
@@ -85,7 +85,7 @@ def test_tokenizer_is_cached_by_vocab_size_and_training_text(synthetic, tmp_path
     train = synthetic["train"]
     first = bible.get_translation_tokenizer(train, vocab_size=300, cache_dir=tmp_path)
     files = sorted((tmp_path / "translation_tokenizers").glob("*.json"))
-    assert len(files) == 1 and "bpe300-" in files[0].name and integrity.record_of(files[0]).is_file()
+    assert len(files) == 1 and "bpe300-" in files[0].name and cache.record_of(files[0]).is_file()
     mtime = files[0].stat().st_mtime_ns
     again = bible.get_translation_tokenizer(train, vocab_size=300, cache_dir=tmp_path)
     assert files[0].stat().st_mtime_ns == mtime and again.to_str() == first.to_str()
@@ -171,7 +171,7 @@ def _cache_pairs(cache_dir, books):
     lines = [json.dumps({"book": b, "chapter": 1, "verse": 1, "es": f"Yo {b}.", "en": f"I {b}."}, ensure_ascii=False)
              for b in books]
     path = cache_dir / "bible" / "pairs.jsonl"
-    integrity.write_recorded(path, "".join(line + "\n" for line in lines).encode())
+    cache.write_recorded(path, "".join(line + "\n" for line in lines).encode())
     return path
 
 
@@ -190,7 +190,7 @@ def test_damaged_cached_pairs_are_refused_naming_the_file_when_they_cannot_be_re
     path.write_bytes(path.read_bytes().replace(b"I Gen.", b"I Gem."))
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # the packages cannot be fetched
     with pytest.warns(RuntimeWarning, match=re.escape(str(path))), pytest.raises(
-            integrity.CacheError, match=f"(?s){re.escape(str(path))} has SHA-256 .*`apt-get` is not on PATH"):
+            cache.CacheError, match=f"(?s){re.escape(str(path))} has SHA-256 .*`apt-get` is not on PATH"):
         bible.load_parallel("bible", cache_dir=tmp_path)
     assert not path.exists()
 

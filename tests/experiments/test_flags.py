@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from experiments import ablate, export_hf, launch
-from experiments.lm import agreement, nm, sample, scaling, sweep
+from experiments import ablate, launch
+from experiments.lm import agreement, export_hf, nm, sample, scaling, sweep
 from experiments.lm import compare as lm_compare
 from experiments.lm import train as lm_train
 from experiments.translation import compare as translation_compare

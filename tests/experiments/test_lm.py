@@ -46,7 +46,7 @@ def test_tiny_trains_each_method(tmp_path, method):
     assert math.isfinite(final["val_loss"]) and final["step"] == TINY.optim.steps
     zeros = [v for k, v in final.items() if k.startswith("zero_fraction/")]
     assert len(zeros) == 2 * TINY.model.n_layer  # c_fc and c_proj of each block
-    dense_at_end = method in ("dense", "tsrste_df")  # tsrste_df: its last tenth trains dense
+    dense_at_end = method in ("dense", "tsrste_df", "tsrste_df_mvue")  # the dense finish trains its last sixth dense
     assert all(z == (0.0 if dense_at_end else 0.5) for z in zeros)
     assert ("val_loss_dense_w" in final) == method.startswith("sste")
     assert checkpoint.checkpoint_steps(tmp_path / "ckpt") == [4, 8]
@@ -246,3 +246,50 @@ def test_sweep_picks_the_best_rate_and_flags_edges(tmp_path):
     assert "| dense | 1.9000 (1.890, 1.910) | **1.8000 (1.790, 1.810)** | 1.8500 (1.840, 1.860) |" in text
     sweep.plot_sweep(grid, tmp_path / "lr.png", "fake")
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_step_runs_start_from_the_configs_piloted_switch(tmp_path, monkeypatch):
+    from experiments.lm import configs, nm
+
+    monkeypatch.setitem(configs.STEP_RECIPE, "tiny", {"switch_threshold": 1e-9})
+    (step,), (dense,) = (compare.plan("tiny", [m], [0], [], tmp_path) for m in ("step", "dense"))
+    assert step.run.recipe().switch_threshold == 1e-9 and dense.run.recipe_changes == ()
+    assert lm_train.make_run(TINY, "step", 0, recipe_changes=configs.recipe_defaults("tiny", "step")) == step.run
+    (at_14,) = nm.plan("tiny", ["step"], [0], [], (1, 4))
+    assert dict(at_14.run.recipe_changes) == {"switch_threshold": 1e-9, "n": 1, "m": 4}
+
+
+def test_verdict_says_what_an_unresolved_difference_rules_out():
+    summary = {"sste": {"val_loss": [1.0, 1.02, 0.99]}, "srste": {"val_loss": [1.01, 1.0, 1.0]}}
+    assert compare.verdict(summary) == ("S-STE vs srste: +0.0000 nats, 95% CI -0.0430 to +0.0430: not resolved (the "
+                                        "data rule out a lead of S-STE over srste above 0.0430 nats and a deficit "
+                                        "above 0.0430).")
+
+
+def test_step_pilot_finds_where_each_threshold_fires():
+    from experiments.lm import step_pilot
+
+    points = ((10, 5.0), (20, 3.0), (30, 2.0), (40, 1.0))
+    records = [{"kind": "train", "step": s, "step_v_change": v} for s, v in points]
+    steps, values = step_pilot.curve(records, until=30)
+    assert steps.tolist() == [10, 20, 30] and values.tolist() == [5.0, 3.0, 2.0]
+    assert step_pilot.fires_at(steps, values, 4.0, t_min=5) == 20
+    assert step_pilot.fires_at(steps, values, 4.0, t_min=20) == 30  # strictly after T_min
+    assert step_pilot.fires_at(steps, values, 1.0, t_min=5) is None
+    curves = [(np.arange(10, 60, 10), np.array([9.0, 1.0, 2.0, 3.0, 4.0]) * 1e-7)]
+    assert step_pilot.default_candidates(curves, t_min=10) == [3.2e-07, 2.5e-07, 1.7e-07, 1.1e-07, 3e-08]
+    fired = {4.0: (20, 20), 3.5: (20, 20), 2.5: (30, None), 0.5: (None, None)}
+    assert step_pilot.representatives(fired) == {4.0: 4.0, 3.5: 4.0, 2.5: 2.5, 0.5: 0.0}
+
+
+def test_scaling_summary_table_has_a_row_per_point():
+    from experiments.lm import scaling
+
+    def summary(shift):
+        return {"dense": {"val_loss": [1.0, 1.0, 1.0], "gap_dense": [0, 0, 0]},
+                "srste": {"val_loss": [1.05, 1.06, 1.07], "gap_dense": [0.05, 0.06, 0.07]},
+                "sste": {"val_loss": [1.04 + shift, 1.05, 1.06], "gap_dense": [0.04 + shift, 0.05, 0.06]}}
+
+    text = scaling.summary_table({"a": summary(0.0), "b": summary(0.01)}, {"a": "d 64", "b": "d 128"})
+    assert "| point | srste − dense | sste − dense | sste − srste |" in text
+    assert "| d 64 | +0.0600 [+0.0352, +0.0848]* | +0.0500 [+0.0252, +0.0748]* | -0.0100 [-0.0100, -0.0100]* |" in text

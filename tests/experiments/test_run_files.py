@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from experiments import export_hf
-from experiments.lm import sample
+from experiments.lm import export_hf, sample
 from experiments.lm import train as lm_train
 
 pytestmark = pytest.mark.integration  # every test reads a run the module trains

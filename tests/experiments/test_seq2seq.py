@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from experiments.common import recipes
-from experiments.translation import seq2seq
-from experiments.translation.seq2seq import PAD, Seq2SeqConfig, Transformer
+from experiments.translation import decode
+from experiments.translation import model as seq2seq
+from experiments.translation.model import PAD, Seq2SeqConfig, Transformer
 from sste_jax import nnx as sparse_nnx
 
 BOS, EOS = 1, 2
@@ -38,7 +39,7 @@ def test_shapes_and_config_errors():
     with pytest.raises(ValueError, match="n_head=3"):
         Seq2SeqConfig(24, d_model=16, n_head=3)
     with pytest.raises(ValueError, match=r"max_len=13 .*max_len=12"):
-        seq2seq.greedy_decode(model, src_BxS, BOS, EOS, max_len=13)
+        decode.greedy_decode(model, src_BxS, BOS, EOS, max_len=13)
 
 
 def test_source_padding_does_not_leak():
@@ -67,14 +68,14 @@ def test_decoder_is_causal():
 def test_feed_forward_selects_exactly_the_mlp_linears():
     model = _model()
     src_BxS = _padded_src(np.random.default_rng(4), [4, 6, 2, 5], 6)
-    dense_ids = seq2seq.greedy_decode(model, src_BxS, BOS, EOS, 8)
+    dense_ids = decode.greedy_decode(model, src_BxS, BOS, EOS, 8)
     recipes.sparsify(model, recipes.get_recipe("sste"), recipes.FEED_FORWARD, seed=0)
     sparse = ["/".join(map(str, p)) for p, n in nnx.iter_graph(model) if isinstance(n, sparse_nnx.SparseLinear)]
     expected = [f"{stack}/{i}/mlp/{fc}" for stack in ("encoder", "decoder") for i in (0, 1) for fc in ("fc1", "fc2")]
     assert sorted(sparse) == sorted(expected)
     dense = [p for p, n in nnx.iter_graph(model) if type(n) is nnx.Linear]
     assert len(dense) == 2 * 3 + 2 * 6  # q, kv, proj per attention: 1 per encoder layer, 2 per decoder layer
-    sparse_ids = seq2seq.greedy_decode(model, src_BxS, BOS, EOS, 8)
+    sparse_ids = decode.greedy_decode(model, src_BxS, BOS, EOS, 8)
     assert sparse_ids.shape == dense_ids.shape and not np.array_equal(sparse_ids, dense_ids)
 
 
@@ -114,11 +115,11 @@ def test_greedy_decode_matches_step_by_step_reference():
     model = _model()
     src_BxS = _padded_src(np.random.default_rng(6), [5, 2, 7, 1], 7)
     no_eos = _greedy_reference(model, src_BxS, eos_id=-1, max_len=10)
-    np.testing.assert_array_equal(seq2seq.greedy_decode(model, src_BxS, BOS, -1, 10), no_eos)
+    np.testing.assert_array_equal(decode.greedy_decode(model, src_BxS, BOS, -1, 10), no_eos)
     eos = int(no_eos[0, 3])  # a token the model emits: rows stop there and pad the rest
     expected = _greedy_reference(model, src_BxS, eos, max_len=10)
     assert (expected == PAD).sum() >= 6
-    np.testing.assert_array_equal(seq2seq.greedy_decode(model, src_BxS, BOS, eos, 10), expected)
+    np.testing.assert_array_equal(decode.greedy_decode(model, src_BxS, BOS, eos, 10), expected)
 
 
 def test_cached_decode_steps_match_teacher_forcing():
@@ -148,25 +149,25 @@ def test_beam_decode_with_a_wide_beam_is_exhaustive():
         lengths_C = np.array([len(s) for s in seqs])
         score_C = np.where(np.arange(max_len)[None] < lengths_C[:, None], logp_CxL, 0).sum(1)
         best.append(seqs_CxL[np.argmax(score_C / ((5 + lengths_C) / 6) ** alpha)])
-    beam = seq2seq.beam_decode(model, src_BxS, BOS, EOS, max_len, beam=16, length_penalty=alpha)
+    beam = decode.beam_decode(model, src_BxS, BOS, EOS, max_len, beam=16, length_penalty=alpha)
     np.testing.assert_array_equal(beam, np.stack(best))
 
 
 def test_translate_batches_and_ids_to_texts():
     model = _model()
     src_NxS = _padded_src(np.random.default_rng(8), [3, 5, 1, 4, 2], 5)
-    ids_NxL = seq2seq.translate(seq2seq.greedy_decode, model, src_NxS, BOS, EOS, 6, batch_size=2)
-    np.testing.assert_array_equal(ids_NxL, seq2seq.greedy_decode(model, src_NxS, BOS, EOS, 6))
-    texts = seq2seq.ids_to_texts(np.array([[7, 8, EOS, 9], [PAD, 7, PAD, 8]]), lambda ids: "-".join(map(str, ids)), EOS)
+    ids_NxL = decode.translate(decode.greedy_decode, model, src_NxS, BOS, EOS, 6, batch_size=2)
+    np.testing.assert_array_equal(ids_NxL, decode.greedy_decode(model, src_NxS, BOS, EOS, 6))
+    texts = decode.ids_to_texts(np.array([[7, 8, EOS, 9], [PAD, 7, PAD, 8]]), lambda ids: "-".join(map(str, ids)), EOS)
     assert texts == ["7-8", "7-8"]
 
 
 def test_bleu_identical_and_disjoint():
     refs = ["In the beginning God created the heaven and the earth.", "And the earth was without form, and void."]
-    assert seq2seq.bleu(refs, refs) == pytest.approx(100.0)
-    assert seq2seq.bleu(["zzz qqq xxx yyy www", "uuu vvv"], refs) < 1e-6
+    assert decode.bleu(refs, refs) == pytest.approx(100.0)
+    assert decode.bleu(["zzz qqq xxx yyy www", "uuu vvv"], refs) < 1e-6
     with pytest.raises(ValueError, match="1 hypotheses but 2 references"):
-        seq2seq.bleu(refs[:1], refs)
+        decode.bleu(refs[:1], refs)
 
 
 def _copy_batch(rng, batch, vocab_size=16, max_symbols=7):
@@ -203,7 +204,7 @@ def test_learns_to_copy(method):
     for _ in range(200):
         loss = train_step(model, optimizer, *_copy_batch(rng, 64))
     src_BxS, _, tgt_out_BxT = _copy_batch(np.random.default_rng(1), 200)
-    for decode in (seq2seq.greedy_decode, seq2seq.beam_decode):
-        ids_BxL = decode(model, src_BxS, BOS, EOS, 8)
+    for decoder in (decode.greedy_decode, decode.beam_decode):
+        ids_BxL = decoder(model, src_BxS, BOS, EOS, 8)
         exact = np.mean(np.all(np.asarray(ids_BxL) == np.asarray(tgt_out_BxT), axis=1))
         assert exact > 0.9, (decode.__name__, exact, float(loss))  # measured 0.95-0.99 (3 seeds, both methods)

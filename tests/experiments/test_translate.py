@@ -9,9 +9,10 @@ from flax import nnx
 from experiments.common import report, runner
 from experiments.common.config import override
 from experiments.common.records import read_records
-from experiments.translation import compare, seq2seq, train
+from experiments.translation import compare, train
+from experiments.translation import model as seq2seq
 from experiments.translation.configs import CONFIGS, STEP_RECIPE, TranslationData, get_config
-from experiments.translation.seq2seq import PAD
+from experiments.translation.model import PAD
 
 METHODS = ("dense", "srste", "step", "sste")
 SPARSE = ("srste", "step", "sste")

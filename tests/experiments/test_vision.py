@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.common import integrity, report
+from experiments.common import cache, report
 from experiments.common.recipes import get_recipe
 from experiments.common.records import read_records
 from experiments.vision import compare, data, train
@@ -217,7 +217,7 @@ def test_fashion_fetch_names_the_failing_command(tmp_path, monkeypatch):
 def test_fashion_is_read_from_the_cache_without_fetching(tmp_path, monkeypatch):
     folder = tmp_path / "dataset-fashion-mnist" / "usr" / "share" / "datasets" / "fashion-mnist"
     _fake_fashion(folder, (12, 8))
-    integrity.record_folder(tmp_path / "dataset-fashion-mnist", folder.iterdir())  # as fetch_debian does
+    cache.record_folder(tmp_path / "dataset-fashion-mnist", folder.iterdir())  # as fetch_debian does
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no apt-get: it must not be needed
     monkeypatch.setenv("SSTE_CACHE", str(tmp_path))
     assert data.fetch_fashion() == folder
@@ -272,7 +272,7 @@ def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     csv = gzip.decompress(data.digits_file().read_bytes())
     (folder / "digits.csv.gz").write_bytes(gzip.compress(csv, mtime=1))
-    integrity.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # as fetch_debian does
+    cache.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # as fetch_debian does
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "sklearn" else real_find_spec(n))
     assert data.digits_file(tmp_path) == folder / "digits.csv.gz"
@@ -282,6 +282,6 @@ def test_digits_are_scikit_learns_from_either_source(tmp_path, monkeypatch):
     tampered = bytearray(csv)
     tampered[100] ^= 1
     (folder / "digits.csv.gz").write_bytes(gzip.compress(bytes(tampered)))
-    integrity.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # a package that differs
+    cache.record_folder(tmp_path / data.DIGITS_PACKAGE, [folder / "digits.csv.gz"])  # a package that differs
     with pytest.raises(ValueError, match=r"SHA-256 .*\(scikit-learn's digits set\)"):
         data.load_digits_split(cache_dir=tmp_path)

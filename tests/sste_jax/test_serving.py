@@ -13,9 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import sste_jax
-from experiments import export_hf
 from experiments.common import recipes
-from experiments.lm import agreement, data
+from experiments.lm import agreement, data, export_hf
 from experiments.lm import sample as lm_sample
 from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
@@ -338,7 +337,7 @@ def test_the_ways_of_serving_agree_as_measured(trained, tmp_path):
     """What docs/serving.md states: the same logits and tokens for every way of serving a run, except
     that a run trained with FP8 products computes other logits once its 2:4 layers are dense."""
     for method, run in trained.items():
-        exports = [export_hf.export_hf(*lm_sample.load_run(run)[:2], tmp_path / f"{method}_{f}", format=f)
+        exports = [export_hf.export_hf(*lm_train.load_run(run)[:2], tmp_path / f"{method}_{f}", format=f)
                    for f in export_hf.FORMATS]
         rows = {name.split(" (")[0].replace(str(tmp_path), ""): (diff, same)
                 for name, diff, same in agreement.measure(str(run), [str(e) for e in exports], tokens=8)}

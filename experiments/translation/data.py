@@ -36,8 +36,8 @@ from typing import NamedTuple
 import numpy as np
 from jaxtyping import Int
 
-from experiments.common import integrity
-from experiments.lm.data import cache_dir_default, fetch_debian
+from experiments.common import cache
+from experiments.common.cache import cache_dir_default, fetch_debian
 
 # Debian package -> SWORD module. Spanish is the source, English the target.
 SOURCE_PACKAGE, SOURCE_MODULE = "sword-text-sparv", "spaRV1909eb"
@@ -104,7 +104,7 @@ def _build_pairs(bible_dir: Path, path: Path) -> None:
     target = _read_verses(_fetch_package(TARGET_PACKAGE, bible_dir), TARGET_MODULE)
     records = ({"book": b, "chapter": c, "verse": v, "es": source[b, c, v], "en": target[b, c, v]}
                for (b, c, v) in source if source[b, c, v] and target.get((b, c, v)))
-    integrity.write_recorded(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    cache.write_recorded(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
 
 
 def fetch_bible_pairs(cache_dir: Path | str | None = None) -> list[Pair]:
@@ -112,7 +112,7 @@ def fetch_bible_pairs(cache_dir: Path | str | None = None) -> list[Pair]:
     (built once: ~1 s to download, ~30 s per Bible to read; verified on every call)."""
     bible_dir = Path(cache_dir or cache_dir_default()) / "bible"
     path = bible_dir / "pairs.jsonl"
-    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)), lambda: _build_pairs(bible_dir, path))
+    cache.ensure(path, lambda: cache.problem(cache.record_of(path)), lambda: _build_pairs(bible_dir, path))
     with open(path, encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     return [Pair(r["book"], r["chapter"], r["verse"], r["es"], r["en"]) for r in records]
@@ -254,8 +254,8 @@ def get_translation_tokenizer(
     digest = hashlib.sha256("\n".join([_TOKENIZER_RECIPE, *texts]).encode()).hexdigest()[:12]
     path = Path(cache_dir) / "translation_tokenizers" / f"bpe{vocab_size}-{digest}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    integrity.ensure(path, lambda: integrity.problem(integrity.record_of(path)),
-                     lambda: integrity.write_recorded(path, _train_bpe(texts, vocab_size).to_str().encode()))
+    cache.ensure(path, lambda: cache.problem(cache.record_of(path)),
+                     lambda: cache.write_recorded(path, _train_bpe(texts, vocab_size).to_str().encode()))
     return TranslationTokenizer(Tokenizer.from_file(str(path)))
 
 

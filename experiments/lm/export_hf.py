@@ -1,8 +1,8 @@
 """Exports a trained language-model run to a Hugging Face folder that ``transformers`` loads.
 
-    python -m experiments.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16]
-    python -m experiments.export_hf --workdir runs/sste --out runs/sste_fp8 --fp8 channel [--fp8-inputs token]
-    python -m experiments.export_hf --workdir runs/sste --out runs/sste_dense --format dense
+    python -m experiments.lm.export_hf --workdir runs/sste --out runs/sste_hf [--dtype bfloat16]
+    python -m experiments.lm.export_hf --workdir runs/sste --out runs/sste_fp8 --fp8 channel [--fp8-inputs token]
+    python -m experiments.lm.export_hf --workdir runs/sste --out runs/sste_dense --format dense
 
 The folder holds ``model.safetensors``, ``config.json`` with the architecture, a tokenizer
 (``tokenizer.json``) and ``SHA256SUMS`` (every file's hash, checked by `import_hf`). ``--format
@@ -41,10 +41,11 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import integrity
+from experiments.common import cache
 from experiments.common.records import BadFileError, read_json
 from experiments.lm import data
 from experiments.lm.model import GPT
+from experiments.lm.train import load_run
 from sste_jax import nnx as sparse_nnx
 from sste_jax import serving
 
@@ -160,7 +161,7 @@ def export_hf(model: GPT, tokenizer: data.Tokenizer, out, dtype: str = "float32"
     out = serving.save_safetensors(out, weights, targets(len(model.blocks)), sparse=sparse, dtype=dtype, fp8=fp8,
                                    fp8_inputs=fp8_inputs, config=hf_config(model, tokenizer))
     save_tokenizer(out, tokenizer)
-    integrity.record_folder(out, sorted(out.iterdir()))
+    cache.record_folder(out, sorted(out.iterdir()))
     return out
 
 
@@ -172,7 +173,7 @@ def import_hf(directory, model: GPT) -> GPT:
     missing), and ValueError if a bias the export wrote as zero is not zero (the folder was not made
     by us)."""
     directory = pathlib.Path(directory)
-    if why := integrity.problem(directory / integrity.SUMS):
+    if why := cache.problem(directory / cache.SUMS):
         raise BadFileError(f"{directory} is not an intact export_hf folder: {why}; export it again")
     config = read_json(directory / "config.json")
     if config.get("architectures") != [ARCHITECTURE]:
@@ -198,7 +199,6 @@ def import_hf(directory, model: GPT) -> GPT:
 
 
 def main(argv=None) -> None:
-    from experiments.lm.sample import load_run
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="a language-model training run")
@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     try:
         model, tokenizer, run = load_run(args.workdir)
         out = export_hf(model, tokenizer, args.out, args.dtype, args.fp8, args.fp8_inputs, args.format)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError, integrity.CacheError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError, cache.CacheError) as e:
         sys.exit(f"error: {e}")
     sizes = {f.name: f.stat().st_size for f in sorted(out.iterdir())}
     kind = f"{args.format}, {args.dtype}" + (f", 2:4 weights FP8 e4m3 per-{args.fp8} scales" if args.fp8 else "")

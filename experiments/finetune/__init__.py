@@ -1,0 +1,1 @@
+"""Fine-tuning the pre-trained 2:4 language models on a downstream classification task."""
