@@ -1,19 +1,19 @@
 """Strict test configuration: CPU only, float32 matmuls, runtime-checked annotations, fixed hypothesis profile;
-tests marked ``integration`` run with ``--integration``, ``slow`` ones with ``--run-slow``; one compilation cache
-per run, shared by the xdist workers and the processes the tests start."""
+tests marked ``integration`` run with ``--integration``, ``slow`` ones with ``--run-slow``; a persistent compilation
+cache shared by the xdist workers and the processes the tests start."""
 import os
-import shutil
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-# A persistent compilation cache in a fresh temporary folder per run: made by the first pytest process (xdist's
-# controller, or the only one), inherited through the environment by its workers and by every process a test
-# starts, removed at the end. A hit returns the executable the same compilation made, so no result changes.
-_OWN_CACHE = "PYTEST_XDIST_WORKER" not in os.environ and not os.environ.get("M29_NO_CACHE")  # M29TEMP
-if _OWN_CACHE:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="sste_jax_tests_xla_cache_")
+# One persistent XLA compilation cache for the suite, shared through the environment by the xdist workers and
+# every process a test starts: a rerun compiles nothing it compiled before (the inner loop's main cost). JAX keys
+# each entry by the program, the compile options and the jax/jaxlib/XLA versions, so a hit returns the executable
+# the same compilation made. Unbounded (JAX's size limit stats every entry on each write): delete the folder
+# to reclaim its space.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sste_jax", "xla-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import chex  # noqa: E402
 import jax  # noqa: E402
@@ -37,11 +37,6 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="run tests marked slow")
     parser.addoption("--integration", action="store_true",
                      help="run tests marked integration (the README's test command and CI do)")
-
-
-def pytest_unconfigure(config):
-    if _OWN_CACHE:
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def _has_gpu() -> bool:

@@ -86,6 +86,7 @@ def _final(workdir):
     return next(r for r in map(json.loads, lines) if r["kind"] == "final")
 
 
+@pytest.mark.integration
 def test_a_pretrained_sste_model_fine_tunes_sparse_with_its_own_beta(tmp_path):
     lm_run = lm_train.make_run(lm_config("tiny"), "sste", seed=0)
     lm_train.train(lm_run, tmp_path / "lm", progress=False)
