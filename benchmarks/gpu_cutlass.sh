@@ -30,7 +30,7 @@ if has golden; then
   # on-device golden checks (emitter == CUTLASS's compressor byte for byte, product == dot of the pruned
   # matrix, sparse_dense with matmul="cutlass" == XLA) and the CPU-side layout checks
   # (the compile-only test is left out: the build step above compiled the same source)
-  timeout 300 $PY -m pytest tests/sste_jax/test_cutlass.py -k "not compiles" -q -rs -p no:cacheprovider \
+  timeout 300 $PY -m pytest tests/sste_jax/test_cutlass.py -k "not compiles" -o addopts= --integration -q -rs -p no:cacheprovider \
     > "$OUTDIR/pytest_cutlass.log" 2>&1
   tail -25 "$OUTDIR/pytest_cutlass.log"
 fi

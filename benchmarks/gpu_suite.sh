@@ -23,7 +23,7 @@ if has build; then
   tail -5 "$OUTDIR/probe.txt"
 fi
 if has test; then
-  timeout 240 $PY -m pytest ${TESTS:-tests/sste_jax/test_cusparselt.py tests/sste_jax/test_kernels.py} -m gpu -q -rs -p no:cacheprovider \
+  timeout 240 $PY -m pytest ${TESTS:-tests/sste_jax/test_cusparselt.py tests/sste_jax/test_kernels.py} -m gpu -o addopts= --integration -q -rs -p no:cacheprovider \
     > "$OUTDIR/pytest_gpu.log" 2>&1
   tail -25 "$OUTDIR/pytest_gpu.log"
 fi

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # xdist workers share a GPU where there is one
 
 # One persistent XLA compilation cache for the suite, shared through the environment by the xdist workers and
 # every process a test starts: a rerun compiles nothing it compiled before (the inner loop's main cost). JAX keys
