@@ -18,6 +18,7 @@ def _default_precision():
         yield
 
 
+@pytest.mark.integration  # trains the page's models, as the notebooks do
 def test_any_model_examples_run_as_printed(capsys):
     examples = re.findall(r"^```python\n(.*?)^```\n\n^```text\n(.*?)^```", DOC.read_text(), re.S | re.M)
     assert len(examples) == 4
