@@ -3,6 +3,8 @@ tests marked ``integration`` run with ``--integration``, ``slow`` ones with ``--
 cache shared by the xdist workers and the processes the tests start."""
 import os
 
+from experiments.common.cache import cache_dir_default  # the inputs' cache folder: stdlib only
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # xdist workers share a GPU where there is one
@@ -12,8 +14,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # xdist workers
 # each entry by the program, the compile options and the jax/jaxlib/XLA versions, so a hit returns the executable
 # the same compilation made. Unbounded (JAX's size limit stats every entry on each write): delete the folder
 # to reclaim its space.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sste_jax", "xla-tests"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache_dir_default() / "xla-tests"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import chex  # noqa: E402
