@@ -20,7 +20,8 @@ Runs go one per core as single-threaded processes of the task's train module
 in ``runs/ablation_vision_<config>`` (``runs/ablation_vision_fashion_<config>`` on Fashion-MNIST);
 LM runs in ``runs/lm_<config>``, shared with `experiments.lm.compare`, each method at its learning
 rate from `experiments.lm.configs.TUNED_LR` (else the config's). Writes to ``--out`` (default
-``<runs-dir>/ablation``): ``<set>.md`` per set; for ``fig4`` also ``flip_rate_beta.png`` (flip rate
+``<runs-dir>/ablation``): ``<set>.md`` per set (the table, then each variant minus S-STE, paired by
+seed); for ``fig4`` also ``flip_rate_beta.png`` (flip rate
 per step, log scale: dense, β frozen, β recomputed) and ``beta.png`` (mean β of the sparse layers);
 LM also ``val_loss.png`` and ``flip_rate.png`` of every run.
 """
@@ -99,6 +100,14 @@ def labelled(summary: dict, labels: dict[str, str], refit_every: int, gaps: bool
     return out
 
 
+def differences_to_sste(summary: dict, labels: dict[str, str], key: str, digits: int, unit: str) -> str:
+    """The set's own comparison: each variant in ``labels`` minus S-STE on ``key``, paired by seed, as a
+    Markdown table (empty when the set has no S-STE row or no variant)."""
+    pairs = [(name, "sste") for name in labels if name not in ("dense", "sste") and "sste" in labels]
+    text = report.difference_table(summary, pairs, key, digits, unit)
+    return "\n" + text if text else ""
+
+
 def write_results(runs: report.Runs, sets: list[str], out: pathlib.Path, header: str, refit_every: int,
                   table) -> dict[str, str]:
     """The sets' tables (``<set>.md``; ``table(runs_of_set, labels)`` gives each) and, for ``fig4``,
@@ -164,7 +173,9 @@ def run_vision(p: argparse.ArgumentParser, args, names: list[str], command: str)
               f"seeds {args.seeds}. Command: `{command}`")
 
     def table(subset, labels):
-        return compare.table(labelled(compare.summarize(subset), labels, refit_every))
+        summary = compare.summarize(subset)
+        return (compare.table(labelled(summary, labels, refit_every))
+                + differences_to_sste(summary, labels, "test_top1", 1, "top-1 points"))
 
     return runs, out, header, refit_every, table
 
@@ -193,10 +204,11 @@ def run_lm(p: argparse.ArgumentParser, args, names: list[str], command: str):
     note = "" if several else "\nOne seed: no interval for the gap to dense (run 2 or more seeds).\n"
 
     def table(subset, labels):
-        rows = labelled(compare.summarize(subset, o.batch_size * o.grad_accum * m.seq_len), labels,
-                        LM_REFIT_EVERY, gaps=several)
+        summary = compare.summarize(subset, o.batch_size * o.grad_accum * m.seq_len)
+        rows = labelled(summary, labels, LM_REFIT_EVERY, gaps=several)
         label_lrs = {key: lrs[name] for key, name in zip(rows, labels)}
-        return compare.table(rows, label_lrs, args.seeds) + note
+        diffs = differences_to_sste(summary, labels, "val_loss", 4, "nats") if several else ""
+        return compare.table(rows, label_lrs, args.seeds) + diffs + note
 
     return runs, out, header, LM_REFIT_EVERY, table
 

@@ -88,6 +88,27 @@ def format_interval(differences, digits: int = 4) -> str:
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else "")
 
 
+def difference_table(summary: dict[str, dict[str, list[float]]], pairs, key: str, digits: int = 4,
+                     unit: str = "") -> str:
+    """A Markdown table of ``a − b`` on ``key`` for each pair of ``pairs`` present in ``summary`` (per
+    name, one value per seed in the same seed order): mean, 95% interval, per seed; empty without pairs.
+
+    >>> print(difference_table({"a": {"loss": [1.0, 2.0]}, "b": {"loss": [0.5, 1.0]}}, [("a", "b")], "loss", 1), end="")
+    | difference | mean (95% CI) | per seed |
+    |---|---|---|
+    | a − b | +0.8 [-2.4, +3.9] | +0.5, +1.0 |
+    """
+    present = [(a, b) for a, b in pairs if a in summary and b in summary]
+    if not present:
+        return ""
+    head = f"difference ({unit})" if unit else "difference"
+    lines = [f"| {head} | mean (95% CI) | per seed |", "|---|---|---|"]
+    for a, b in present:
+        d = [x - y for x, y in zip(summary[a][key], summary[b][key])]
+        lines.append(f"| {a} − {b} | {format_interval(d, digits)} | {', '.join(f'{v:+.{digits}f}' for v in d)} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_spread(values, digits: int, signed: bool = False) -> str:
     """``mean ± half the range`` of per-seed values."""
     mean, spread = float(np.mean(values)), (max(values) - min(values)) / 2

@@ -82,12 +82,9 @@ def table(summary, lrs: dict[str, float], seeds) -> str:
         flips = report.format_spread(row["flip_ratio"], 2) if "flip_ratio" in row else ""
         lines.append(f"| {name} | {lrs[name]:g} | {report.format_spread(row['val_loss'], digits)} | {gap} | {flips} | "
                      f"{np.nanmean(row['tokens_per_s']):.0f} |")
-    pairs = [(a, b) for a, b in PAIRS if a in summary and b in summary]
-    if pairs:
-        lines += ["", "| difference | mean (95% CI) | per seed |", "|---|---|---|"]
-        for a, b in pairs:
-            d = [x - y for x, y in zip(summary[a]["val_loss"], summary[b]["val_loss"])]
-            lines.append(f"| {a} − {b} | {report.format_interval(d, digits)} | {', '.join(f'{v:+.4f}' for v in d)} |")
+    differences = report.difference_table(summary, PAIRS, "val_loss", digits)
+    if differences:
+        lines += ["", differences.rstrip("\n")]
     lines += ["", f"Seeds {list(seeds)}; val loss: mean ± half the range; differences paired by seed (same batches "
               "and initial weights) with a two-sided 95% Student-t interval; * marks an interval that excludes 0 "
               "(resolved). Negative means lower (better) loss than the reference."]

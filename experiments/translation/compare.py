@@ -28,6 +28,7 @@ from experiments.translation import data as bible
 from experiments.translation.configs import CONFIGS, get_config
 from experiments.translation.train import describe, first_per_book, make_run, prepare_data
 
+PAIRS = (("sste", "srste"), ("sste", "step"), ("step", "srste"))
 MAIN = ("dense", "srste", "step", "sste")
 KEYS = ("train_loss", "val_loss", "test_bleu", "val_bleu", "seconds", "decode_seconds")
 
@@ -64,7 +65,8 @@ def summarize(runs: report.Runs) -> dict[str, dict[str, list[float]]]:
 
 def table(summary: dict[str, dict[str, list[float]]]) -> str:
     """Table 4's columns (train loss, validation loss, test BLEU), with per-seed BLEU, validation BLEU,
-    the late flip rate over dense's, seconds per run and, from 2 seeds on, the differences to dense."""
+    the late flip rate over dense's, seconds per run and, from 2 seeds on, the differences to dense and
+    the test-BLEU differences of `PAIRS`."""
     lines = ["| method | train loss | val loss | test BLEU | test BLEU per seed | val BLEU | "
              "flip rate, last ¼ (× dense) | s per run |", "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
@@ -79,6 +81,9 @@ def table(summary: dict[str, dict[str, list[float]]]) -> str:
         lines += ["", "| method | val loss − dense (95% CI) | test BLEU − dense (95% CI) |", "|---|---|---|"]
         lines += [f"| {name} | {report.format_interval(row['val_loss_gap'], 3)} | "
                   f"{report.format_interval(row['test_bleu_gap'], 2)} |" for name, row in gaps]
+        differences = report.difference_table(summary, PAIRS, "test_bleu", 2, "test BLEU")
+        if differences:
+            lines += ["", differences.rstrip("\n")]
     return "\n".join(lines) + (
         "\n\nMean ± half the range over seeds. Losses: masked token cross entropy with the forward weights of "
         "the final phase (2:4 for sparse methods); train loss averaged over the last log interval. Seconds: "

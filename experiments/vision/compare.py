@@ -28,6 +28,7 @@ from experiments.vision.data import fetch_fashion
 from experiments.vision.train import make_run
 
 MAIN = ("dense", "srste", "sste")
+PAIRS = (("sste", "srste"), ("sste", "ste"), ("srste", "ste"))
 
 
 def run_dir(runs_dir: pathlib.Path, method: str, seed: int) -> pathlib.Path:
@@ -57,7 +58,8 @@ def summarize(runs: report.Runs) -> dict[str, dict[str, list[float]]]:
 
 
 def table(summary: dict[str, dict[str, list[float]]]) -> str:
-    """The Markdown table of a `summarize` result, one row per key (method name or label)."""
+    """The Markdown table of a `summarize` result, one row per key (method name or label), then the
+    top-1 differences of `PAIRS` present (from 2 seeds on)."""
     lines = ["| method | test top-1 (%) | per seed | − dense, points (95% CI) | final train loss | "
              "flip rate, last ¼ (× dense) |", "|---|---|---|---|---|---|"]
     for name, row in summary.items():
@@ -69,6 +71,10 @@ def table(summary: dict[str, dict[str, list[float]]]) -> str:
         flips = report.format_spread(row["flip_ratio"], 3) if "flip_ratio" in row else ""
         lines.append(f"| {name} | {report.format_spread(row['test_top1'], 1)} | {seeds} | {gap} | "
                      f"{report.format_spread(row['train_loss'], 4)} | {flips} |")
+    if all(len(row["test_top1"]) >= 2 for row in summary.values()):
+        differences = report.difference_table(summary, PAIRS, "test_top1", 1, "top-1 points")
+        if differences:
+            lines += ["", differences.rstrip("\n")]
     return "\n".join(lines) + (
         "\n\nTop-1 with the 2:4 forward weights: mean ± half the range over seeds. Differences and flip-rate ratios "
         "are paired by seed (same batches and initial weights); with 2 or more seeds the difference has a two-sided "

@@ -118,6 +118,18 @@ def test_bad_arguments_are_rejected(tmp_path, capsys, argv, message):
     assert not (tmp_path / "runs").exists()
 
 
+def test_differences_to_sste_are_paired_by_seed():
+    summary = {"dense": {"val_loss": [2.0, 2.1, 2.2]}, "sste": {"val_loss": [1.9, 2.0, 2.3]},
+               "ste": {"val_loss": [2.0, 2.2, 2.3]}}
+    text = ablate.differences_to_sste(summary, {"dense": "", "ste": "", "sste": ""}, "val_loss", 4, "nats")
+    # differences 0.1, 0.2, 0.0: mean 0.1, sd 0.1, half-width t(2) 4.303 x 0.1 / sqrt(3) = 0.2484
+    assert "| difference (nats) | mean (95% CI) | per seed |" in text
+    assert "| ste − sste | +0.1000 [-0.1484, +0.3484] | +0.1000, +0.2000, +0.0000 |" in text
+    assert "dense − sste" not in text
+    assert ablate.differences_to_sste(summary, {"dense": "", "sste": ""}, "val_loss", 4, "nats") == ""
+    assert ablate.differences_to_sste(summary, {"dense": "", "ste": ""}, "val_loss", 4, "nats") == ""
+
+
 def _fake_lm_run(planned: runner.Planned, val_loss: float, flip: float, betas, steps: int = 8):
     """A finished run as `loop.fit` leaves it: ``run.json`` of the planned run's identity, metrics
     (train records every 2 steps, evaluations at 4 and 8, the final record) and a last checkpoint
@@ -161,6 +173,8 @@ def test_lm_ablation_tables_from_finished_runs(tmp_path, monkeypatch):
             "+0.0300 [+0.0300, +0.0300]* | 4.00 ± 0.00 |") in table2
     assert ("| S-STE + FP8 (`sste_fp8`) | 0.003 | 2.0600 ± 0.0000 | +0.0600 [+0.0600, +0.0600]* | 7.00 ± 0.00 |"
             in texts["table8"])
+    assert "| sste_beta_l1 − sste | -0.0100 [-0.0100, -0.0100]* | -0.0100, -0.0100 |" in table2
+    assert "| sste_mvue_fp8 − sste | +0.0300 [+0.0300, +0.0300]* |" in texts["table8"]
     fig4 = texts["fig4"]
     assert "recomputed every 50 steps (`sste_beta_refit`)" in fig4
     assert "frozen 1.500; recomputed 1.500 at step 4 → 2.200 at step 8" in fig4  # mean over the two seeds

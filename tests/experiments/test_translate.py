@@ -179,3 +179,22 @@ def test_unknown_method_setting_or_other_run_is_rejected(compared, cache, tmp_pa
     with pytest.raises(SystemExit, match=r"other settings.*optim\.lr"):
         train.main(["--config", "tiny", "--method", "dense", "--recipe", *FORCE_SWITCH, "--val-bleu",
                     "--set", "lr=1e-3", "--workdir", str(dense), "--cache-dir", str(cache), "--quiet", "--resume"])
+
+
+def test_table_pairs_differences_by_seed():
+    def row(bleu, loss):
+        return {"train_loss": [3.0, 3.0], "val_loss": loss, "test_bleu": bleu, "seconds": [1.0, 1.0]}
+
+    summary = {"dense": row([10.0, 11.0], [3.60, 3.70]), "srste": row([10.5, 11.0], [3.61, 3.70]),
+               "step": row([9.0, 11.5], [3.62, 3.71]), "sste": row([11.0, 12.0], [3.58, 3.69])}
+    for name, r in summary.items():
+        for key in ("val_loss", "test_bleu"):
+            r[f"{key}_gap"] = [v - d for v, d in zip(r[key], summary["dense"][key])]
+    text = compare.table(summary)
+    # sste − srste test BLEU per seed 0.5, 1.0: mean 0.75, half-width 12.706 x 0.3536 / sqrt(2) = 3.18
+    assert "| sste − srste | +0.75 [-2.43, +3.93] | +0.50, +1.00 |" in text
+    assert "| sste − step | +1.25 [-8.28, +10.78] | +2.00, +0.50 |" in text
+    assert "| step − srste |" in text and "| difference (test BLEU) |" in text
+    one_seed = {name: {k: v[:1] for k, v in r.items() if not k.endswith("_gap")} for name, r in summary.items()}
+    assert "| difference" not in compare.table(one_seed)
+

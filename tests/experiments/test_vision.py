@@ -145,6 +145,8 @@ def test_summary_pairs_seeds_and_the_table_shows_spread():
         + run("dense", 1, 0.80, 0.02)
         + run("sste", 0, 0.94, 0.02)
         + run("sste", 1, 0.80, 0.02)
+        + run("srste", 0, 0.92, 0.01)
+        + run("srste", 1, 0.79, 0.01)
     )
     summary = compare.summarize(report.group_runs(records))
     assert summary["sste"]["test_top1"] == pytest.approx([94.0, 80.0])
@@ -153,10 +155,13 @@ def test_summary_pairs_seeds_and_the_table_shows_spread():
     text = compare.table(summary)
     assert "| sste | 87.0 ± 7.0 | 94.0, 80.0 | +2.0 [-23.4, +27.4] | 0.5000 ± 0.0000 | 1.500 ± 0.500 |" in text
     assert "| dense | 85.0 ± 5.0 | 90.0, 80.0 |  | 0.5000 ± 0.0000 | 1.000 ± 0.000 |" in text
+    # sste − srste per seed 2.0, 1.0: mean 1.5, half-width t(1) 12.706 x 0.7071 / sqrt(2) = 6.35
+    assert "| sste − srste | +1.5 [-4.9, +7.9] | +2.0, +1.0 |" in text and "sste − ste" not in text
     one_seed = compare.table(
         compare.summarize(report.group_runs(run("dense", 0, 0.90, 0.01) + run("sste", 0, 0.94, 0.02)))
     )
     assert "| sste | 94.0 ± 0.0 | 94.0 | +4.0 | 0.5000 ± 0.0000 | 2.000 ± 0.000 |" in one_seed
+    assert "| difference" not in one_seed
     no_dense = compare.summarize(report.group_runs(run("sste", 0, 0.94, 0.02)))
     assert "gap_dense" not in no_dense[
         "sste"
