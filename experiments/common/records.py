@@ -102,11 +102,13 @@ def write_records(path: pathlib.Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def keep_until(path: pathlib.Path, step: int) -> None:
-    """Drops the records after ``step`` and any final record (a resumed run writes them again)."""
+def keep_until(path: pathlib.Path, step: int, drop_eval_at_step: bool = False) -> None:
+    """Drops the records after ``step`` and any final record (a resumed run writes them again); with
+    ``drop_eval_at_step``, also the evaluation at ``step`` (a run resumed at its last step evaluates again)."""
     path = pathlib.Path(path)
     if path.exists():
-        write_records(path, [r for r in read_records(path) if r["step"] <= step and r.get("kind") != "final"])
+        write_records(path, [r for r in read_records(path) if r["step"] <= step and r.get("kind") != "final"
+                             and not (drop_eval_at_step and r.get("kind") == "eval" and r["step"] == step)])
 
 
 def last_step(path: pathlib.Path) -> int:

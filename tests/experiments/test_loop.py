@@ -162,3 +162,31 @@ def test_an_mvue_run_stopped_and_resumed_is_bit_identical_to_one_straight_run(tm
     chex.assert_trees_all_equal(straight["params"], resumed["params"])
     losses = lambda d: [r["train_loss"] for r in records.read_records(d / "metrics.jsonl") if r["kind"] == "train"]  # noqa: E731
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+
+
+@pytest.mark.integration
+def test_a_run_stopped_in_its_last_evaluation_resumes_to_the_straight_runs_final_record(tmp_path):
+    """Stopped after its last step's checkpoint but before its final record, a resumed run trains nothing:
+    it evaluates the restored state again and takes the last train record from its metrics."""
+    straight = tmp_path / "straight"
+    _fit(straight, _task())
+    reached_last_step, stopped = [], []
+    base = _task(on_batch=lambda i: reached_last_step.append(i) if i == TINY.optim.steps - 1 else None)
+
+    def evaluate(model):
+        if reached_last_step and not stopped:
+            stopped.append(True)
+            raise KeyboardInterrupt("SIGTERM")
+        return base.evaluate(model)
+
+    task = loop.Task(base.loss_fn, base.batch_at, evaluate, base.finish, base.eval_dense_w)
+    split = tmp_path / "split"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(split, task)
+    assert checkpoint.checkpoint_steps(split / "ckpt")[-1] == TINY.optim.steps
+    assert "final" not in [r["kind"] for r in records.read_records(split / "metrics.jsonl")]
+    _fit(split, task, resume=True)
+    got, want = records.read_records(split / "metrics.jsonl"), records.read_records(straight / "metrics.jsonl")
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    final, expected = report.final_record(got), report.final_record(want)
+    assert final["val_loss"] == expected["val_loss"] and final["train_loss"] == expected["train_loss"]
