@@ -21,9 +21,9 @@ in ``runs/ablation_vision_<config>`` (``runs/ablation_vision_fashion_<config>`` 
 LM runs in ``runs/lm_<config>``, shared with `experiments.lm.compare`, each method at its learning
 rate from `experiments.lm.configs.TUNED_LR` (else the config's). Writes to ``--out`` (default
 ``<runs-dir>/ablation``): ``<set>.md`` per set (the table, then each variant minus S-STE, paired by
-seed); for ``fig4`` also ``flip_rate_beta.png`` (flip rate
-per step, log scale: dense, β frozen, β recomputed) and ``beta.png`` (mean β of the sparse layers);
-LM also ``val_loss.png`` and ``flip_rate.png`` of every run.
+seed); for ``fig4`` also ``flip_rate_beta.png`` (flip rate per step, log scale: dense, β frozen, β
+recomputed) and ``beta.png`` (mean β of the sparse layers); LM also ``val_loss.png`` and
+``flip_rate.png`` of every run.
 """
 
 import argparse
@@ -103,7 +103,9 @@ def labelled(summary: dict, labels: dict[str, str], refit_every: int, gaps: bool
 def differences_to_sste(summary: dict, labels: dict[str, str], key: str, digits: int, unit: str) -> str:
     """The set's own comparison: each variant in ``labels`` minus S-STE on ``key``, paired by seed, as a
     Markdown table (empty when the set has no S-STE row or no variant)."""
-    pairs = [(name, "sste") for name in labels if name not in ("dense", "sste") and "sste" in labels]
+    if "sste" not in labels:
+        return ""
+    pairs = [(name, "sste") for name in labels if name not in ("dense", "sste")]
     text = report.difference_table(summary, pairs, key, digits, unit)
     return "\n" + text if text else ""
 
