@@ -88,6 +88,11 @@ def format_interval(differences, digits: int = 4) -> str:
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]" + ("*" if lo > 0 or hi < 0 else "")
 
 
+def paired_differences(summary: dict[str, dict[str, list[float]]], a: str, b: str, key: str) -> list[float]:
+    """``a − b`` on ``key``, seed by seed (each name's values in the same seed order)."""
+    return [x - y for x, y in zip(summary[a][key], summary[b][key])]
+
+
 def difference_table(summary: dict[str, dict[str, list[float]]], pairs, key: str, digits: int = 4,
                      unit: str = "") -> str:
     """A Markdown table of ``a − b`` on ``key`` for each pair of ``pairs`` present in ``summary`` (per
@@ -104,7 +109,7 @@ def difference_table(summary: dict[str, dict[str, list[float]]], pairs, key: str
     head = f"difference ({unit})" if unit else "difference"
     lines = [f"| {head} | mean (95% CI) | per seed |", "|---|---|---|"]
     for a, b in present:
-        d = [x - y for x, y in zip(summary[a][key], summary[b][key])]
+        d = paired_differences(summary, a, b, key)
         lines.append(f"| {a} − {b} | {format_interval(d, digits)} | {', '.join(f'{v:+.{digits}f}' for v in d)} |")
     return "\n".join(lines) + "\n"
 

@@ -88,7 +88,7 @@ def table(summary, lrs: dict[str, float], seeds) -> str:
     if pairs:
         lines += ["", "| difference | accuracy, points (95% CI) | loss (95% CI) |", "|---|---|---|"]
         for a, b in pairs:
-            cells = [report.format_interval([x - y for x, y in zip(summary[a][k], summary[b][k])], d)
+            cells = [report.format_interval(report.paired_differences(summary, a, b, k), d)
                      for k, d in (("val_acc", 1), ("val_loss", 3))]
             lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Seeds {list(seeds)}: seed s fine-tunes pre-training run s; accuracy and loss on the held-out "

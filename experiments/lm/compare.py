@@ -103,7 +103,7 @@ def verdict(summary) -> str:
         d = (
             summary["sste"][key]
             if key
-            else [x - y for x, y in zip(summary["sste"]["val_loss"], summary[ref]["val_loss"])]
+            else report.paired_differences(summary, "sste", ref, "val_loss")
         )
         if len(d) < 2:
             words.append(f"S-STE vs {ref}: {d[0]:+.4f} nats on one seed (no interval: run more seeds)")

@@ -31,10 +31,6 @@ METHODS = ("dense", "srste", "sste")
 DIFFERENCES = (("sste", "srste"), ("sste", "ste"), ("sste_mvue_fp8", "srste"))
 
 
-def _differences(summary, a: str, b: str) -> list[float]:
-    return [x - y for x, y in zip(summary[a]["val_loss"], summary[b]["val_loss"])]
-
-
 def summary_table(summaries: dict[str, dict], labels: dict[str, str]) -> str:
     """One row per point: each method's gap to dense and the `DIFFERENCES` present, with intervals."""
     first = next(iter(summaries.values()))
@@ -44,7 +40,7 @@ def summary_table(summaries: dict[str, dict], labels: dict[str, str]) -> str:
     lines = ["| point | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
     for point, summary in summaries.items():
         cells = [report.format_interval(summary[name]["gap_dense"]) for name in gaps]
-        cells += [report.format_interval(_differences(summary, a, b)) for a, b in pairs]
+        cells += [report.format_interval(report.paired_differences(summary, a, b, "val_loss")) for a, b in pairs]
         lines.append(f"| {labels[point]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -70,7 +66,7 @@ def plot(summaries: dict[str, dict], xs: list[float], ticks: list[str], xlabel: 
             line(left, [summaries[p][name]["gap_dense"] for p in points], name, report.color(name))
     for a, b in DIFFERENCES:
         if a in summaries[points[0]] and b in summaries[points[0]]:
-            line(right, [_differences(summaries[p], a, b) for p in points], f"{a} − {b}",
+            line(right, [report.paired_differences(summaries[p], a, b, "val_loss") for p in points], f"{a} − {b}",
                  report.color(b if a == "sste" else a))
     for ax, ylabel in ((left, "val loss − dense (nats)"), (right, "paired difference (nats)")):
         ax.axhline(0, color="black", lw=0.8)
