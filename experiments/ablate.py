@@ -21,9 +21,9 @@ in ``runs/ablation_vision_<config>`` (``runs/ablation_vision_fashion_<config>`` 
 LM runs in ``runs/lm_<config>``, shared with `experiments.lm.compare`, each method at its learning
 rate from `experiments.lm.configs.TUNED_LR` (else the config's). Writes to ``--out`` (default
 ``<runs-dir>/ablation``): ``<set>.md`` per set (the table, then each variant minus S-STE, paired by
-seed); for ``fig4`` also ``flip_rate_beta.png`` (flip rate per step, log scale: dense, β frozen, β
-recomputed) and ``beta.png`` (mean β of the sparse layers); LM also ``val_loss.png`` and
-``flip_rate.png`` of every run.
+seed; ``table2`` ends with each rule's final β); for ``fig4`` also ``flip_rate_beta.png`` (flip rate
+per step, log scale: dense, β frozen, β recomputed) and ``beta.png`` (mean β of the sparse layers); LM
+also ``val_loss.png`` and ``flip_rate.png`` of every run.
 """
 
 import argparse
@@ -78,6 +78,13 @@ def beta_note(runs: report.Runs) -> str:
             f"recomputed {b0:.3f} at step {first} → {b1:.3f} at step {last}.\n")
 
 
+def final_beta_note(runs: report.Runs, names) -> str:
+    """One line: each of ``names``' β at its last evaluation (mean over layers, then seeds)."""
+    finals = {name: report.seed_mean_curve(runs[name], "beta_mean")[1][-1] for name in names}
+    return ("Mean β of the sparse layers at the end (mean over seeds): "
+            + ", ".join(f"`{name}` {b:.3f}" for name, b in finals.items()) + ".\n")
+
+
 def plan_refit(planned: runner.Planned, make_run, refit_every: int) -> runner.Planned:
     """``planned`` (a ``sste_beta_refit`` run of the task's ``plan``) with β recomputed every
     ``refit_every`` steps: the same `loop.Run` as ``--recipe refit_beta_every=N`` gives the train module."""
@@ -120,6 +127,8 @@ def write_results(runs: report.Runs, sets: list[str], out: pathlib.Path, header:
         title, labels = SETS[s]
         subset = {name: runs[name] for name in labels}
         text = f"### {title}\n\n{header}\n\n{table(subset, labels)}"
+        if s == "table2":
+            text += "\n" + final_beta_note(subset, [name for name in labels if name != "dense"])
         if s == "fig4":
             text += "\n" + beta_note(subset)
         (out / f"{s}.md").write_text(text)

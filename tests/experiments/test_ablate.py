@@ -154,7 +154,8 @@ def test_lm_ablation_tables_from_finished_runs(tmp_path, monkeypatch):
     # finished runs are reused (nothing trains): the tables and plots of all three sets
     runs_dir, names = tmp_path / "runs", ablate.method_names(list(ablate.SETS))
     for p in lm_compare.plan("tiny", names, [0, 1], [], runs_dir):
-        betas = (1.5, 1.7 + p.seed) if p.name == "sste_beta_refit" else (1.5, 1.5)
+        special = {"sste_beta_refit": (1.5, 1.7 + p.seed), "sste_beta_l1": (2.4, 2.5 + 0.2 * p.seed)}
+        betas = special.get(p.name, (1.5, 1.5))
         i = names.index(p.name)
         _fake_lm_run(p, 2.0 + 0.01 * i, 0.01 * (1 + i), betas)
     launched = []
@@ -174,6 +175,8 @@ def test_lm_ablation_tables_from_finished_runs(tmp_path, monkeypatch):
     assert ("| S-STE + FP8 (`sste_fp8`) | 0.003 | 2.0600 ± 0.0000 | +0.0600 [+0.0600, +0.0600]* | 7.00 ± 0.00 |"
             in texts["table8"])
     assert "| sste_beta_l1 − sste | -0.0100 [-0.0100, -0.0100]* | -0.0100, -0.0100 |" in table2
+    assert table2.endswith("at the end (mean over seeds): `ste` 1.500, `sste_beta_none` 1.500, "
+                           "`sste_beta_l1` 2.600, `sste` 1.500.\n")  # the last evaluation's, mean over seeds
     assert "| sste_mvue_fp8 − sste | +0.0300 [+0.0300, +0.0300]* |" in texts["table8"]
     fig4 = texts["fig4"]
     assert "recomputed every 50 steps (`sste_beta_refit`)" in fig4
