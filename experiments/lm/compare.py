@@ -9,9 +9,10 @@ Runs go one per core as single-threaded processes (`experiments.common.runner`);
 ``<runs-dir>/<method>_lr<lr>_s<seed>`` (default ``runs/lm_<config>``), finished ones are reused,
 interrupted ones resumed, and a folder holding other settings is refused. Every method of a seed
 sees the same batches and initial weights, so differences are paired by seed. Each method trains at
-its learning rate from `experiments.lm.configs.TUNED_LR` (the sweep's best) unless ``--set lr=...``
-fixes one for all. Writes ``table.md``, ``val_loss.png`` and ``flip_rate.png`` to ``--out``
-(default ``<runs-dir>/report``).
+its learning rate from `experiments.lm.configs.TUNED_LR` (the sweep's best) unless ``--lr
+METHOD=RATE`` sets one method's (e.g. ``--lr srste=0.012``) or ``--set lr=...`` fixes one for all.
+Writes ``table.md``, ``val_loss.png`` and ``flip_rate.png`` to ``--out`` (default
+``<runs-dir>/report``).
 """
 
 import argparse
@@ -21,14 +22,29 @@ import time
 
 import numpy as np
 
-from experiments.common import cli, loop, report, runner
+from experiments.common import cli, flags, loop, report, runner
 from experiments.common.config import parse_overrides, with_lr
+from experiments.common.recipes import METHODS
 from experiments.lm.configs import CONFIGS, TUNED_LR, get_config, recipe_defaults
 from experiments.lm.train import make_run
 
 MAIN = ("dense", "ste", "srste", "sste")
 PAIRS = (("sste", "srste"), ("sste", "ste"), ("srste", "ste"), ("sste_mvue_fp8", "srste"), ("sste_mvue_fp8", "ste"),
          ("sste_mvue_fp8", "sste"), ("sste", "step"), ("sste", "tsrste_df"), ("tsrste_df_mvue", "tsrste_df"))
+
+
+def parse_method_lr(text: str) -> tuple[str, float]:
+    """``METHOD=RATE`` as ``(method, rate)``; raises ValueError naming what is wrong."""
+    method, sep, rate = text.partition("=")
+    if not sep or method not in METHODS:
+        raise ValueError(f"{text!r}: expected METHOD=RATE with METHOD one of {' '.join(METHODS)}")
+    try:
+        value = float(rate)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{text!r}: the rate must be a finite number > 0")
+    return method, value
 
 
 def run_dir(runs_dir: pathlib.Path, method: str, lr: float, seed: int) -> pathlib.Path:
@@ -134,31 +150,40 @@ def main(argv=None) -> str:
     cli.add_jobs_arg(p)
     p.add_argument("--xla-threads", choices=["one", "default"], default="one",
                    help="one: single-threaded XLA per run (default); default: XLA's own threading (use --jobs 1)")
+    p.add_argument("--lr", nargs="+", action="extend", default=[], type=flags.parsed_by(parse_method_lr),
+                   metavar="METHOD=RATE", help="a method's peak rate instead of its tuned one (min_lr keeps the "
+                                               "config's ratio), e.g. srste=0.012; repeatable")
     p.add_argument("--runs-dir", default=None, help="default runs/lm_<config>")
     p.add_argument("--out", default=None, help="default <runs-dir>/report")
     args = p.parse_args(argv)
     if args.recipe:
         p.error("--recipe is for experiments.lm.train (one method); compare runs each method's own recipe")
+    lrs = dict(args.lr)
+    if len(lrs) < len(args.lr):
+        p.error("--lr: a method is given twice")
+    if set(lrs) - set(args.methods):
+        p.error(f"--lr {' '.join(sorted(set(lrs) - set(args.methods)))}: not among --methods")
     try:
         cfg = get_config(args.config, args.set)
     except ValueError as e:
         p.error(str(e))
+    if lrs and ("optim", "lr") in parse_overrides(cfg, args.set):
+        p.error("--lr and --set lr=... both set rates: use one")
     runs_dir = pathlib.Path(args.runs_dir or f"runs/lm_{args.config}")
     out = pathlib.Path(args.out or runs_dir / "report")
     began = time.perf_counter()
-    planned = plan(args.config, args.methods, args.seeds, args.set, runs_dir)
+    planned = plan(args.config, args.methods, args.seeds, args.set, runs_dir, lrs)
     try:
         runner.execute("experiments.lm.train", planned, args.jobs, single_thread=args.xla_threads == "one")
     except (loop.RunMismatchError, runner.RunsFailed) as e:
         sys.exit(f"error: {e}")
     runs = runner.load(planned)
     summary = summarize(runs, cfg.optim.batch_size * cfg.optim.grad_accum * cfg.model.seq_len)
-    lrs = lrs_of(planned)
     m = cfg.model
     command = "python -m experiments.lm.compare " + " ".join(argv if argv is not None else sys.argv[1:])
     title = (f"### `{args.config}`: {m.n_layer} layers x d {m.d_model}, {cfg.optim.steps} steps, seeds "
              f"{args.seeds}\n\nCommand: `{command.strip()}`. Machine: {report.machine(args.xla_threads == 'one')}.\n\n")
-    text = title + table(summary, lrs, args.seeds) + "\n" + verdict(summary) + "\n"
+    text = title + table(summary, lrs_of(planned), args.seeds) + "\n" + verdict(summary) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     write_plots(runs, out, f"{args.config}, seeds {args.seeds}, each method at its LR (band: seed range)")

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import sste_jax
-from experiments.common import loop, recipes, report
+from experiments.common import loop, recipes, report, runner
 from experiments.lm import compare, data
 from experiments.lm import train as lm_train
 from experiments.lm.configs import get_config
@@ -219,6 +219,23 @@ def test_compare_reuses_finished_runs_and_refuses_other_settings(tmp_path):
     (other,) = compare.plan("tiny", ["dense"], [0], ["n_layer=1"], tmp_path)
     with pytest.raises(loop.RunMismatchError, match="config.model.n_layer: 2 != 1"):
         loop.finished(other.workdir, other.run)
+
+
+def test_compare_lr_flag_sets_one_methods_rate_and_keeps_the_others_tuned(tmp_path, monkeypatch):
+    class Planned(Exception):
+        pass
+
+    def stop(module, planned, *args, **kwargs):
+        raise Planned(planned)
+
+    monkeypatch.setattr(runner, "execute", stop)
+    with pytest.raises(Planned) as caught:
+        compare.main(["--config", "tiny", "--methods", "dense", "sste", "--lr", "sste=0.006", "--seeds", "0",
+                      "--runs-dir", str(tmp_path)])
+    (planned,) = caught.value.args
+    got = {p.name: (p.workdir.name, p.run.config.optim.lr, p.run.config.optim.min_lr) for p in planned}
+    assert got == {"dense": ("dense_lr0.003_s0", 0.003, pytest.approx(3e-4)),
+                   "sste": ("sste_lr0.006_s0", 0.006, pytest.approx(6e-4))}
 
 
 def _fake_grid(tmp_path, means):
