@@ -39,12 +39,9 @@ def parse_method_lr(text: str) -> tuple[str, float]:
     if not sep or method not in METHODS:
         raise ValueError(f"{text!r}: expected METHOD=RATE with METHOD one of {' '.join(METHODS)}")
     try:
-        value = float(rate)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"{text!r}: the rate must be a finite number > 0")
-    return method, value
+        return method, flags.number(above=0)(rate)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{text!r}: the rate {e}") from None
 
 
 def run_dir(runs_dir: pathlib.Path, method: str, lr: float, seed: int) -> pathlib.Path:

@@ -48,7 +48,7 @@ BAD_FLAGS = [
     (lm_compare.main, ["--seeds", "0", "-1"], "--seeds: '-1': must be an integer >= 0"),
     (lm_compare.main, ["--lr", "srste"], "--lr: 'srste': expected METHOD=RATE with METHOD one of"),
     (lm_compare.main, ["--lr", "sstee=0.01"], "--lr: 'sstee=0.01': expected METHOD=RATE"),
-    (lm_compare.main, ["--lr", "sste=-1"], "--lr: 'sste=-1': the rate must be a finite number > 0"),
+    (lm_compare.main, ["--lr", "sste=-1"], "--lr: 'sste=-1': the rate '-1': must be a finite number > 0"),
     (lm_compare.main, ["--lr", "sste=0.01", "sste=0.02"], "--lr: a method is given twice"),
     (lm_compare.main, ["--methods", "dense", "--lr", "sste=0.01"], "--lr sste: not among --methods"),
     (lm_compare.main, ["--lr", "sste=0.01", "--set", "lr=0.01"], "--lr and --set lr=... both set rates: use one"),
