@@ -316,8 +316,7 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
     if start >= steps and metrics_path.exists() and any(r.get("kind") == "final" for r in read_records(metrics_path)):
         return state
     resumed_at_end = start >= steps  # interrupted after its last checkpoint, before its final record
-    if main:
-        keep_until(metrics_path, start, drop_eval_at_step=resumed_at_end)
+    kept = keep_until(metrics_path, start, drop_eval_at_step=resumed_at_end) if main else []
     record = append_record if main else lambda path, rec: None  # process 0 writes the metrics
     tag = {"method": run.method, "seed": run.seed}
     stop = steps if until is None else min(steps, until)
@@ -360,7 +359,8 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         return ev
 
     pending: list = []
-    clock = {"tick": time.perf_counter(), "paused": 0.0, "last_train": {}}
+    last_train = next((r for r in reversed(kept) if r.get("kind") == "train"), {})  # final record's if none follows
+    clock = {"tick": time.perf_counter(), "paused": 0.0, "last_train": last_train}
     began, last_eval, last_saved = time.perf_counter(), {}, start
     bar = tqdm(total=stop, initial=start, disable=not (progress and main), desc=f"{run.method} s{run.seed}",
                dynamic_ncols=True)
@@ -403,10 +403,8 @@ def fit(run: Run, workdir: str | pathlib.Path, task: Task, model: nnx.Module, *,
         ckpt.close()  # waits for the last save; a failed write raises here
     bar.close()
     if stop == steps:
-        if resumed_at_end:  # nothing trained in this call: evaluate the restored last step, reread its train record
+        if resumed_at_end:  # nothing trained in this call: evaluate the restored last step
             last_eval = evaluate(steps)
-            trains = [r for r in read_records(metrics_path) if r.get("kind") == "train"] if main else []
-            clock["last_train"] = trains[-1] if trains else {}
         final_model = schedule.model(state)
         record(metrics_path, {
             **tag, "step": steps, "kind": "final", "steps": steps,

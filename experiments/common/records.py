@@ -10,7 +10,8 @@ raises `BadFileError` naming the file and line of any other damage (not JSON, no
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "metrics.jsonl"
 >>> for step in (1, 2, 3):
 ...     append_record(path, {"method": "sste", "seed": 0, "step": step, "kind": "train", "loss": 1.0 / step})
->>> keep_until(path, 2)
+>>> [r["step"] for r in keep_until(path, 2)]  # the records kept, also on disk
+[1, 2]
 >>> [r["step"] for r in read_records(path)]
 [1, 2]
 """
@@ -102,13 +103,17 @@ def write_records(path: pathlib.Path, records: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def keep_until(path: pathlib.Path, step: int, drop_eval_at_step: bool = False) -> None:
+def keep_until(path: pathlib.Path, step: int, drop_eval_at_step: bool = False) -> list[dict]:
     """Drops the records after ``step`` and any final record (a resumed run writes them again); with
-    ``drop_eval_at_step``, also the evaluation at ``step`` (a run resumed at its last step evaluates again)."""
+    ``drop_eval_at_step``, also the evaluation at ``step`` (a run resumed at its last step evaluates again).
+    Returns the records kept (none when ``path`` does not exist)."""
     path = pathlib.Path(path)
-    if path.exists():
-        write_records(path, [r for r in read_records(path) if r["step"] <= step and r.get("kind") != "final"
-                             and not (drop_eval_at_step and r.get("kind") == "eval" and r["step"] == step)])
+    if not path.exists():
+        return []
+    kept = [r for r in read_records(path) if r["step"] <= step and r.get("kind") != "final"
+            and not (drop_eval_at_step and r.get("kind") == "eval" and r["step"] == step)]
+    write_records(path, kept)
+    return kept
 
 
 def last_step(path: pathlib.Path) -> int:
