@@ -1,7 +1,7 @@
 """Fine-tunes one pre-trained language model on the Austen task with its own method: metrics as
 JSON lines, orbax checkpoints, resumable.
 
-    python -m experiments.finetune.train --method sste --init-from runs/lm_capacity/sste_lr0.006_s0 \\
+    python -m experiments.finetune.train --method sste --init-from runs/lm_capacity/sste_lr0.0085_s0 \\
         --workdir runs/finetune_sste_s0
     python -m experiments.finetune.train --method dense --workdir runs/finetune_scratch_s0   # no pre-training
 

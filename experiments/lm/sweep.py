@@ -5,8 +5,11 @@ method's best rate, with paired 95% intervals.
 
 Stage 1 trains every method at every rate of ``--lrs`` with ``--seeds``; a method's best rate has
 the lowest mean final validation loss (2:4 weights) over those seeds. Where a method's best rate is
-at an edge of its grid, its grid is extended by one more factor-2 step beyond that edge (up to
-``--extend`` times), so every best rate ends inside its method's grid or the table says it does not.
+at an edge of its grid, its grid is extended by one more step beyond that edge, as wide as the
+grid's step at that edge (up to ``--extend`` times), so every best rate ends inside its method's
+grid or the table says it does not. A finer grid around the rates found, e.g. factor √2:
+
+    python -m experiments.lm.sweep --config capacity --lrs 0.006 0.0085 0.012 --seeds 0 1 2 3 4
 Stage 2 trains each method at its best rate with
 ``--final-seeds`` (the stage-1 seeds among them are reused) and writes the comparison table
 (`experiments.lm.compare.table`). Runs share ``--runs-dir`` with `experiments.lm.compare`, so the
@@ -44,6 +47,14 @@ def best_rates(grid: Grid) -> tuple[dict[str, float], list[str]]:
         if best[m] in (lrs[0], lrs[-1]):
             edges.append(m)
     return best, edges
+
+
+def next_rate(lrs: list[float], best: float) -> float:
+    """The rate one grid step beyond ``best`` (an edge of ``lrs``), the step as wide as the grid's
+    step at that edge, rounded to 2 significant digits: 1.2e-2 after 6e-3, 8.5e-3 gives 1.7e-2."""
+    lrs = sorted(lrs)
+    step = lrs[-1] / lrs[-2] if best == lrs[-1] else lrs[0] / lrs[1]
+    return float(f"{best * step:.2g}")
 
 
 def sweep_table(grid: Grid) -> str:
@@ -128,7 +139,7 @@ def main(argv=None) -> dict[str, float]:
             best, edges = best_rates(grid)
             if not edges:
                 break
-            train_grid([(m, best[m] * (2 if best[m] == max(grid[m]) else 0.5)) for m in edges])
+            train_grid([(m, next_rate(list(grid[m]), best[m])) for m in edges])
         best, edges = best_rates(grid)
         grid = {m: grid[m] for m in args.methods}
         final = compare.plan(args.config, args.methods, args.final_seeds, args.set, runs_dir, best)

@@ -265,6 +265,17 @@ def test_sweep_picks_the_best_rate_and_flags_edges(tmp_path):
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize(("lrs", "best", "expected"), [
+    ([3e-3, 6e-3, 1.2e-2], 1.2e-2, 2.4e-2), ([3e-3, 6e-3, 1.2e-2], 3e-3, 1.5e-3),
+    ([6e-3, 8.5e-3, 1.2e-2], 1.2e-2, 1.7e-2), ([1.2e-2, 6e-3, 8.5e-3], 6e-3, 4.2e-3),
+    ([4.2e-3, 6e-3, 8.5e-3, 1.2e-2, 2.4e-2], 2.4e-2, 4.8e-2),
+])
+def test_sweep_extends_an_edge_by_the_grids_own_step(lrs, best, expected):
+    from experiments.lm import sweep
+
+    assert sweep.next_rate(lrs, best) == expected
+
+
 def test_step_runs_start_from_the_configs_piloted_switch(tmp_path, monkeypatch):
     from experiments.lm import configs, nm
 
