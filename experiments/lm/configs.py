@@ -70,6 +70,7 @@ CONFIGS |= {f"capacity_d{d}": _width(CONFIGS["capacity"], d) for d in (128, 256)
 #   python -m experiments.lm.sweep --config capacity --methods dense ste srste step sste sste_mvue sste_mvue_fp8 \
 #       --lrs 0.006 0.0085 0.012 --seeds 0 1 2 3 4
 #   python -m experiments.lm.sweep --config capacity --methods tsrste_df --lrs 0.0021 0.003 0.0042 --seeds 0 1 2 3 4
+# (its grid extends twice, up to 8.3e-3)
 # T-SR-STE with MVUE trains at T-SR-STE's rate. The S-STE ablations (experiments.ablate) train at
 # S-STE's rate: each changes one thing of it.
 _ABLATIONS = ("sste_fp8", "sste_beta_none", "sste_beta_l1", "sste_beta_refit")
@@ -78,8 +79,8 @@ TUNED_LR: dict[str, dict[str, float]] = {
         "dense": 1.2e-2,
         "ste": 8.5e-3,
         "srste": 8.5e-3,
-        "tsrste_df": 3e-3,
-        "tsrste_df_mvue": 3e-3,
+        "tsrste_df": 5.9e-3,
+        "tsrste_df_mvue": 5.9e-3,
         "step": 8.5e-3,
         "sste": 8.5e-3,
         "sste_mvue": 6e-3,

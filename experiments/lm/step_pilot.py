@@ -13,7 +13,7 @@ at the same steps on every seed train identically and share their runs). The can
 Stage 2 trains STEP at each candidate with the same seeds, at STEP's tuned rate; threshold 0 (switch
 at ``T_max``) is a candidate too, its runs stage 1's. The best threshold has the lowest mean final
 validation loss; the command prints the `experiments.lm.configs.STEP_RECIPE` entry. Runs live in
-``runs/lm_<config>_step_pilot``; writes ``pilot.md`` and ``pilot.png`` (the curve per seed, log
+``runs/lm_<config>_step_pilot`` (named by threshold, rate and seed); writes ``pilot.md`` and ``pilot.png`` (the curve per seed, log
 scale, each candidate as a line with a mark where it fires) to ``--out`` (default that folder's
 ``report``).
 """
@@ -43,9 +43,9 @@ def with_threshold(planned: runner.Planned, config: str, threshold: float, log_e
     if log_every:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, log_every=log_every))
     sets = (*planned.args[planned.args.index("--set") + 1:], *((f"log_every={log_every}",) if log_every else ()))
-    name = "curve" if log_every else f"thr{threshold:.2g}"
+    name = f"{'curve' if log_every else f'thr{threshold:.2g}'}_lr{cfg.optim.lr:g}_s{planned.seed}"
     return dataclasses.replace(planned, run=make_run(cfg, "step", planned.seed, recipe_changes=changes),
-                               workdir=planned.workdir.parent / f"{name}_s{planned.seed}",
+                               workdir=planned.workdir.parent / name,
                                args=("--config", config, "--set", *sets, "--recipe", f"switch_threshold={threshold!r}"))
 
 

@@ -294,6 +294,18 @@ def test_verdict_says_what_an_unresolved_difference_rules_out():
                                         "above 0.0430).")
 
 
+def test_step_pilot_runs_are_named_by_threshold_rate_and_seed(tmp_path):
+    from experiments.lm import step_pilot
+
+    runs = {lr: compare.plan("tiny", ["step"], [1], [], tmp_path, {"step": lr})[0] for lr in (3e-3, 6e-3)}
+    names = {(lr, t): step_pilot.with_threshold(q, "tiny", t, None if t else 1).workdir.name
+             for lr, q in runs.items() for t in (0.0, 2e-8)}
+    assert names == {(3e-3, 0.0): "curve_lr0.003_s1", (3e-3, 2e-8): "thr2e-08_lr0.003_s1",
+                     (6e-3, 0.0): "curve_lr0.006_s1", (6e-3, 2e-8): "thr2e-08_lr0.006_s1"}
+    pilot = step_pilot.with_threshold(runs[6e-3], "tiny", 2e-8)
+    assert pilot.run.recipe().switch_threshold == 2e-8 and pilot.run.config.optim.lr == 6e-3
+
+
 def test_step_pilot_finds_where_each_threshold_fires():
     from experiments.lm import step_pilot
 
