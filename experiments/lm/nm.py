@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, flags, loop, report, runner
+from experiments.common.config import parse_overrides
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 from experiments.lm.train import make_run
@@ -46,6 +47,12 @@ def plan(config: str, methods, seeds, overrides, pattern: tuple[int, int]) -> li
 
     return [dataclasses.replace(p, run=make_run(p.run.config, p.name, p.seed, recipe_changes=changed(p)),
                                 args=(*p.args, "--recipe", f"n={n}", f"m={m}")) for p in planned]
+
+
+def rates_note(lrs: dict[str, float], fixed: bool) -> str:
+    """The report's line on the rates: each method's, tuned at 2:4 or fixed by ``--set lr=``."""
+    return f"Learning rates ({'set by --set' if fixed else 'tuned at 2:4'}): " + ", ".join(
+        f"{k} {v:g}" for k, v in lrs.items()) + "."
 
 
 def _degradation(summaries, method, pattern):
@@ -147,7 +154,7 @@ def main(argv=None) -> dict:
     command = "python -m experiments.lm.nm " + " ".join(argv if argv is not None else sys.argv[1:])
     lrs = compare.lrs_of(dense + planned[patterns[0]])
     text = (f"### N:M patterns, `{args.config}`\n\nCommand: `{command.strip()}`. Machine: {report.machine()}. "
-            f"Learning rates (tuned at 2:4): {', '.join(f'{k} {v:g}' for k, v in lrs.items())}.\n\n"
+            f"{rates_note(lrs, ('optim', 'lr') in parse_overrides(cfg, args.set))}\n\n"
             + tables(summaries, args.seeds))
     out = pathlib.Path(args.out or f"runs/lm_{args.config}_nm")
     out.mkdir(parents=True, exist_ok=True)

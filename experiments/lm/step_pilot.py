@@ -13,9 +13,9 @@ at the same steps on every seed train identically and share their runs). The can
 Stage 2 trains STEP at each candidate with the same seeds, at STEP's tuned rate; threshold 0 (switch
 at ``T_max``) is a candidate too, its runs stage 1's. The best threshold has the lowest mean final
 validation loss; the command prints the `experiments.lm.configs.STEP_RECIPE` entry. Runs live in
-``runs/lm_<config>_step_pilot`` (named by threshold, rate and seed); writes ``pilot.md`` and ``pilot.png`` (the curve per seed, log
-scale, each candidate as a line with a mark where it fires) to ``--out`` (default that folder's
-``report``).
+``runs/lm_<config>_step_pilot`` (named by threshold, rate and seed); writes ``pilot.md`` and
+``pilot.png`` (the curve per seed, log scale, each candidate as a line with a mark where it fires)
+to ``--out`` (default that folder's ``report``).
 """
 
 import argparse

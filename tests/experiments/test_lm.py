@@ -287,6 +287,14 @@ def test_step_runs_start_from_the_configs_piloted_switch(tmp_path, monkeypatch):
     assert dict(at_14.run.recipe_changes) == {"switch_threshold": 1e-9, "n": 1, "m": 4}
 
 
+def test_nm_report_says_whether_the_rates_were_tuned_or_set():
+    from experiments.lm import nm
+
+    lrs = {"dense": 0.012, "sste": 0.0085}
+    assert nm.rates_note(lrs, False) == "Learning rates (tuned at 2:4): dense 0.012, sste 0.0085."
+    assert nm.rates_note(lrs, True) == "Learning rates (set by --set): dense 0.012, sste 0.0085."
+
+
 def test_verdict_says_what_an_unresolved_difference_rules_out():
     summary = {"sste": {"val_loss": [1.0, 1.02, 0.99]}, "srste": {"val_loss": [1.01, 1.0, 1.0]}}
     assert compare.verdict(summary) == ("S-STE vs srste: +0.0000 nats, 95% CI -0.0430 to +0.0430: not resolved (the "
