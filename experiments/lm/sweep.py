@@ -10,8 +10,9 @@ grid's step at that edge (up to ``--extend`` times), so every best rate ends ins
 grid or the table says it does not. A finer grid around the rates found, e.g. factor √2:
 
     python -m experiments.lm.sweep --config capacity --lrs 0.006 0.0085 0.012 --seeds 0 1 2 3 4
-Stage 2 trains each method at its best rate with
-``--final-seeds`` (the stage-1 seeds among them are reused) and writes the comparison table
+
+Stage 2 trains each method at its best rate with ``--final-seeds`` (the stage-1 seeds among them
+are reused) and writes the comparison table
 (`experiments.lm.compare.table`). Runs share ``--runs-dir`` with `experiments.lm.compare`, so the
 main job reuses them. Writes ``sweep.md``, ``lr_sweep.png``, ``val_loss.png`` and ``flip_rate.png``
 to ``--out`` (default ``<runs-dir>/sweep``) and prints the ``TUNED_LR`` entry for the config.
