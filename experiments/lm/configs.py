@@ -89,7 +89,8 @@ TUNED_LR: dict[str, dict[str, float]] = {
     },
     # python -m experiments.lm.sweep --config capacity_d128 --methods dense ste srste sste sste_mvue_fp8 \
     #     --lrs 0.003 0.006 0.012 --extend 0 --seeds 0 1 --final-seeds 0 1
-    "capacity_d128": {"dense": 6e-3, "ste": 6e-3, "srste": 6e-3, "sste": 6e-3, "sste_mvue_fp8": 6e-3},
+    # and the same with --lrs 0.0042 0.006 0.0085 (factor √2): the best of both grids
+    "capacity_d128": {"dense": 6e-3, "ste": 4.2e-3, "srste": 6e-3, "sste": 4.2e-3, "sste_mvue_fp8": 4.2e-3},
     # python -m experiments.lm.sweep --config capacity_d256 --methods dense ste srste sste sste_mvue_fp8 \
     #     --lrs 0.0015 0.003 0.006 --extend 1 --seeds 0 1 --final-seeds 0 1
     "capacity_d256": {"dense": 1.5e-3, "ste": 1.5e-3, "srste": 1.5e-3, "sste": 3e-3, "sste_mvue_fp8": 1.5e-3},
