@@ -67,12 +67,14 @@ def method_names(sets: list[str]) -> list[str]:
     return list(dict.fromkeys(name for s in sets for name in SETS[s][1]))
 
 
+def _mean_beta(runs: report.Runs, name: str) -> dict[int, float]:
+    """``name``'s mean β of the sparse layers per evaluated step, mean over seeds."""
+    return dict(zip(*report.seed_mean_curve(runs[name], "beta_mean")))
+
+
 def beta_note(runs: report.Runs) -> str:
     """One line: the mean β (over layers, then seeds) of the frozen run and the recomputed one's path."""
-    def betas(name):  # {step: mean over seeds}
-        return dict(zip(*report.seed_mean_curve(runs[name], "beta_mean")))
-
-    frozen, refit = betas("sste"), list(betas(REFIT).items())
+    frozen, refit = _mean_beta(runs, "sste"), list(_mean_beta(runs, REFIT).items())
     (first, b0), (last, b1) = refit[0], refit[-1]
     return (f"Mean β of the sparse layers (mean over seeds): frozen {next(iter(frozen.values())):.3f}; "
             f"recomputed {b0:.3f} at step {first} → {b1:.3f} at step {last}.\n")
@@ -80,7 +82,7 @@ def beta_note(runs: report.Runs) -> str:
 
 def final_beta_note(runs: report.Runs, names) -> str:
     """One line: each of ``names``' β at its last evaluation (mean over layers, then seeds)."""
-    finals = {name: report.seed_mean_curve(runs[name], "beta_mean")[1][-1] for name in names}
+    finals = {name: list(_mean_beta(runs, name).values())[-1] for name in names}
     return ("Mean β of the sparse layers at the end (mean over seeds): "
             + ", ".join(f"`{name}` {b:.3f}" for name, b in finals.items()) + ".\n")
 

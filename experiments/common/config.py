@@ -10,6 +10,8 @@ a field by its own name when that is unique across the parts (``lr=3e-3``) or by
 0.006
 >>> with_lr(cfg, 6e-3).optim.min_lr
 0.0006
+>>> sets_lr(cfg, ["optim.lr=6e-3"]), sets_lr(cfg, ["min_lr=1e-4"])
+(True, False)
 """
 
 import dataclasses
@@ -173,6 +175,11 @@ def with_lr(cfg: Config, lr: float) -> Config:
     """``cfg`` with peak learning rate ``lr`` and ``min_lr`` scaled by the same factor."""
     optim = cfg.optim
     return dataclasses.replace(cfg, optim=dataclasses.replace(optim, lr=lr, min_lr=lr * (optim.min_lr / optim.lr)))
+
+
+def sets_lr(cfg: Config, items) -> bool:
+    """Whether the ``key=value`` overrides ``items`` set the peak learning rate (``lr=`` or ``optim.lr=``)."""
+    return ("optim", "lr") in parse_overrides(cfg, items)
 
 
 def identity_hash(identity: dict) -> str:

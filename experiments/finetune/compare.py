@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, flags, loop, report, runner
-from experiments.common.config import parse_overrides, with_lr
+from experiments.common.config import sets_lr, with_lr
 from experiments.finetune.configs import CONFIGS, TUNED_LR, get_config
 from experiments.finetune.train import make_run
 from experiments.lm import compare as lm_compare
@@ -127,7 +127,7 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     try:
         cfg = get_config(args.config, args.set)
-        fixed = ("optim", "lr") in parse_overrides(cfg, args.set)
+        fixed = sets_lr(cfg, args.set)
         if args.recipe or (fixed and args.lrs):
             raise ValueError("--recipe does not apply; --lrs and --set lr exclude each other")
     except ValueError as e:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, flags, loop, report, runner
-from experiments.common.config import parse_overrides, with_lr
+from experiments.common.config import sets_lr, with_lr
 from experiments.common.recipes import METHODS
 from experiments.lm.configs import CONFIGS, TUNED_LR, get_config, recipe_defaults
 from experiments.lm.train import make_run
@@ -54,7 +54,7 @@ def plan(config: str, methods, seeds, overrides, runs_dir: pathlib.Path,
     given, else at its tuned rate for ``config`` (`TUNED_LR`), else at the config's; STEP with the
     config's piloted switch (`experiments.lm.configs.STEP_RECIPE`)."""
     base = get_config(config, overrides)
-    fixed_lr = ("optim", "lr") in parse_overrides(base, overrides)
+    fixed_lr = sets_lr(base, overrides)
     tuned = {} if fixed_lr else TUNED_LR.get(config, {})
     out = []
     for method in methods:
@@ -164,7 +164,7 @@ def main(argv=None) -> str:
         cfg = get_config(args.config, args.set)
     except ValueError as e:
         p.error(str(e))
-    if lrs and ("optim", "lr") in parse_overrides(cfg, args.set):
+    if lrs and sets_lr(cfg, args.set):
         p.error("--lr and --set lr=... both set rates: use one")
     runs_dir = pathlib.Path(args.runs_dir or f"runs/lm_{args.config}")
     out = pathlib.Path(args.out or runs_dir / "report")

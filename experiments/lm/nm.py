@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, flags, loop, report, runner
-from experiments.common.config import parse_overrides
+from experiments.common.config import sets_lr
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 from experiments.lm.train import make_run
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     command = "python -m experiments.lm.nm " + " ".join(argv if argv is not None else sys.argv[1:])
     lrs = compare.lrs_of(dense + planned[patterns[0]])
     text = (f"### N:M patterns, `{args.config}`\n\nCommand: `{command.strip()}`. Machine: {report.machine()}. "
-            f"{rates_note(lrs, ('optim', 'lr') in parse_overrides(cfg, args.set))}\n\n"
+            f"{rates_note(lrs, sets_lr(cfg, args.set))}\n\n"
             + tables(summaries, args.seeds))
     out = pathlib.Path(args.out or f"runs/lm_{args.config}_nm")
     out.mkdir(parents=True, exist_ok=True)

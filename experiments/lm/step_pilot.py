@@ -43,9 +43,9 @@ def with_threshold(planned: runner.Planned, config: str, threshold: float, log_e
     if log_every:
         cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, log_every=log_every))
     sets = (*planned.args[planned.args.index("--set") + 1:], *((f"log_every={log_every}",) if log_every else ()))
-    name = f"{'curve' if log_every else f'thr{threshold:.2g}'}_lr{cfg.optim.lr:g}_s{planned.seed}"
+    name = "curve" if log_every else f"thr{threshold:.2g}"
     return dataclasses.replace(planned, run=make_run(cfg, "step", planned.seed, recipe_changes=changes),
-                               workdir=planned.workdir.parent / name,
+                               workdir=compare.run_dir(planned.workdir.parent, name, cfg.optim.lr, planned.seed),
                                args=("--config", config, "--set", *sets, "--recipe", f"switch_threshold={threshold!r}"))
 
 

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from experiments.common import cli, flags, loop, report, runner
-from experiments.common.config import parse_overrides
+from experiments.common.config import sets_lr
 from experiments.lm import compare
 from experiments.lm.configs import CONFIGS, get_config
 
@@ -116,7 +116,7 @@ def main(argv=None) -> dict[str, float]:
     args = p.parse_args(argv)
     try:
         cfg = get_config(args.config, args.set)
-        if ("optim", "lr") in parse_overrides(cfg, args.set) or args.recipe:
+        if sets_lr(cfg, args.set) or args.recipe:
             raise ValueError("the sweep sets lr itself and runs each method's own recipe: drop --set lr / --recipe")
         if len(args.lrs) < 3:
             raise ValueError(f"--lrs {args.lrs}: give at least 3 rates")
